@@ -1,0 +1,1 @@
+"""Our own batched inference stack for Chatterbox Turbo (and Nano)."""

@@ -1,0 +1,44 @@
+"""Constants of Chatterbox Turbo shared by every component (see turbo-spec section 0)."""
+
+S3GEN_SR = 24_000  # output audio and S3Gen mel sample rate
+S3_SR = 16_000  # speech tokenizer, voice encoder and CAMPPlus sample rate
+TOKEN_HZ = 25  # speech tokens per second
+SAMPLES_PER_TOKEN_24K = S3GEN_SR // TOKEN_HZ  # 960
+
+SPEECH_VOCAB_SIZE = 6561  # valid speech codes (3^8); ids >= this never reach S3Gen
+START_SPEECH_TOKEN = 6561
+STOP_SPEECH_TOKEN = 6562
+T3_SPEECH_VOCAB_SIZE = 6563  # rows of T3's speech embedding and head
+S3GEN_SILENCE_TOKEN = 4299
+S3GEN_SILENCE_TOKENS_APPENDED = 3
+
+T3_PROMPT_TOKENS = 375  # 15 s of reference audio at 25 Hz
+T3_PROMPT_SAMPLES_16K = 15 * S3_SR
+S3GEN_PROMPT_SAMPLES_24K = 10 * S3GEN_SR
+MIN_REFERENCE_SECONDS = 5.0
+DEFAULT_MAX_NEW_TOKENS = 1000
+
+PARALINGUISTIC_TAGS = (
+    "[angry]",
+    "[fear]",
+    "[surprised]",
+    "[whispering]",
+    "[advertisement]",
+    "[dramatic]",
+    "[narration]",
+    "[crying]",
+    "[happy]",
+    "[sarcastic]",
+    "[clear throat]",
+    "[sigh]",
+    "[shush]",
+    "[cough]",
+    "[groan]",
+    "[sniff]",
+    "[gasp]",
+    "[chuckle]",
+    "[laugh]",
+)
+
+TURBO_REPO_ID = "ResembleAI/chatterbox-turbo"
+NANO_REPO_ID = "ResembleAI/chatterbox-nano"

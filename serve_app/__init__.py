@@ -1,0 +1,1 @@
+"""The Ray Serve graph for Chatterbox Turbo: ingress, model replicas and stitcher."""

@@ -1,0 +1,23 @@
+"""Parity fixtures: a full-size random checkpoint and the reference oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.reference.oracle import REF_PYTHON, reference_available
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from chatterbox.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("full-checkpoint"), size="full", seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_reference() -> None:
+    # A parity run without the oracle must fail loudly, never pass by skipping everything.
+    if not reference_available():
+        pytest.fail(f"reference venv missing ({REF_PYTHON}); run tests/reference/setup.sh first")
