@@ -1,0 +1,70 @@
+"""Finding checkpoint directories: a local directory, the Hugging Face cache, or a download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+
+from chatterbox.constants import TURBO_REPO_ID
+from chatterbox.errors import ModelNotAvailableError
+
+# What upstream downloads (it skips the non-meanflow s3gen.safetensors only by not loading it).
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.pt", "*.model"]
+REQUIRED_FILES = ("s3gen_meanflow.safetensors", "ve.safetensors", "vocab.json", "merges.txt")
+
+
+def t3_weights_file(ckpt_dir: Path) -> Path:
+    """``t3_turbo_v1.safetensors`` (Turbo) or ``t3_nano_v1.safetensors`` (Nano)."""
+    for name in ("t3_turbo_v1.safetensors", "t3_nano_v1.safetensors"):
+        if (ckpt_dir / name).is_file():
+            return ckpt_dir / name
+    raise ModelNotAvailableError(f"no T3 weights (t3_turbo_v1/t3_nano_v1.safetensors) in {ckpt_dir}")
+
+
+def _check_complete(ckpt_dir: Path, source: str) -> Path:
+    missing = [name for name in REQUIRED_FILES if not (ckpt_dir / name).is_file()]
+    if missing:
+        raise ModelNotAvailableError(f"{source} at {ckpt_dir} lacks {', '.join(missing)}")
+    t3_weights_file(ckpt_dir)
+    return ckpt_dir
+
+
+def resolve_checkpoint(
+    repo_id: str = TURBO_REPO_ID, revision: str | None = None, local_dir: str | Path | None = None
+) -> Path:
+    """The directory holding the checkpoint files.
+
+    ``local_dir`` is used as is. Otherwise the Hugging Face cache is used, downloading what is
+    missing unless offline (``HF_HUB_OFFLINE=1``); failure says how to pre-download.
+    """
+    if local_dir is not None:
+        path = Path(local_dir)
+        if not path.is_dir():
+            raise ModelNotAvailableError(f"checkpoint directory {path} does not exist")
+        return _check_complete(path, "checkpoint directory")
+    try:
+        path = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as exc:  # offline, no network, unknown repo or revision, auth
+        raise ModelNotAvailableError(
+            f"the weights of {repo_id}"
+            + (f"@{revision}" if revision else "")
+            + f" are not in the local Hugging Face cache and could not be downloaded ({type(exc).__name__}: "
+            f"{exc}). Pre-download them where the hub is reachable with "
+            f"`python -m chatterbox download --repo {repo_id}` (same HF_HOME), or pass local_dir=DIR "
+            "pointing at a directory with the checkpoint files."
+        ) from exc
+    return _check_complete(path, f"Hugging Face snapshot of {repo_id}")
+
+
+def download(
+    repo_id: str = TURBO_REPO_ID, revision: str | None = None, local_dir: str | Path | None = None
+) -> Path:
+    """Fetch a checkpoint into the HF cache (or ``local_dir``), e.g. while building an image."""
+    path = snapshot_download(
+        repo_id=repo_id,
+        revision=revision,
+        allow_patterns=ALLOW_PATTERNS,
+        local_dir=str(local_dir) if local_dir is not None else None,
+    )
+    return _check_complete(Path(path), f"download of {repo_id}")

@@ -1,0 +1,170 @@
+"""Voices: decoding and validating reference audio, and the conditionals a voice is reduced to.
+
+A reference clip (5 s or more) is decoded to mono 24 kHz and loudness-normalised to -27 LUFS, as
+upstream does, on CPU and without the model (the Serve ingress does this once per request).
+Model replicas then turn it into a ``Voice``: the conditionals of T3 and S3Gen, cached by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pyloudnorm
+import soundfile as sf
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from chatterbox.conditioning import VoiceConditionals
+from chatterbox.constants import MIN_REFERENCE_SECONDS, S3GEN_SR
+from chatterbox.errors import (
+    AudioTooLongError,
+    InvalidAudioError,
+    NonFiniteAudioError,
+    SilentAudioError,
+    TTSInputError,
+    VoiceTooShortError,
+)
+
+REFERENCE_LUFS = -27.0
+SILENCE_PEAK = 10 ** (-60 / 20)  # a clip whose loudest sample is below -60 dBFS carries no voice
+VOICE_FORMAT = "chatterbox-serve-voice/1"
+_CONDITIONAL_FIELDS = ("speaker_emb", "t3_prompt_tokens", "prompt_tokens", "prompt_feat", "embedding")
+
+
+@dataclass(frozen=True)
+class ReferenceAudio:
+    """A validated reference clip: mono float32 at 24 kHz, loudness-normalised."""
+
+    wav_24k: np.ndarray
+    id: str  # sha256 of the samples: equal audio, equal id
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.wav_24k) / S3GEN_SR
+
+
+def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float = REFERENCE_LUFS) -> np.ndarray:
+    """Scale to ``target_lufs`` integrated loudness (BS.1770); unchanged where that is undefined."""
+    try:
+        loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav)
+    except ValueError:  # shorter than one 0.4 s gating block
+        return wav
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    if math.isfinite(gain) and gain > 0.0:
+        return (wav * gain).astype(np.float32)
+    return wav
+
+
+def reference_from_array(
+    wav: np.ndarray, sample_rate: int, max_seconds: float | None = None, field: str = "reference_audio"
+) -> ReferenceAudio:
+    """Validate, downmix, resample to 24 kHz and normalise an in-memory clip."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2:  # (samples, channels), as soundfile returns
+        wav = wav.mean(axis=1)
+    if wav.ndim != 1 or wav.size == 0:
+        raise InvalidAudioError(
+            f"reference audio must be a non-empty mono or (samples, channels) array, got shape {wav.shape}",
+            field,
+        )
+    if sample_rate <= 0:
+        raise InvalidAudioError(f"sample rate must be positive, got {sample_rate}", field)
+    if not np.isfinite(wav).all():
+        raise NonFiniteAudioError("reference audio contains NaN or infinite samples", field)
+    seconds = wav.size / sample_rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioTooLongError(
+            f"reference audio is {seconds:.1f} s; at most {max_seconds:g} s is accepted", field
+        )
+    if sample_rate != S3GEN_SR:
+        wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=S3GEN_SR, res_type="soxr_hq")
+    seconds = wav.size / S3GEN_SR
+    if seconds <= MIN_REFERENCE_SECONDS:
+        raise VoiceTooShortError(
+            f"reference audio is {seconds:.2f} s long; a voice needs more than {MIN_REFERENCE_SECONDS:g} s",
+            field,
+        )
+    if float(np.abs(wav).max()) < SILENCE_PEAK:
+        raise SilentAudioError("reference audio is silent (peak below -60 dBFS)", field)
+    wav = np.ascontiguousarray(normalize_loudness(wav, S3GEN_SR), dtype=np.float32)
+    return ReferenceAudio(wav_24k=wav, id=hashlib.sha256(wav.tobytes()).hexdigest())
+
+
+def decode_reference_audio(
+    data: bytes, max_seconds: float | None = None, field: str = "reference_audio"
+) -> ReferenceAudio:
+    """Decode a wav/flac/ogg/mp3 file's bytes into a validated ``ReferenceAudio``."""
+    if not data:
+        raise InvalidAudioError("reference audio is empty", field)
+    try:
+        wav, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidAudioError(
+            f"reference audio could not be decoded as wav, flac, ogg or mp3 ({exc})", field
+        ) from exc
+    return reference_from_array(wav, sample_rate, max_seconds=max_seconds, field=field)
+
+
+@dataclass
+class Voice:
+    """The conditionals of one reference voice, as T3 and S3Gen consume them."""
+
+    id: str
+    conditionals: VoiceConditionals
+
+    def to(self, device: torch.device | str) -> Voice:
+        moved = {name: getattr(self.conditionals, name).to(device) for name in _CONDITIONAL_FIELDS}
+        return Voice(self.id, VoiceConditionals(**moved))
+
+    def to_bytes(self) -> bytes:
+        """A self-describing safetensors blob (no pickle)."""
+        tensors = {
+            name: getattr(self.conditionals, name).detach().cpu().contiguous() for name in _CONDITIONAL_FIELDS
+        }
+        return save_safetensors(tensors, metadata={"format": VOICE_FORMAT, "id": self.id})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Voice:
+        metadata = _safetensors_metadata(data)
+        if metadata.get("format") != VOICE_FORMAT or "id" not in metadata:
+            raise TTSInputError(f"not a serialised voice (expected format {VOICE_FORMAT})", "voice")
+        tensors = load_safetensors(data)
+        if set(tensors) != set(_CONDITIONAL_FIELDS):
+            raise TTSInputError(f"serialised voice must hold exactly {sorted(_CONDITIONAL_FIELDS)}", "voice")
+        return cls(metadata["id"], VoiceConditionals(**tensors))
+
+    @classmethod
+    def from_builtin(cls, conds_path: str | Path) -> Voice:
+        """The checkpoint's built-in voice (``conds.pt``, upstream's torch format, loaded weights-only)."""
+        conds = torch.load(conds_path, map_location="cpu", weights_only=True)
+        t3, gen = conds["t3"], conds["gen"]
+        conditionals = VoiceConditionals(
+            speaker_emb=t3["speaker_emb"].reshape(-1).float(),
+            t3_prompt_tokens=t3["cond_prompt_speech_tokens"].reshape(-1).long(),
+            prompt_tokens=gen["prompt_token"].reshape(-1).long(),
+            prompt_feat=gen["prompt_feat"].reshape(-1, gen["prompt_feat"].shape[-1]).float(),
+            embedding=gen["embedding"].reshape(-1).float(),
+        )
+        digest = hashlib.sha256(Path(conds_path).read_bytes()).hexdigest()
+        return cls(f"builtin-{digest[:16]}", conditionals)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (its header: 8-byte length, then JSON)."""
+    if len(data) < 8:
+        raise TTSInputError("serialised voice is truncated", "voice")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TTSInputError("serialised voice has a corrupt header", "voice") from exc
+    return header.get("__metadata__", {}) if isinstance(header, dict) else {}
