@@ -11,7 +11,7 @@ import soundfile as sf
 def speechlike(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
     """Mono float32 audio that exercises every front end like speech would, peak about 0.5."""
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
+    n = round(seconds * sample_rate)
     t = np.arange(n) / sample_rate
     pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 2 * np.pi)) + 20 * rng.standard_normal()
     phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
