@@ -1,0 +1,258 @@
+"""The TurboTTS engine: text + voice in, 24 kHz audio out, every stage in true batches.
+
+Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
+
+    tts = TurboTTS.from_pretrained()                       # or local_dir=..., device=..., dtype=...
+    voice = tts.prepare_voice(open("ref.wav", "rb").read())
+    wavs = tts.generate([TTSRequest("Hello there.", voice=voice, seed=1)])
+
+A request's audio depends only on its own text, voice, settings and seed, never on what else
+shares its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatterbox.conditioning import VoiceConditioner
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, S3GEN_SR, TURBO_REPO_ID
+from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
+from chatterbox.hub import resolve_checkpoint, t3_weights_file
+from chatterbox.s3gen import S3Gen, S3GenRequest
+from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.text import TextTokenizer, normalize_text
+from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio, reference_from_array
+from chatterbox.watermark import apply_watermark
+from chatterbox.weights import CheckpointError, read_safetensors
+
+# The four parts of s3gen_meanflow.safetensors; S3Gen and the voice conditioner load two each.
+S3GEN_FILE_PREFIXES = ("tokenizer.", "speaker_encoder.", "flow.", "mel2wav.")
+
+
+@dataclass(frozen=True)
+class TTSRequest:
+    """One utterance to synthesise. ``voice=None`` uses the checkpoint's built-in voice."""
+
+    text: str
+    voice: Voice | None = None
+    seed: int | None = None
+    temperature: float = 0.8
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+
+def _derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed for one random stream (T3 sampling, S3Gen noise) of a request."""
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _validate_settings(request: TTSRequest, index: int) -> None:
+    """Reject bad sampling settings with the field named, before any model work."""
+    checks = (
+        ("temperature", request.temperature > 0, "must be > 0"),
+        ("top_k", request.top_k >= 1, "must be >= 1"),
+        ("top_p", 0 < request.top_p <= 1, "must be in (0, 1]"),
+        ("repetition_penalty", request.repetition_penalty > 0, "must be > 0"),
+        ("max_new_tokens", request.max_new_tokens >= 1, "must be >= 1"),
+        ("seed", request.seed is None or 0 <= request.seed < 2**63, "must be in [0, 2**63)"),
+    )
+    for field, ok, rule in checks:
+        if not ok:
+            raise TTSInputError(f"request {index}: {field} {rule}, got {getattr(request, field)!r}", field)
+
+
+class TurboTTS:
+    """Chatterbox Turbo (or Nano): T3, S3Gen, voice conditioning, tokenizer and watermark."""
+
+    sample_rate = S3GEN_SR
+
+    def __init__(
+        self,
+        t3: T3,
+        s3gen: S3Gen,
+        conditioner: VoiceConditioner,
+        tokenizer: TextTokenizer,
+        default_voice: Voice,
+        model_id: str,
+        device: torch.device,
+    ) -> None:
+        self.t3 = t3
+        self.s3gen = s3gen
+        self.conditioner = conditioner
+        self.tokenizer = tokenizer
+        self.model_id = model_id  # part of every voice id: conditionals depend on the weights
+        self.device = device
+        self.default_voice = default_voice.to(device)
+
+    # ---------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str = TURBO_REPO_ID,
+        revision: str | None = None,
+        local_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TurboTTS:
+        """Load from a local directory or the Hugging Face hub (cached; honours HF_HUB_OFFLINE).
+
+        ``device`` defaults to CUDA when available; ``dtype`` to bf16 on CUDA (T3 and the flow;
+        the vocoder stays fp32) and fp32 on CPU.
+        """
+        ckpt_dir = resolve_checkpoint(repo_id, revision=revision, local_dir=local_dir)
+        model_id = f"{ckpt_dir.resolve()}" if local_dir is not None else f"{repo_id}@{ckpt_dir.name}"
+        return cls.from_dir(ckpt_dir, device=device, dtype=dtype, model_id=model_id)
+
+    @classmethod
+    def from_dir(
+        cls,
+        ckpt_dir: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        model_id: str | None = None,
+    ) -> TurboTTS:
+        ckpt_dir = Path(ckpt_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        s3gen_state = read_safetensors(ckpt_dir / "s3gen_meanflow.safetensors")
+        stray = sorted(k for k in s3gen_state if not k.startswith(S3GEN_FILE_PREFIXES))
+        if stray:
+            raise CheckpointError(f"s3gen_meanflow.safetensors has keys no component loads: {stray[:10]}")
+        t3 = T3.from_file(t3_weights_file(ckpt_dir), device=device, dtype=dtype)
+        s3gen = S3Gen.from_state_dict(s3gen_state).to_device(device, dtype)
+        conditioner = VoiceConditioner.from_state_dicts(
+            s3gen_state, read_safetensors(ckpt_dir / "ve.safetensors")
+        )
+        conditioner = conditioner.to(device).eval()
+        del s3gen_state
+        tokenizer = TextTokenizer.from_dir(ckpt_dir)
+        if tokenizer.vocab_size > t3.config.text_vocab:
+            raise CheckpointError(
+                f"tokenizer has {tokenizer.vocab_size} ids, T3's text embedding {t3.config.text_vocab} rows"
+            )
+        default_voice = Voice.from_builtin(ckpt_dir / "conds.pt")
+        return cls(
+            t3, s3gen, conditioner, tokenizer, default_voice, model_id or str(ckpt_dir.resolve()), device
+        )
+
+    # ----------------------------------------------------------------------------------- voices
+
+    def prepare_voice(
+        self, audio: bytes | ReferenceAudio | np.ndarray, sample_rate: int | None = None
+    ) -> Voice:
+        """A voice from a reference clip: file bytes (wav/flac/ogg/mp3), a ReferenceAudio, or an array."""
+        if isinstance(audio, bytes):
+            reference = decode_reference_audio(audio)
+        elif isinstance(audio, ReferenceAudio):
+            reference = audio
+        else:
+            if sample_rate is None:
+                raise TTSInputError("an audio array needs its sample_rate", "sample_rate")
+            reference = reference_from_array(audio, sample_rate)
+        return self.prepare_voices([reference])[0]
+
+    def prepare_voices(self, references: Sequence[ReferenceAudio]) -> list[Voice]:
+        """Conditionals of several clips, batched where that is exact."""
+        conditionals = self.conditioner.condition([ref.wav_24k for ref in references])
+        return [
+            Voice(self._voice_id(ref), cond).to(self.device)
+            for ref, cond in zip(references, conditionals, strict=True)
+        ]
+
+    def _voice_id(self, reference: ReferenceAudio) -> str:
+        return hashlib.sha256(f"{reference.id}:{self.model_id}".encode()).hexdigest()
+
+    # ------------------------------------------------------------------------------------- text
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest text (in tokens, after normalisation) one request may carry."""
+        return self.tokenizer.max_length
+
+    def text_tokens(self, text: str, field: str = "text") -> list[int]:
+        """Normalised, tokenised text; empty or over-long text is refused with a clear error."""
+        if not text or not text.strip():
+            raise EmptyTextError("text is empty", field)
+        ids = self.tokenizer.encode(normalize_text(text))
+        if len(ids) > self.max_text_tokens:
+            raise TextTooLongError(
+                f"text is {len(ids)} tokens; one request takes at most {self.max_text_tokens} "
+                "(split long text into sentences, as the Serve ingress does)",
+                field,
+            )
+        return ids
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(normalize_text(text)))
+
+    # ------------------------------------------------------------------------------- synthesis
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[TTSRequest], watermark: bool = True, ignore_stop_token: bool = False
+    ) -> list[np.ndarray]:
+        """Float32 mono 24 kHz audio for each request, all requests in one T3 and one S3Gen batch.
+
+        ``ignore_stop_token`` makes every request run to ``max_new_tokens`` (for benchmarks).
+        """
+        if not requests:
+            return []
+        seeds, t3_requests, voices = [], [], []
+        for i, request in enumerate(requests):
+            _validate_settings(request, i)
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            voice = request.voice.to(self.device) if request.voice is not None else self.default_voice
+            seeds.append(seed)
+            voices.append(voice)
+            t3_requests.append(
+                T3Request(
+                    text_tokens=torch.tensor(self.text_tokens(request.text), dtype=torch.long),
+                    speaker_emb=voice.conditionals.speaker_emb,
+                    prompt_speech_tokens=voice.conditionals.t3_prompt_tokens,
+                    sampling=SamplingParams(
+                        temperature=request.temperature,
+                        top_k=request.top_k,
+                        top_p=request.top_p,
+                        repetition_penalty=request.repetition_penalty,
+                        max_new_tokens=request.max_new_tokens,
+                        seed=_derive_seed(seed, "t3"),
+                    ),
+                )
+            )
+        speech_tokens = self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
+        s3gen_requests = [
+            S3GenRequest(
+                speech_tokens=tokens,
+                prompt_tokens=voice.conditionals.prompt_tokens,
+                prompt_feat=voice.conditionals.prompt_feat,
+                embedding=voice.conditionals.embedding,
+                seed=_derive_seed(seed, "s3gen"),
+            )
+            for tokens, voice, seed in zip(speech_tokens, voices, seeds, strict=True)
+        ]
+        wavs = [wav.float().cpu().numpy() for wav in self.s3gen.generate(s3gen_requests)]
+        return [self.watermark(wav) for wav in wavs] if watermark else wavs
+
+    def watermark(self, wav: np.ndarray) -> np.ndarray:
+        return apply_watermark(wav, self.sample_rate)
+
+    def generate_batches(
+        self, requests: Sequence[TTSRequest], batch_size: int, watermark: bool = True
+    ) -> Iterable[list[np.ndarray]]:
+        """``generate`` over consecutive batches of at most ``batch_size`` (lazy, for progress bars)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(requests), batch_size):
+            yield self.generate(requests[start : start + batch_size], watermark=watermark)
