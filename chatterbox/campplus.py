@@ -23,7 +23,7 @@ from chatterbox.weights import CheckpointError, load_strict
 
 BLOCK_DILATIONS = (1, 2, 2)  # of the three dense blocks; not recorded in the weights
 CAM_SEGMENT = 100  # frames per segment of the CAM segment-average context
-MIN_SAMPLES_16K = 400  # one Kaldi frame (25 ms)
+MIN_SAMPLES_16K = 720  # 3 Kaldi frames: the stride-2 TDNN must leave 2 for the unbiased std
 
 
 _DIM_KEYS = (
@@ -239,7 +239,7 @@ class CAMPPlus(nn.Module):
 
     @torch.inference_mode()
     def embed(self, wav_16k: Tensor) -> Tensor:
-        """One (N,) 16 kHz waveform, N >= 400 -> its (embed_dim,) x-vector."""
+        """One (N,) 16 kHz waveform, N >= 720 -> its (embed_dim,) x-vector."""
         if wav_16k.dim() != 1 or wav_16k.shape[0] < MIN_SAMPLES_16K:
             raise ValueError(
                 f"CAMPPlus needs 1-D audio of at least {MIN_SAMPLES_16K} samples at 16 kHz, "

@@ -34,6 +34,7 @@ from chatterbox.voice_encoder import VoiceEncoder
 from chatterbox.weights import CheckpointError, read_safetensors, subdict
 
 MEL_FRAMES_PER_TOKEN = 2  # S3Gen mel runs at 50 Hz, speech tokens at 25 Hz
+MIN_REFERENCE_SAMPLES_24K = 2 * SAMPLES_PER_TOKEN_24K  # 80 ms: enough for every front end and CAMPPlus
 
 
 @dataclass
@@ -63,10 +64,10 @@ def _validated_reference(wav: np.ndarray, index: int) -> np.ndarray:
         raise ValueError(f"reference {index}: expected mono 1-D audio, got shape {wav.shape}")
     if not np.issubdtype(wav.dtype, np.floating):
         raise ValueError(f"reference {index}: expected floating-point samples, got {wav.dtype}")
-    if wav.shape[0] < SAMPLES_PER_TOKEN_24K:
+    if wav.shape[0] < MIN_REFERENCE_SAMPLES_24K:
         raise ValueError(
-            f"reference {index}: {wav.shape[0]} samples is shorter than one speech token "
-            f"({SAMPLES_PER_TOKEN_24K} samples at 24 kHz)"
+            f"reference {index}: {wav.shape[0]} samples is shorter than two speech tokens "
+            f"({MIN_REFERENCE_SAMPLES_24K} samples at 24 kHz)"
         )
     if not np.isfinite(wav).all():
         raise ValueError(f"reference {index}: audio contains NaN or infinite samples")

@@ -94,8 +94,19 @@ def ours(conditioner: VoiceConditioner, wav_paths: dict[str, Path]) -> dict[str,
 
 
 def test_our_loudness_normalised_input_is_upstreams(ours, reference):
+    """Same samples up to one float32 step of the gain.
+
+    pyloudnorm sums float32 squares, which NumPy 2 (ours) and NumPy 1.26 (upstream's venv) do in a
+    different order: the integrated loudness differs by ~1e-7 dB, and for an unlucky file (one of
+    the nine here) the gain rounds to the neighbouring float32.
+    """
+    identical = 0
     for case in CASES:
-        np.testing.assert_array_equal(ours["wavs"][case], reference[f"{case}.wav_24k"].numpy(), err_msg=case)
+        wav, ref = ours["wavs"][case], reference[f"{case}.wav_24k"].numpy()
+        assert wav.dtype == np.float32
+        np.testing.assert_allclose(wav, ref, rtol=3e-7, atol=0, err_msg=case)
+        identical += np.array_equal(wav, ref)
+    assert identical >= len(CASES) - 2
 
 
 @pytest.mark.parametrize("case", CASES)
