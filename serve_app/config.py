@@ -71,7 +71,7 @@ class LimitsConfig(_Strict):
 
     max_text_chars: int = Field(20_000, ge=1)
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_reference_seconds: float = Field(60.0, ge=5.0)  # longer references are cut to this
+    max_reference_seconds: float = Field(60.0, ge=5.0)  # longer references are refused
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
 
 

@@ -34,6 +34,7 @@ class Stitcher:
             # Imported here so a deployment without watermarking never loads the watermarker.
             from chatterbox.watermark import apply_watermark
 
+            apply_watermark(np.zeros(2400, np.float32), 24_000)  # load the watermarker now, not on a request
             self._apply_watermark = apply_watermark
 
     async def stitch(self, plan: StitchPlan, *chunk_audio: np.ndarray) -> SynthesisResult:
