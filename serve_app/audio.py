@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import soundfile as sf
 
-AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]
-MEDIA_TYPES: dict[str, str] = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "opus": "audio/ogg",
-    "mp3": "audio/mpeg",
-    "pcm": "audio/L16",
-}
+AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container
 # (libsndfile container, subtype) per format; pcm is written by hand (no header).
 _SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "PCM_16"),
@@ -99,7 +92,7 @@ def encode_audio(wav: np.ndarray, sample_rate: int, audio_format: AudioFormat) -
     if audio_format == "pcm":
         return to_pcm16(wav).astype("<i2").tobytes()
     if audio_format not in _SOUNDFILE_FORMATS:
-        raise ValueError(f"unknown audio format {audio_format!r}; one of {sorted(MEDIA_TYPES)}")
+        raise ValueError(f"unknown audio format {audio_format!r}; one of {get_args(AudioFormat)}")
     container, subtype = _SOUNDFILE_FORMATS[audio_format]
     # Lossless formats get our exact PCM16 samples; lossy encoders take the float signal.
     data = to_pcm16(wav) if subtype == "PCM_16" else np.clip(wav, -1.0, 1.0).astype(np.float32)

@@ -79,7 +79,8 @@ class FrontDeploymentConfig(_Strict):
     """Ingress or stitcher: CPU-only deployments with a fixed replica count."""
 
     num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
+    # Half a CPU by default, so a 2-core machine fits one CPU model replica beside both.
+    num_cpus: float = Field(0.5, ge=0)
     # Each user request holds one slot for its whole life (chunks + stitching).
     max_ongoing_requests: int = Field(256, ge=1)
 
