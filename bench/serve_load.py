@@ -1,0 +1,221 @@
+"""Bounded load test of the Serve graph on 127.0.0.1, against the engine called directly.
+
+    python bench/serve_load.py                                   # tiny checkpoint on CPU
+    python bench/serve_load.py --model ResembleAI/chatterbox-turbo --device cuda --max-new-tokens 1000
+
+Starts a local Ray and the app (one model replica), then for each concurrency level sends
+`concurrency x rounds` multi-chunk requests over HTTP from that many concurrent clients, stopping
+early when the level's time budget runs out. Before Serve starts it times the same request
+in-process (chunk, generate in batches of max_batch_size, stitch, watermark, encode) so the
+Serve path's overhead at concurrency 1 can be read off. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from chatterbox.engine import TTSRequest  # noqa: E402
+from chatterbox.watermark import apply_watermark  # noqa: E402
+from serve_app.app import build_app  # noqa: E402
+from serve_app.audio import encode_audio, ms_to_samples, stitch  # noqa: E402
+from serve_app.chunking import split_text  # noqa: E402
+from serve_app.config import AppArgs, ModelSource  # noqa: E402
+from serve_app.model import load_tts  # noqa: E402
+
+TEXT = (
+    "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
+    "years. Gulls wheeled over the harbour, loud and hungry, and the fishing boats were already "
+    "leaving. She wrote the weather in a small green notebook: wind from the west, light rain, "
+    "visibility poor. Nobody had asked her to keep the notebook, but somebody should remember "
+    "these things. By noon the fog had lifted from the bay, and the island across the water "
+    "looked close enough to touch. She made tea, sat by the window, and waited for the evening "
+    "ferry, which was late again, as it always was on Thursdays."
+)
+
+
+@dataclass
+class Level:
+    concurrency: int
+    latencies: list[float]
+    audio_s: float
+    wall_s: float
+    batches: int
+    items: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
+    """Median seconds of one request done in-process, and its audio seconds."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if use_cuda else "cpu"
+    source = ModelSource(
+        model=args.model,
+        revision=args.revision,
+        tiny_cache_dir=args.tiny_cache_dir,
+        device=device,
+        dtype=args.dtype,
+    )
+    tts = load_tts(source, device)
+    chunks = split_text(TEXT, args.chunking.max_chunk_chars, tts.max_text_tokens)
+    pause = {"sentence": args.stitching.sentence_pause_ms, "paragraph": args.stitching.paragraph_pause_ms}
+    pauses = [ms_to_samples(pause.get(c.break_after, 0.0), tts.sample_rate) for c in chunks[:-1]]
+    crossfade = ms_to_samples(args.stitching.crossfade_ms, tts.sample_rate)
+    requests = [
+        TTSRequest(text=c.text, seed=i, max_new_tokens=args.max_new_tokens) for i, c in enumerate(chunks)
+    ]
+    times, audio_s = [], 0.0
+    for run in range(runs + 1):  # the first run warms up
+        start = time.perf_counter()
+        wavs = []
+        for first in range(0, len(requests), args.max_batch_size):
+            wavs += tts.generate(requests[first : first + args.max_batch_size], watermark=False)
+        wav = stitch(wavs, pauses, crossfade)
+        if args.watermark:
+            wav = apply_watermark(wav, tts.sample_rate)
+        encode_audio(wav, tts.sample_rate, "wav")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if run > 0:
+            times.append(time.perf_counter() - start)
+        audio_s = len(wav) / tts.sample_rate
+    del tts
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return statistics.median(times), audio_s
+
+
+async def run_level(url: str, model, concurrency: int, rounds: int, budget_s: float) -> Level:
+    before = await model.stats.remote()
+    latencies: list[float] = []
+    audio = [0.0]
+    deadline = time.perf_counter() + budget_s
+
+    async def client(client_id: int, http: httpx.AsyncClient) -> None:
+        for r in range(rounds):
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            response = await http.post(
+                f"{url}/v1/tts", json={"text": TEXT, "seed": client_id * rounds + r}, timeout=budget_s + 60
+            )
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            audio[0] += response.json()["duration_s"]
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    wall = time.perf_counter() - start
+    after = await model.stats.remote()
+    return Level(
+        concurrency,
+        latencies,
+        audio[0],
+        wall,
+        after.batches_run - before.batches_run,
+        after.items_run - before.items_run,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help='"tiny", a checkpoint directory, or a HF repo id')
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="speech tokens per chunk at most")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    parser.add_argument("--levels", default="1,8,32", help="comma-separated client concurrencies")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--level-budget-s", type=float, default=120.0, help="stop sending after this long")
+    parser.add_argument("--direct-runs", type=int, default=3)
+    parser.add_argument("--no-watermark", action="store_true")
+    cli = parser.parse_args()
+
+    args = AppArgs(
+        model=cli.model,
+        device=cli.device,
+        max_new_tokens=cli.max_new_tokens,
+        max_batch_size=cli.max_batch_size,
+        batch_wait_timeout_s=cli.batch_wait_timeout_s,
+        watermark=not cli.no_watermark,
+        model_num_cpus=0,
+        model_max_ongoing_requests=4 * cli.max_batch_size,
+        ingress={"num_cpus": 0, "max_ongoing_requests": 256},
+        stitcher={"num_cpus": 0},
+        shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
+    )
+    direct_s, direct_audio_s = time_direct(args, cli.direct_runs)
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}
+    )
+    port = free_port()
+    levels: list[Level] = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="tts", route_prefix="/")
+        model = serve.get_deployment_handle("TurboModel", "tts")
+        url = f"http://127.0.0.1:{port}"
+        httpx.post(f"{url}/v1/tts", json={"text": TEXT}, timeout=600).raise_for_status()  # warm-up
+        for concurrency in (int(c) for c in cli.levels.split(",")):
+            levels.append(asyncio.run(run_level(url, model, concurrency, cli.rounds, cli.level_budget_s)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    n_chunks = len(split_text(TEXT, args.chunking.max_chunk_chars))
+    print(
+        f"\nmodel={cli.model} device={cli.device} max_batch_size={cli.max_batch_size} "
+        f"max_new_tokens={cli.max_new_tokens} watermark={args.watermark}; "
+        f"{len(TEXT)}-character text in {n_chunks} chunks ({direct_audio_s:.1f} s of audio)\n"
+    )
+    print(
+        "| concurrency | requests | throughput (audio s/s) | p50 latency (s) | p95 latency (s) | mean batch |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for level in levels:
+        mean_batch = level.items / level.batches if level.batches else float("nan")
+        p50, p95 = percentile(level.latencies, 50), percentile(level.latencies, 95)
+        print(
+            f"| {level.concurrency} | {len(level.latencies)} | {level.audio_s / level.wall_s:.2f} | "
+            f"{p50:.3f} | {p95:.3f} | {mean_batch:.2f} |"
+        )
+    serve_p50 = percentile(levels[0].latencies, 50) if levels and levels[0].concurrency == 1 else float("nan")
+    print(
+        f"\nDirect engine, same request in-process: {direct_s:.3f} s (median of {cli.direct_runs}); "
+        f"Serve at concurrency 1: {serve_p50:.3f} s; overhead {1000 * (serve_p50 - direct_s):.0f} ms "
+        f"({100 * (serve_p50 / direct_s - 1):.1f} %)."
+    )
+
+
+if __name__ == "__main__":
+    main()

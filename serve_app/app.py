@@ -1,0 +1,46 @@
+"""Builds the Serve application: Ingress -> TurboModel replicas -> Stitcher.
+
+    serve run serve_app.app:build_app model=tiny        # builder with typed args
+    serve build serve_app.app:app -o serve_config.yaml  # `app`: the default application
+
+No `from __future__ import annotations` here: Serve validates builder args against the annotation
+of `build_app`'s parameter only when that annotation is a class, not a string.
+"""
+
+import ray
+import torch
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppArgs, ModelSource, replica_num_gpus
+from serve_app.ingress import Ingress
+from serve_app.model import TurboModel
+from serve_app.stitcher import Stitcher
+
+
+def visible_gpus() -> float:
+    """GPUs Ray reports; before Ray is started (`serve run module:builder`, `serve build`), torch's count."""
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    return float(torch.cuda.device_count())
+
+
+def build_app(args: AppArgs) -> Application:
+    source = ModelSource(
+        model=args.model,
+        revision=args.revision,
+        tiny_cache_dir=args.tiny_cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    num_gpus = replica_num_gpus(args, visible_gpus())
+    model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
+        source, args.voice_cache_size, args.max_new_tokens
+    )
+    stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
+    return serve.deployment(Ingress, **Ingress.get_deployment_options(args)).bind(
+        model, stitcher, args.chunking, args.stitching, args.limits
+    )
+
+
+app = build_app(AppArgs())

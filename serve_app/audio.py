@@ -1,0 +1,101 @@
+"""Join chunk audio and encode it. Pure functions on float32 mono arrays; no Ray, no model.
+
+Joining: chunk i+1 starts `pause_i - crossfade_i` samples after chunk i ends, where
+`crossfade_i = min(crossfade, len(chunk_i), len(chunk_i+1))`. Chunk i's last `crossfade_i` samples
+fade out and chunk i+1's first `crossfade_i` fade in (complementary linear ramps), and overlapping
+samples add. With no pause that is a plain crossfade; with a pause the chunks fade into and out of
+silence. The total length is therefore exactly
+`sum(len(chunk)) + sum(pauses) - sum(crossfade_i)`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+import soundfile as sf
+
+AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container
+# (libsndfile container, subtype) per format; pcm is written by hand (no header).
+_SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "opus": ("OGG", "OPUS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+}
+
+
+def ms_to_samples(ms: float, sample_rate: int) -> int:
+    return round(ms * sample_rate / 1000)
+
+
+def chunk_starts(lengths: Sequence[int], pauses: Sequence[int], crossfade: int) -> tuple[list[int], int]:
+    """Start sample of every chunk in the joined audio, and the joined length.
+
+    lengths: samples per chunk (n); pauses: samples of pause after every chunk but the last (n - 1).
+    """
+    if len(pauses) != max(len(lengths) - 1, 0):
+        raise ValueError(
+            f"need {max(len(lengths) - 1, 0)} pauses for {len(lengths)} chunks, got {len(pauses)}"
+        )
+    if crossfade < 0 or any(p < 0 for p in pauses):
+        raise ValueError("crossfade and pauses must be non-negative")
+    starts, end = [], 0
+    for i, length in enumerate(lengths):
+        if i > 0:
+            end += pauses[i - 1] - _overlap(lengths, i - 1, crossfade)
+        starts.append(end)
+        end += length
+    return starts, end
+
+
+def _overlap(lengths: Sequence[int], i: int, crossfade: int) -> int:
+    """Crossfade between chunk i and chunk i + 1, shortened to fit the shorter of the two."""
+    return min(crossfade, lengths[i], lengths[i + 1])
+
+
+def stitch(chunks: Sequence[np.ndarray], pauses: Sequence[int], crossfade: int) -> np.ndarray:
+    """Join float32 mono chunks (n >= 1) with pauses and crossfades; (T,) float32."""
+    if not chunks:
+        raise ValueError("stitch needs at least one chunk")
+    lengths = [len(c) for c in chunks]
+    starts, total = chunk_starts(lengths, pauses, crossfade)
+    out = np.zeros(total, dtype=np.float32)
+    for i, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
+        wav = np.asarray(chunk, dtype=np.float32).copy()
+        if i > 0:
+            n = _overlap(lengths, i - 1, crossfade)
+            wav[:n] *= _ramp(n)
+        if i < len(chunks) - 1:
+            n = _overlap(lengths, i, crossfade)
+            wav[len(wav) - n :] *= 1.0 - _ramp(n)
+        out[start : start + len(wav)] += wav
+    return out
+
+
+def _ramp(n: int) -> np.ndarray:
+    """Rising linear ramp of n samples strictly inside (0, 1); with 1 - ramp it sums to one."""
+    return ((np.arange(n, dtype=np.float32) + 0.5) / n).astype(np.float32)
+
+
+def to_pcm16(wav: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] -> int16, clipped, scaled by 32768 as libsndfile does."""
+    return np.clip(np.rint(np.asarray(wav, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def encode_audio(wav: np.ndarray, sample_rate: int, audio_format: AudioFormat) -> bytes:
+    """Encode mono float32 audio: wav/flac as PCM16, opus in Ogg, mp3 (layer III), pcm as raw s16le."""
+    if wav.ndim != 1:
+        raise ValueError(f"expected mono audio of shape (T,), got {wav.shape}")
+    if audio_format == "pcm":
+        return to_pcm16(wav).astype("<i2").tobytes()
+    if audio_format not in _SOUNDFILE_FORMATS:
+        raise ValueError(f"unknown audio format {audio_format!r}; one of {get_args(AudioFormat)}")
+    container, subtype = _SOUNDFILE_FORMATS[audio_format]
+    # Lossless formats get our exact PCM16 samples; lossy encoders take the float signal.
+    data = to_pcm16(wav) if subtype == "PCM_16" else np.clip(wav, -1.0, 1.0).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, data, sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()

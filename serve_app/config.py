@@ -1,0 +1,167 @@
+"""Typed configuration of the Serve application, validated once at the edge (`build_app(args)`).
+
+`AppArgs` is what `serve run serve_app.app:build_app key=value ...` and the `args:` block of a Serve
+config file are validated against. Its top-level fields are scalars, so the common knobs can be
+set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the rest is grouped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
+
+TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
+MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """The model replicas' `@serve.batch` settings; also their `user_config`, so they change live."""
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+
+
+class AutoscalingSettings(_Strict):
+    """Replica range of the model deployment (min == max: a fixed count)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Chunks in flight per replica that Serve aims for; None: the batch size (one full batch queued).
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+
+class ChunkingConfig(_Strict):
+    """How the ingress splits long text (sentences, then clauses, then words)."""
+
+    max_chunk_chars: int = Field(300, gt=MAX_TAG_CHARS, le=4000)
+
+
+class StitchingConfig(_Strict):
+    """How chunk audio is joined: chunk i+1 starts `pause - crossfade` after chunk i ends."""
+
+    crossfade_ms: float = Field(10.0, ge=0.0, le=200.0)
+    sentence_pause_ms: float = Field(80.0, ge=0.0, le=5000.0)  # chunk ends a sentence
+    paragraph_pause_ms: float = Field(600.0, ge=0.0, le=5000.0)  # chunk ends a paragraph
+    # A chunk that ends mid-sentence (clause or word split) gets no pause, only the crossfade.
+
+
+class LimitsConfig(_Strict):
+    """Request limits enforced by the ingress before any model work."""
+
+    max_text_chars: int = Field(20_000, ge=1)
+    max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_reference_seconds: float = Field(60.0, ge=5.0)  # longer references are refused
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
+
+
+class FrontDeploymentConfig(_Strict):
+    """Ingress or stitcher: CPU-only deployments with a fixed replica count."""
+
+    num_replicas: int = Field(1, ge=1)
+    # Half a CPU by default, so a 2-core machine fits one CPU model replica beside both.
+    num_cpus: float = Field(0.5, ge=0)
+    # Each user request holds one slot for its whole life (chunks + stitching).
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class ShutdownConfig(_Strict):
+    """Serve's graceful-shutdown settings for every deployment (tests shorten them)."""
+
+    graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+
+class AppArgs(_Strict):
+    """Everything `build_app` needs; every field has a production default."""
+
+    # Model source: "tiny", an existing local checkpoint directory, or a Hugging Face repo id.
+    model: str = TURBO_REPO_ID
+    revision: str | None = None
+    tiny_cache_dir: str = "~/.cache/chatterbox-serve"
+    # "auto": request `num_gpus` per replica when Ray (or, before Ray starts, torch) sees a GPU, and
+    # run on CUDA when Ray assigned the replica one. Name "cuda" on clusters that add GPU nodes on
+    # demand: none is visible when the application is built.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    num_gpus: float = Field(1.0, gt=0, le=1)  # GPU share of one model replica when on CUDA
+    model_num_cpus: float = Field(1.0, ge=0)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+    # Chunks one model replica accepts at once; None: twice the batch size (one batch queued).
+    model_max_ongoing_requests: int | None = Field(None, ge=1)
+    voice_cache_size: int = Field(64, ge=1)  # prepared voices kept per model replica
+    # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=DEFAULT_MAX_NEW_TOKENS)
+    watermark: bool = True
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+    chunking: ChunkingConfig = ChunkingConfig()
+    stitching: StitchingConfig = StitchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    ingress: FrontDeploymentConfig = FrontDeploymentConfig()
+    stitcher: FrontDeploymentConfig = FrontDeploymentConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+    @model_validator(mode="after")
+    def _check_ongoing(self) -> AppArgs:
+        if (
+            self.model_max_ongoing_requests is not None
+            and self.model_max_ongoing_requests < self.max_batch_size
+        ):
+            raise ValueError(
+                f"model_max_ongoing_requests ({self.model_max_ongoing_requests}) must be at least "
+                f"max_batch_size ({self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    @property
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s
+        )
+
+
+class ModelSource(_Strict):
+    """What one model replica loads."""
+
+    model: str
+    revision: str | None
+    tiny_cache_dir: str
+    device: Literal["auto", "cuda", "cpu"]
+    dtype: Literal["float32", "float16", "bfloat16"] | None
+
+
+def replica_num_gpus(args: AppArgs, visible_gpus: float) -> float:
+    """GPU share each model replica requests, given the GPUs the cluster reports at build time."""
+    use_gpu = args.device == "cuda" or (args.device == "auto" and visible_gpus > 0)
+    return args.num_gpus if use_gpu else 0.0
+
+
+def replica_device(
+    device: Literal["auto", "cuda", "cpu"], assigned_gpu_ids: Sequence[int | str]
+) -> Literal["cuda", "cpu"]:
+    """The torch device of a replica: "auto" follows the GPUs Ray actually assigned to it, so a
+    config file that overrides `ray_actor_options.num_gpus` moves the model along with it."""
+    if device == "auto":
+        return "cuda" if assigned_gpu_ids else "cpu"
+    return device

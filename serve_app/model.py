@@ -1,0 +1,233 @@
+"""TurboModel deployment: one TurboTTS per replica, batching chunk requests from all users.
+
+Every chunk is one `synthesize_chunk` call; `@serve.batch` gathers calls from every request into
+one `TurboTTS.generate` batch. Voices are prepared once per replica and kept in an LRU keyed by
+the reference's content hash. Audio comes back unwatermarked: the stitcher watermarks the joined
+audio once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.errors import TTSInputError
+from chatterbox.testing import make_checkpoint
+from chatterbox.voice import Voice
+from serve_app.config import TINY_MODEL, AppArgs, BatchingConfig, ModelSource, replica_device
+from serve_app.schemas import ChunkJob, ChunkOutOfMemoryError, ModelInfo
+
+logger = logging.getLogger("ray.serve")
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
+
+
+def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) -> list[Out | Exception]:
+    """`fn(items)`, halving the batch on CUDA out-of-memory or a bad input until only culprits fail.
+
+    Returns one outcome per item: fn's result, the item's TTSInputError, or ChunkOutOfMemoryError
+    when an item does not fit even alone. Any other exception propagates.
+    """
+    try:
+        return list(fn(items))
+    except (torch.cuda.OutOfMemoryError, TTSInputError) as error:
+        out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            if out_of_memory:
+                return [
+                    ChunkOutOfMemoryError(
+                        "a chunk does not fit in accelerator memory even alone; lower "
+                        "chunking.max_chunk_chars or give each model replica more memory"
+                    )
+                ]
+            return [error]
+        half = len(items) // 2
+        if out_of_memory:
+            logger.warning(
+                "CUDA out of memory at batch size %d; retrying as %d + %d",
+                len(items),
+                half,
+                len(items) - half,
+            )
+        return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
+
+
+def ensure_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
+    """The seeded tiny checkpoint under cache_dir, built once (atomically: replicas may race)."""
+    target = cache_dir / f"turbo-tiny-seed{seed}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    make_checkpoint(scratch, size="tiny", seed=seed)
+    try:
+        os.rename(scratch, target)
+    except OSError:  # another replica finished first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def load_tts(source: ModelSource, device: str) -> TurboTTS:
+    """TurboTTS from "tiny", a local checkpoint directory, or a Hugging Face repo id."""
+    dtype = getattr(torch, source.dtype) if source.dtype else None
+    if source.model == TINY_MODEL:
+        local_dir = ensure_tiny_checkpoint(Path(source.tiny_cache_dir).expanduser())
+        return TurboTTS.from_pretrained(local_dir=local_dir, device=device, dtype=dtype)
+    if Path(source.model).expanduser().is_dir():
+        local_dir = Path(source.model).expanduser()
+        return TurboTTS.from_pretrained(local_dir=local_dir, device=device, dtype=dtype)
+    return TurboTTS.from_pretrained(
+        repo_id=source.model, revision=source.revision, device=device, dtype=dtype
+    )
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """Counters of one replica since it started."""
+
+    batches_run: int
+    items_run: int
+    max_batch_size_seen: int
+    voices_prepared: int
+
+
+class TurboModel:
+    @classmethod
+    def get_deployment_options(cls, args: AppArgs, num_gpus: float) -> dict[str, Any]:
+        autoscaling = args.autoscaling
+        return {
+            "name": cls.__name__,
+            "autoscaling_config": {
+                "min_replicas": autoscaling.min_replicas,
+                "max_replicas": autoscaling.max_replicas,
+                "initial_replicas": autoscaling.initial_replicas,
+                "target_ongoing_requests": autoscaling.target_ongoing_requests or args.max_batch_size,
+                "upscale_delay_s": autoscaling.upscale_delay_s,
+                "downscale_delay_s": autoscaling.downscale_delay_s,
+            },
+            "max_ongoing_requests": args.model_max_ongoing_requests or 2 * args.max_batch_size,
+            "ray_actor_options": {"num_cpus": args.model_num_cpus, "num_gpus": num_gpus},
+            "user_config": args.batching.model_dump(),
+            "graceful_shutdown_wait_loop_s": args.shutdown.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": args.shutdown.graceful_shutdown_timeout_s,
+        }
+
+    async def __init__(self, source: ModelSource, voice_cache_size: int, max_new_tokens: int) -> None:
+        device = replica_device(source.device, ray.get_gpu_ids())
+        self._tts = await asyncio.to_thread(load_tts, source, device)
+        self._max_new_tokens = max_new_tokens
+        self._voices: OrderedDict[str, Voice] = OrderedDict()
+        self._voice_cache_size = voice_cache_size
+        self._broken: str | None = None
+        self._batches_run = 0
+        self._items_run = 0
+        self._max_batch_size_seen = 0
+        self._voices_prepared = 0
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        batching = BatchingConfig.model_validate(user_config)
+        self._run_batch.set_max_batch_size(batching.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"TurboModel replica is broken: {self._broken}")
+
+    async def info(self) -> ModelInfo:
+        return ModelInfo(sample_rate=self._tts.sample_rate, max_text_tokens=self._tts.max_text_tokens)
+
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(
+            batches_run=self._batches_run,
+            items_run=self._items_run,
+            max_batch_size_seen=self._max_batch_size_seen,
+            voices_prepared=self._voices_prepared,
+        )
+
+    async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
+        """(T,) float32 audio at the model's sample rate, unwatermarked."""
+        outcome = await self._run_batch(job)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # overridden by reconfigure()
+    async def _run_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray | BaseException]:
+        """One outcome per job: its audio, or the exception that job alone should raise."""
+        self._batches_run += 1
+        self._items_run += len(jobs)
+        self._max_batch_size_seen = max(self._max_batch_size_seen, len(jobs))
+        voices = await self._resolve_voices(jobs)
+        runnable = [i for i, v in enumerate(voices) if not isinstance(v, BaseException)]
+        requests = [
+            TTSRequest(
+                text=jobs[i].text,
+                voice=voices[i],
+                seed=jobs[i].seed,
+                temperature=jobs[i].temperature,
+                top_k=jobs[i].top_k,
+                top_p=jobs[i].top_p,
+                repetition_penalty=jobs[i].repetition_penalty,
+                max_new_tokens=self._max_new_tokens,
+            )
+            for i in runnable
+        ]
+        try:
+            audio = await asyncio.to_thread(run_bisecting, self._generate, requests)
+        except RuntimeError as error:
+            if "CUDA error" in str(error):  # the context is unusable: let Serve replace this replica
+                self._broken = str(error)
+            raise
+        audio_by_job = dict(zip(runnable, audio, strict=True))
+        return [audio_by_job.get(i, voice) for i, voice in enumerate(voices)]  # voice: its error
+
+    def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
+        return self._tts.generate(requests, watermark=False)
+
+    async def _resolve_voices(self, jobs: list[ChunkJob]) -> list[Voice | BaseException]:
+        """The voice of every job: built-in, cached, or prepared now (each new reference once)."""
+        resolved: dict[str, Voice | BaseException] = {}
+        missing = {}
+        for job in jobs:
+            if job.voice is None or job.voice.voice_id in resolved:
+                continue
+            cached = self._voices.get(job.voice.voice_id)
+            if cached is not None:
+                self._voices.move_to_end(job.voice.voice_id)
+                resolved[job.voice.voice_id] = cached
+            else:
+                missing[job.voice.voice_id] = job.voice.audio
+        if missing:
+            fetched = await asyncio.gather(*missing.values(), return_exceptions=True)
+            refs = [r for r in fetched if not isinstance(r, BaseException)]
+            prepared = iter(await asyncio.to_thread(run_bisecting, self._tts.prepare_voices, refs))
+            for voice_id, ref in zip(missing, fetched, strict=True):
+                voice = ref if isinstance(ref, BaseException) else next(prepared)
+                resolved[voice_id] = voice
+                if isinstance(voice, Voice):
+                    self._remember(voice_id, voice)
+        default = self._tts.default_voice
+        return [default if job.voice is None else resolved[job.voice.voice_id] for job in jobs]
+
+    def _remember(self, voice_id: str, voice: Voice) -> None:
+        self._voices[voice_id] = voice
+        self._voices_prepared += 1
+        while len(self._voices) > self._voice_cache_size:
+            self._voices.popitem(last=False)

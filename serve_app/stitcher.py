@@ -1,0 +1,60 @@
+"""Stitcher deployment: joins chunk audio in order, watermarks the result once, encodes it.
+
+CPU only. The ingress passes the model's pending responses straight in as arguments, so chunk
+audio travels from the model replicas to the stitcher without passing through the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from serve_app.audio import chunk_starts, encode_audio, stitch
+from serve_app.config import AppArgs
+from serve_app.schemas import ChunkInfo, StitchPlan, SynthesisResult
+
+
+class Stitcher:
+    @classmethod
+    def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
+        return {
+            "name": cls.__name__,
+            "num_replicas": args.stitcher.num_replicas,
+            "max_ongoing_requests": args.stitcher.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": args.stitcher.num_cpus},
+            "graceful_shutdown_wait_loop_s": args.shutdown.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": args.shutdown.graceful_shutdown_timeout_s,
+        }
+
+    def __init__(self, watermark: bool) -> None:
+        self._apply_watermark = None
+        if watermark:
+            # Imported here so a deployment without watermarking never loads the watermarker.
+            from chatterbox.watermark import apply_watermark
+
+            apply_watermark(np.zeros(2400, np.float32), 24_000)  # load the watermarker now, not on a request
+            self._apply_watermark = apply_watermark
+
+    async def stitch(self, plan: StitchPlan, *chunk_audio: np.ndarray) -> SynthesisResult:
+        """Join `chunk_audio` (in plan order) and encode it in `plan.format`."""
+        return await asyncio.to_thread(self._stitch, plan, chunk_audio)
+
+    def _stitch(self, plan: StitchPlan, chunk_audio: tuple[np.ndarray, ...]) -> SynthesisResult:
+        if len(chunk_audio) != len(plan.chunk_texts):
+            raise ValueError(f"plan has {len(plan.chunk_texts)} chunks, got {len(chunk_audio)} audio arrays")
+        wav = stitch(chunk_audio, plan.pauses, plan.crossfade)
+        if self._apply_watermark is not None:
+            wav = np.asarray(self._apply_watermark(wav, plan.sample_rate), dtype=np.float32)
+        starts, _ = chunk_starts([len(a) for a in chunk_audio], plan.pauses, plan.crossfade)
+        return SynthesisResult(
+            audio=encode_audio(wav, plan.sample_rate, plan.format),
+            sample_rate=plan.sample_rate,
+            duration_s=len(wav) / plan.sample_rate,
+            format=plan.format,
+            chunks=[
+                ChunkInfo(text=text, start_sample=start, num_samples=len(audio))
+                for text, start, audio in zip(plan.chunk_texts, starts, chunk_audio, strict=True)
+            ],
+        )

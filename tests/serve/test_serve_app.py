@@ -1,0 +1,204 @@
+"""The Serve graph end to end on a real local Ray: HTTP, handle API, batching, voices, errors."""
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serve_app.audio import ms_to_samples
+from serve_app.chunking import split_text
+from serve_app.schemas import SynthesisError, SynthesisRequest
+from tests.serve.conftest import voice_wav
+
+SR = 24_000
+SENTENCES = [
+    "The lighthouse keeper climbed the stairs before dawn.",
+    "Gulls wheeled over the harbour, loud and hungry.",
+    "She wrote the weather in a small green notebook.",
+    "Nobody had asked her to, but somebody should.",
+    "By noon the fog had lifted from the bay.",
+]
+
+
+def paragraph(n_chars: int, offset: int) -> str:
+    out: list[str] = []
+    while sum(len(s) + 1 for s in out) < n_chars:
+        out.append(SENTENCES[(offset + len(out)) % len(SENTENCES)])
+    return " ".join(out)
+
+
+def post(serve_app, body, timeout: float = 120.0) -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(f"{serve_app.url}/v1/tts", json=body, timeout=timeout)
+    return httpx.post(f"{serve_app.url}/v1/tts", content=body, timeout=timeout)
+
+
+def test_long_text_is_one_wav_of_its_stitched_chunks(serve_app):
+    text = paragraph(1200, 0) + "\n\n" + paragraph(760, 2)
+    assert len(text) == 2015
+    response = post(serve_app, {"text": text, "seed": 11})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    audio = base64.b64decode(body["audio_base64"])
+    wav, sample_rate = sf.read(io.BytesIO(audio), dtype="int16")
+    assert sf.info(io.BytesIO(audio)).subtype == "PCM_16"
+    assert sample_rate == body["sample_rate"] == SR
+    assert body["format"] == "wav"
+
+    # The chunks are exactly what the ingress's chunker makes of the text.
+    expected = split_text(text, serve_app.args.chunking.max_chunk_chars)
+    assert [c["text"] for c in body["chunks"]] == [c.text for c in expected]
+    assert len(expected) == 8
+    assert [c.break_after for c in expected].count("paragraph") == 2
+
+    # Length: the chunks, plus a pause after each (longer after a paragraph), minus a crossfade each.
+    stitching = serve_app.args.stitching
+    pause_ms = {"sentence": stitching.sentence_pause_ms, "paragraph": stitching.paragraph_pause_ms}
+    pauses = [ms_to_samples(pause_ms[c.break_after], SR) for c in expected[:-1]]
+    crossfade = ms_to_samples(stitching.crossfade_ms, SR)
+    lengths = [c["num_samples"] for c in body["chunks"]]
+    assert min(lengths) >= crossfade
+    assert len(wav) == sum(lengths) + sum(pauses) - crossfade * (len(lengths) - 1)
+    assert body["duration_s"] == pytest.approx(len(wav) / SR)
+    starts = [c["start_sample"] for c in body["chunks"]]
+    assert starts[0] == 0
+    for i in range(1, len(starts)):
+        assert starts[i] == starts[i - 1] + lengths[i - 1] + pauses[i - 1] - crossfade
+    assert np.abs(wav).max() > 0
+
+
+def test_concurrent_requests_are_batched(serve_app):
+    before = serve_app.model.stats.remote().result()
+    texts = [f"Request number {i} says hello." for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda t: post(serve_app, {"text": t, "format": "pcm"}), texts))
+    assert [r.status_code for r in responses] == [200] * 8
+    after = serve_app.model.stats.remote().result()
+    assert after.items_run - before.items_run == 8  # one chunk each
+    assert after.batches_run - before.batches_run < 8  # so some batch held more than one request
+    assert after.max_batch_size_seen > 1
+
+
+def test_handle_api_returns_the_http_audio(serve_app):
+    request = {"text": "The same seed gives the same audio.", "seed": 5, "format": "flac", "temperature": 0.7}
+    response = post(serve_app, request)
+    assert response.status_code == 200, response.text
+    result = serve_app.ingress.synthesize.remote(SynthesisRequest(**request)).result()
+    assert result.audio == base64.b64decode(response.json()["audio_base64"])
+    assert result.model_dump(exclude={"audio"}) == {
+        k: v for k, v in response.json().items() if k != "audio_base64"
+    }
+    decoded, sample_rate = sf.read(io.BytesIO(result.audio))
+    assert (sample_rate, len(decoded)) == (SR, result.chunks[0].num_samples)
+
+
+def test_reference_voice_is_prepared_once_per_replica(serve_app):
+    reference = base64.b64encode(voice_wav(6.0)).decode()
+    before = serve_app.model.stats.remote().result()
+    for text in ["A cloned voice, first time.", "The same voice again, with a second chunk. And a third."]:
+        response = post(serve_app, {"text": text, "reference_audio_base64": reference, "format": "mp3"})
+        assert response.status_code == 200, response.text
+        audio, sample_rate = sf.read(io.BytesIO(base64.b64decode(response.json()["audio_base64"])))
+        assert sample_rate == SR and len(audio) > 0
+    after = serve_app.model.stats.remote().result()
+    assert after.voices_prepared - before.voices_prepared == 1
+
+
+def test_healthz(serve_app):
+    response = httpx.get(f"{serve_app.url}/healthz", timeout=10)
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BAD_REQUESTS = {
+    "malformed_json": (b'{"text": "hi",', 400, "invalid_json", None),
+    "not_an_object": (b'["hi"]', 422, "invalid_parameter", None),
+    "missing_text": ({"format": "wav"}, 422, "missing_parameter", "text"),
+    "text_not_a_string": ({"text": 5}, 422, "invalid_parameter", "text"),
+    "empty_text": ({"text": " \n\n "}, 422, "empty_text", "text"),
+    "text_too_long": ({"text": "a" * 5001}, 413, "text_too_long", "text"),
+    "unknown_format": ({"text": "hi", "format": "aac"}, 422, "invalid_parameter", "format"),
+    "bad_temperature": ({"text": "hi", "temperature": 0}, 422, "invalid_parameter", "temperature"),
+    "bad_top_p": ({"text": "hi", "top_p": 1.5}, 422, "invalid_parameter", "top_p"),
+    "negative_seed": ({"text": "hi", "seed": -1}, 422, "invalid_parameter", "seed"),
+    "unknown_field": ({"text": "hi", "temprature": 0.5}, 422, "invalid_parameter", "temprature"),
+    "bad_base64": (
+        {"text": "hi", "reference_audio_base64": "not base64!"},
+        400,
+        "invalid_base64",
+        "reference_audio_base64",
+    ),
+    "not_audio": (
+        {"text": "hi", "reference_audio_base64": b64(b"this is not audio" * 100)},
+        422,
+        "invalid_audio",
+        "reference_audio_base64",
+    ),
+    "voice_too_short": (
+        {"text": "hi", "reference_audio_base64": b64(voice_wav(2.0))},
+        422,
+        "voice_too_short",
+        "reference_audio_base64",
+    ),
+    "silent_voice": (
+        {"text": "hi", "reference_audio_base64": b64(voice_wav(6.0, silent=True))},
+        422,
+        "silent_audio",
+        "reference_audio_base64",
+    ),
+    "voice_too_long": (
+        {"text": "hi", "reference_audio_base64": b64(voice_wav(12.0))},
+        422,
+        "audio_too_long",
+        "reference_audio_base64",
+    ),
+    "reference_too_large": (
+        {"text": "hi", "reference_audio_base64": b64(bytes(1024 * 1024 + 1))},
+        413,
+        "reference_too_large",
+        "reference_audio_base64",
+    ),
+    "request_too_large": ({"text": "a" * (2 * 1024 * 1024)}, 413, "request_too_large", None),
+}
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_get_their_4xx_code(serve_app, body, status, code, field):
+    response = post(serve_app, body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "field"}
+    assert (error["code"], error["field"]) == (code, field)
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/v1/tts", 405, "method_not_allowed"), ("POST", "/v2/speak", 404, "not_found")],
+)
+def test_unknown_routes_answer_in_the_error_shape(serve_app, method, path, status, code):
+    response = httpx.request(method, f"{serve_app.url}{path}", timeout=10)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_handle_api_raises_synthesis_errors(serve_app):
+    with pytest.raises(SynthesisError) as raised:
+        serve_app.ingress.synthesize.remote(
+            SynthesisRequest(text="hi", reference_audio=b"junk" * 100)
+        ).result()
+    assert (raised.value.status, raised.value.code, raised.value.field) == (
+        422,
+        "invalid_audio",
+        "reference_audio",
+    )
+    with pytest.raises(SynthesisError) as raised:
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text="")).result()
+    assert raised.value.code == "empty_text"
