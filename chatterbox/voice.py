@@ -60,7 +60,7 @@ def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float = R
         return wav
     gain = 10.0 ** ((target_lufs - loudness) / 20.0)
     if math.isfinite(gain) and gain > 0.0:
-        return (wav * gain).astype(np.float32)
+        return wav * np.float32(gain)  # float32 arithmetic, as upstream (numpy 1.x) computes it
     return wav
 
 
