@@ -62,25 +62,44 @@ def test_loading_is_strict(state_dict):
         S3Gen.from_state_dict(extra)
 
 
-def test_batch_rows_equal_unbatched_results(model):
-    # Different voices and prompt/speech lengths, an odd-length prompt mel, and two rows with
-    # equal output length (they share one HiFT batch).
-    requests = [
+@pytest.fixture(scope="module")
+def mixed_requests() -> list[S3GenRequest]:
+    """Different voices and prompt/speech lengths, an odd-length prompt mel, and two rows with equal
+    output length (one HiFT batch when ``batch_vocoder`` is on)."""
+    return [
         make_request(20, 30, seed=1, voice=1),
         make_request(25, 12, seed=2, odd=True, voice=2),
         make_request(10, 41, seed=3, voice=3),
         make_request(35, 30, seed=4, voice=4),
     ]
-    batched = model.generate(requests)
-    batched_mels = model.mels(requests)
-    for request, wav, mel in zip(requests, batched, batched_mels, strict=True):
-        alone = model.generate([request])[0]
+
+
+@pytest.fixture(scope="module")
+def unbatched(model, mixed_requests) -> dict[str, list[torch.Tensor]]:
+    return {
+        "wav": [model.generate([r])[0] for r in mixed_requests],
+        "mel": [model.mels([r])[0] for r in mixed_requests],
+        "encoder": [model.encode([r])[0] for r in mixed_requests],
+    }
+
+
+def test_batched_flow_rows_equal_unbatched_results(model, mixed_requests, unbatched):
+    for name, rows in [("mel", model.mels(mixed_requests)), ("encoder", model.encode(mixed_requests))]:
+        for row, alone in zip(rows, unbatched[name], strict=True):
+            assert row.shape == alone.shape
+            assert (row - alone).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("batch_vocoder", [False, True])
+def test_batched_waveforms_equal_unbatched_results(model, mixed_requests, unbatched, batch_vocoder):
+    model.batch_vocoder = batch_vocoder
+    try:
+        batched = model.generate(mixed_requests)
+    finally:
+        model.batch_vocoder = False
+    for wav, alone in zip(batched, unbatched["wav"], strict=True):
         assert wav.shape == alone.shape
         assert (wav - alone).abs().max() < 1e-5
-        assert (mel - model.mels([request])[0]).abs().max() < 1e-5
-    encoded = model.encode(requests)
-    for request, hidden in zip(requests, encoded, strict=True):
-        assert (hidden - model.encode([request])[0]).abs().max() < 1e-5
 
 
 def test_lengths_and_fade_in(model):

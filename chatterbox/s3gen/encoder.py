@@ -109,16 +109,17 @@ class RelPositionAttention(nn.Module):
         k = self.linear_k(x).view(B, T, self.heads, HEAD_DIM).transpose(1, 2)
         v = self.linear_v(x).view(B, T, self.heads, HEAD_DIM).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(2 * T - 1, self.heads, HEAD_DIM).transpose(0, 1)  # (H, 2T-1, d)
-        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B, H, T, T)
-        position = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))  # (B,H,T,2T-1)
-        # Row i of `position` lists offsets T-1 .. -(T-1); offset i-j sits at column (T-1) - i + j, so
-        # the (T, T) view starts at column T-1 and steps one column left per row.
-        position = position.contiguous()
+        # Position scores for every (query, offset): one (H, B*T, d) x (H, d, 2T-1) product.
+        q_v = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(self.heads, B * T, HEAD_DIM)
+        position = torch.matmul(q_v, p.transpose(1, 2)).view(self.heads, B, T, 2 * T - 1)
+        # Row i lists offsets T-1 .. -(T-1); offset i-j sits at column (T-1) - i + j, so the (T, T)
+        # view starts at column T-1 and steps one column left per row.
         s = position.stride()
-        position = position.as_strided((B, self.heads, T, T), (s[0], s[1], s[2] - 1, 1), T - 1)
-        scores = (content + position) / math.sqrt(HEAD_DIM)
-        probs = torch.softmax(scores.masked_fill(key_padding, -math.inf), dim=-1)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, D)
+        position = position.as_strided((self.heads, B, T, T), (s[0], s[1], s[2] - 1, 1), T - 1)
+        bias = (position.transpose(0, 1) / math.sqrt(HEAD_DIM)).masked_fill(key_padding, -math.inf)
+        # softmax(((q+u)·k + position) / sqrt(d)) v, the content term inside the fused kernel.
+        out = F.scaled_dot_product_attention((q + self.pos_bias_u).transpose(1, 2), k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(B, T, D)
         return self.linear_out(out)
 
 

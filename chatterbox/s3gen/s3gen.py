@@ -5,7 +5,7 @@ tokens]; place the prompt mel at the start of ``cond``; sample the mel with the 
 keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
 
 Batching: the flow runs all requests at once, right-padded with masks (exact per row). HiFT is not
-mask-aware, so it runs on groups of equal mel length (see ``vocode``).
+mask-aware, so it runs per item or on groups of equal mel length (see ``vocode``).
 
 Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
 the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
@@ -129,6 +129,9 @@ class S3Gen(nn.Module):
         self.flow = Flow(flow_config)
         self.mel2wav = HiFT(hift_config)
         self.register_buffer("trim_fade", fade_in(), persistent=False)
+        # Equal-length HiFT batches measured slower than one mel at a time on CPU (bench/s3gen.py,
+        # "HiFT strategy"); on CUDA they are used.
+        self.batch_vocoder = False
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> S3Gen:
@@ -152,6 +155,7 @@ class S3Gen(nn.Module):
         self.flow.to(device=device, dtype=dtype)
         self.mel2wav.to(device=device, dtype=torch.float32)
         self.trim_fade = self.trim_fade.to(device=device, dtype=torch.float32)
+        self.batch_vocoder = self.device.type == "cuda"
         return self
 
     @property
@@ -235,11 +239,12 @@ class S3Gen(nn.Module):
     def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:
         """Waveform per mel (80, L) -> (480L,) float32 on the model's device, faded in.
 
-        Mels of equal length share one HiFT batch (exact: no padding); others run alone.
+        HiFT is not mask-aware, so rows are never padded: with ``batch_vocoder`` mels of equal length
+        share one batch, otherwise each runs alone.
         """
         groups: dict[int, list[int]] = {}
         for i, mel in enumerate(mels):
-            groups.setdefault(mel.shape[-1], []).append(i)
+            groups.setdefault(mel.shape[-1] if self.batch_vocoder else i, []).append(i)
         wavs: list[torch.Tensor] = [torch.empty(0)] * len(mels)
         for members in groups.values():
             batch = torch.stack([mels[i] for i in members]).float()

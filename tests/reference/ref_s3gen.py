@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from chatterbox.models.s3gen.const import S3GEN_SIL
 from ref_common import load_s3gen
@@ -78,3 +80,38 @@ def vocoder_voiced(tensors: dict, params: dict) -> tuple[dict, dict]:
         with torch.inference_mode():
             out[f"f0_{k}"] = vocoder.f0_predictor(mel)[0]
     return out, {}
+
+
+def benchmark(tensors: dict, params: dict) -> tuple[dict, dict]:
+    """Wall time of upstream ``S3Gen.inference`` per case, one case at a time (after one warm-up call).
+
+    Inputs as for ``inference``; params ``ckpt_dir``, ``device``, ``threads``. Returns the seconds
+    and the output samples of each case.
+    """
+    torch.set_num_threads(params["threads"])
+    device = params["device"]
+    s3gen = load_s3gen(params["ckpt_dir"]).to(device)
+    silence = torch.tensor([S3GEN_SIL] * 3, dtype=torch.long)
+
+    def run(k: int, n_speech: int | None = None) -> int:
+        speech_tokens = torch.cat([tensors[f"speech_tokens_{k}"][:n_speech].long(), silence]).to(device)
+        ref_dict = {
+            "prompt_token": tensors[f"prompt_tokens_{k}"].long()[None].to(device),
+            "prompt_token_len": torch.tensor([tensors[f"prompt_tokens_{k}"].numel()]).to(device),
+            "prompt_feat": tensors[f"prompt_feat_{k}"].float()[None].to(device),
+            "prompt_feat_len": None,
+            "embedding": tensors[f"embedding_{k}"].float()[None].to(device),
+        }
+        wav, _ = s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict, n_cfm_timesteps=2)
+        wav = wav.cpu()  # waits for the device
+        return wav.numel()
+
+    run(0, n_speech=10)
+    seconds, samples = [], []
+    k = 0
+    while f"speech_tokens_{k}" in tensors:
+        start = time.perf_counter()
+        samples.append(run(k))
+        seconds.append(time.perf_counter() - start)
+        k += 1
+    return {}, {"seconds": seconds, "samples": samples}
