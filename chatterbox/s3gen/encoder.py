@@ -115,7 +115,9 @@ class RelPositionAttention(nn.Module):
         # Row i lists offsets T-1 .. -(T-1); offset i-j sits at column (T-1) - i + j, so the (T, T)
         # view starts at column T-1 and steps one column left per row.
         s = position.stride()
-        position = position.as_strided((self.heads, B, T, T), (s[0], s[1], s[2] - 1, 1), T - 1)
+        position = position.as_strided(
+            (self.heads, B, T, T), (s[0], s[1], s[2] - 1, 1), position.storage_offset() + T - 1
+        )
         bias = (position.transpose(0, 1) / math.sqrt(HEAD_DIM)).masked_fill(key_padding, -math.inf)
         # softmax(((q+u)·k + position) / sqrt(d)) v, the content term inside the fused kernel.
         out = F.scaled_dot_product_attention((q + self.pos_bias_u).transpose(1, 2), k, v, attn_mask=bias)

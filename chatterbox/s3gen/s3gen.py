@@ -129,8 +129,8 @@ class S3Gen(nn.Module):
         self.flow = Flow(flow_config)
         self.mel2wav = HiFT(hift_config)
         self.register_buffer("trim_fade", fade_in(), persistent=False)
-        # Equal-length HiFT batches measured slower than one mel at a time on CPU (bench/s3gen.py,
-        # "HiFT strategy"); on CUDA they are used.
+        # Equal-length HiFT batches ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py,
+        # "HiFT strategy"); CUDA uses them (not yet measured there: the bench reports both).
         self.batch_vocoder = False
 
     @classmethod
@@ -161,8 +161,6 @@ class S3Gen(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.flow.input_embedding.weight.device
-
-    # ---------------------------------------------------------------------------------------------
 
     def noise_for(self, requests: list[S3GenRequest]) -> list[S3GenNoise]:
         """Each request's draws from a generator seeded by its ``seed`` (fresh entropy when None)."""
@@ -230,7 +228,7 @@ class S3Gen(nn.Module):
         start = torch.zeros(B, MEL_BINS, frames, device=self.device)
         for i, (request, n) in enumerate(zip(requests, noise, strict=True)):
             cond[i, :, : request.prompt_feat.shape[0]] = request.prompt_feat.T.to(self.device)
-            start[i, :, : n.flow.shape[1]] = n.flow.to(self.device)
+            start[i, :, : n.flow.shape[1]] = n.flow.to(self.device, torch.float32)
         xvectors = torch.stack([r.embedding.to(self.device, torch.float32) for r in requests])
         mel = self.flow(tokens, lengths, cond, xvectors, start).float()
         return [mel[i, :, r.prompt_feat.shape[0] : UPSAMPLE * r.n_tokens] for i, r in enumerate(requests)]
@@ -248,8 +246,8 @@ class S3Gen(nn.Module):
         wavs: list[torch.Tensor] = [torch.empty(0)] * len(mels)
         for members in groups.values():
             batch = torch.stack([mels[i] for i in members]).float()
-            phases = torch.stack([noise[i].phases for i in members]).to(self.device)
-            source = torch.stack([noise[i].source for i in members]).to(self.device)
+            phases = torch.stack([noise[i].phases for i in members]).to(self.device, torch.float32)
+            source = torch.stack([noise[i].source for i in members]).to(self.device, torch.float32)
             for i, wav in zip(members, self.mel2wav(batch, phases, source), strict=True):
                 wav[: self.trim_fade.numel()] *= self.trim_fade
                 wavs[i] = wav
