@@ -83,7 +83,7 @@ def vocoder_voiced(tensors: dict, params: dict) -> tuple[dict, dict]:
 
 
 def benchmark(tensors: dict, params: dict) -> tuple[dict, dict]:
-    """Wall time of upstream ``S3Gen.inference`` per case, one case at a time (after one warm-up call).
+    """Wall time of upstream ``S3Gen.inference`` per case, one case at a time (after a warm-up call).
 
     Inputs as for ``inference``; params ``ckpt_dir``, ``device``, ``threads``. Returns the seconds
     and the output samples of each case.
@@ -93,8 +93,8 @@ def benchmark(tensors: dict, params: dict) -> tuple[dict, dict]:
     s3gen = load_s3gen(params["ckpt_dir"]).to(device)
     silence = torch.tensor([S3GEN_SIL] * 3, dtype=torch.long)
 
-    def run(k: int, n_speech: int | None = None) -> int:
-        speech_tokens = torch.cat([tensors[f"speech_tokens_{k}"][:n_speech].long(), silence]).to(device)
+    def run(k: int) -> int:
+        speech_tokens = torch.cat([tensors[f"speech_tokens_{k}"].long(), silence]).to(device)
         ref_dict = {
             "prompt_token": tensors[f"prompt_tokens_{k}"].long()[None].to(device),
             "prompt_token_len": torch.tensor([tensors[f"prompt_tokens_{k}"].numel()]).to(device),
@@ -106,7 +106,7 @@ def benchmark(tensors: dict, params: dict) -> tuple[dict, dict]:
         wav = wav.cpu()  # waits for the device
         return wav.numel()
 
-    run(0, n_speech=10)
+    run(0)  # warm-up at the measured size
     seconds, samples = [], []
     k = 0
     while f"speech_tokens_{k}" in tensors:
