@@ -1,0 +1,170 @@
+"""S3Gen throughput: our batched decoder vs one request at a time vs upstream ``S3Gen.inference``.
+
+Every utterance is ``--tokens`` speech tokens (250 = 10 s) with its own voice: a ``--prompt-tokens``
+prompt (250 = 10 s, 500 mel frames, as a 10 s reference gives) and a random x-vector. Rates are
+audio seconds produced per wall second. A sequential rate does not depend on the batch size, so the
+one-at-a-time and upstream rates are measured once on a few utterances and repeated in every row.
+Prints markdown tables.
+
+    PYTHONPATH=. python bench/s3gen.py                       # CPU defaults (fit in ~3 min here)
+    PYTHONPATH=. python bench/s3gen.py --device cuda --batches 1,8,32 --sequential 8 --upstream 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from chatterbox.constants import S3GEN_SR
+from chatterbox.s3gen import S3Gen, S3GenRequest
+from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME
+from chatterbox.testing import SIZES, s3gen_state_dict
+from tests.reference.oracle import reference_available, run_reference
+
+
+def make_inputs(count: int, n_speech: int, n_prompt: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for k in range(count):
+        tensors[f"speech_tokens_{k}"] = torch.randint(0, 6561, (n_speech,), generator=g)
+        tensors[f"prompt_tokens_{k}"] = torch.randint(0, 6561, (n_prompt,), generator=g)
+        tensors[f"prompt_feat_{k}"] = torch.randn(2 * n_prompt, 80, generator=g) * 2 - 6
+        tensors[f"embedding_{k}"] = torch.randn(192, generator=g)
+    return tensors
+
+
+def requests_from(tensors: dict[str, torch.Tensor], count: int) -> list[S3GenRequest]:
+    return [
+        S3GenRequest(
+            tensors[f"speech_tokens_{k}"],
+            tensors[f"prompt_tokens_{k}"],
+            tensors[f"prompt_feat_{k}"],
+            tensors[f"embedding_{k}"],
+            seed=k,
+        )
+        for k in range(count)
+    ]
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def audio_seconds(wavs: list[torch.Tensor]) -> float:
+    return sum(w.numel() for w in wavs) / S3GEN_SR
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"))
+    parser.add_argument(
+        "--size", choices=["full", "tiny"], default="full", help="random checkpoint if none given"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes for our batched call")
+    parser.add_argument("--sequential", type=int, default=2, help="utterances for our one-at-a-time rate")
+    parser.add_argument("--upstream", type=int, default=1, help="utterances for upstream (0 skips it)")
+    parser.add_argument("--hift", type=int, default=4, help="mels for the HiFT strategy comparison (0 skips)")
+    parser.add_argument("--tokens", type=int, default=250)
+    parser.add_argument("--prompt-tokens", type=int, default=250)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    count = max([*batches, args.sequential, args.upstream, args.hift])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:  # a random one in the official layout (only the S3Gen file is needed)
+            checkpoint = Path(tmp)
+            save_file(s3gen_state_dict(SIZES[args.size], seed=0), checkpoint / "s3gen_meanflow.safetensors")
+        model = S3Gen.from_file(
+            checkpoint / "s3gen_meanflow.safetensors", args.device, getattr(torch, args.dtype)
+        )
+        tensors = make_inputs(count, args.tokens, args.prompt_tokens)
+        requests = requests_from(tensors, count)
+        model.generate(requests[:1])  # warm-up at the measured size
+
+        ours_batched = {}
+        for b in batches:
+            wavs: list[torch.Tensor] = []
+            seconds = timed(lambda b=b, wavs=wavs: wavs.extend(model.generate(requests[:b])), args.device)
+            ours_batched[b] = audio_seconds(wavs) / seconds
+        seq_wavs: list[torch.Tensor] = []
+        seq_seconds = timed(
+            lambda: [seq_wavs.extend(model.generate([r])) for r in requests[: args.sequential]], args.device
+        )
+        ours_sequential = audio_seconds(seq_wavs) / seq_seconds
+
+        upstream = None
+        # Upstream builds the official sizes only, in float32; its venv may be absent (device machines).
+        official = model.flow.config.encoder.width == 512
+        if args.upstream and official and reference_available() and args.dtype == "float32":
+            subset = {k: v for k, v in tensors.items() if int(k.rsplit("_", 1)[1]) < args.upstream}
+            _, result = run_reference(
+                "s3gen.benchmark", subset, ckpt_dir=str(checkpoint), device=args.device, threads=args.threads
+            )
+            upstream = sum(result["samples"]) / S3GEN_SR / sum(result["seconds"])
+
+        hift_rows = []
+        if args.hift:
+            frames = 2 * (args.tokens + 3)
+            mel = torch.randn(args.hift, 80, frames, device=args.device) - 5
+            phases = torch.rand(args.hift, HARMONICS, device=args.device)
+            noise = torch.randn(args.hift, HARMONICS, SAMPLES_PER_FRAME * frames, device=args.device)
+            with torch.inference_mode():
+                batched = timed(lambda: model.mel2wav(mel, phases, noise), args.device)
+                alone = timed(
+                    lambda: [
+                        model.mel2wav(mel[i : i + 1], phases[i : i + 1], noise[i : i + 1])
+                        for i in range(args.hift)
+                    ],
+                    args.device,
+                )
+            audio = args.hift * frames * SAMPLES_PER_FRAME / S3GEN_SR
+            hift_rows = [("one batch (equal lengths)", audio / batched), ("one mel at a time", audio / alone)]
+
+    width = model.flow.config.encoder.width
+    print(
+        f"\nS3Gen on {args.device} ({args.dtype} flow, fp32 HiFT), {args.threads} threads, "
+        f"flow width {width}; utterances of {args.tokens} speech tokens (+3 silence) "
+        f"with a {args.prompt_tokens}-token prompt.\n"
+    )
+    print(
+        "| batch | ours batched (audio s/s) | ours one at a time | upstream sequential "
+        "| batched / one at a time | batched / upstream |"
+    )
+    print("|---|---|---|---|---|---|")
+    up = f"{upstream:.3f}" if upstream else "n/a"
+    for b, rate in ours_batched.items():
+        vs_up = f"{rate / upstream:.2f}x" if upstream else "n/a"
+        print(
+            f"| {b} | {rate:.3f} | {ours_sequential:.3f} | {up} | {rate / ours_sequential:.2f}x | {vs_up} |"
+        )
+    print(
+        f"\nOne-at-a-time rate from {args.sequential} utterance(s); upstream rate from {args.upstream} "
+        "utterance(s) (its own process, same thread count, after a warm-up call)."
+    )
+    if hift_rows:
+        print(f"\nHiFT strategy ({args.hift} mels of {2 * (args.tokens + 3)} frames):\n")
+        print("| HiFT strategy | audio s/s |")
+        print("|---|---|")
+        for name, rate in hift_rows:
+            print(f"| {name} | {rate:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

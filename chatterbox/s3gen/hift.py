@@ -1,0 +1,210 @@
+"""HiFT vocoder (mel2wav): 80-bin mel at 50 Hz -> 24 kHz waveform (turbo-spec 5.6).
+
+Neural source filter + iSTFTNet: an F0 predictor drives a harmonic sine source, whose 16-point
+STFT is fused into a HiFi-GAN style upsampler (x8, x5, x3) that predicts a 16-point STFT
+(magnitude and phase); the iSTFT (hop 4) makes the waveform. 480 samples per mel frame.
+
+Convolutions are symmetric and the STFTs reflect-pad, so this module is not mask-aware: batch only
+mels of equal length. The source randomness (harmonic phases, additive noise) is an explicit input.
+Weight-normed convs keep the checkpoint's parametrization layout until ``fold_weight_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from chatterbox.constants import S3GEN_SR
+from chatterbox.s3gen.estimator import MEL_BINS
+
+HARMONICS = 9  # fundamental + 8 overtones
+UPSAMPLE_RATES = (8, 5, 3)
+UPSAMPLE_KERNELS = (16, 11, 7)
+RESBLOCK_KERNELS = (3, 7, 11)
+SOURCE_RESBLOCK_KERNELS = (7, 7, 11)
+DILATIONS = (1, 3, 5)
+N_FFT = 16
+HOP = 4
+SAMPLES_PER_FRAME = math.prod(UPSAMPLE_RATES) * HOP  # 480
+SINE_AMP = 0.1
+NOISE_STD = 0.003
+VOICED_THRESHOLD = 10.0  # Hz
+LRELU_SLOPE = 0.1
+AUDIO_LIMIT = 0.99
+MAX_MAGNITUDE = 100.0
+
+
+@dataclass
+class HiFTConfig:
+    channels: int = 512  # after conv_pre; halves at each upsampling
+    f0_channels: int = 512
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> HiFTConfig:
+        """``sd`` holds the keys under ``mel2wav.``."""
+        return cls(
+            channels=sd["conv_pre.bias"].shape[0],
+            f0_channels=sd["f0_predictor.classifier.weight"].shape[1],
+        )
+
+
+def wn_conv(c_in: int, c_out: int, kernel: int, dilation: int = 1) -> nn.Conv1d:
+    """Weight-normed 'same' Conv1d."""
+    return weight_norm(
+        nn.Conv1d(c_in, c_out, kernel, dilation=dilation, padding=dilation * (kernel - 1) // 2)
+    )
+
+
+def draw_source_noise(frames: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Harmonic phases (9,) and source noise (9, 480 * frames) for one mel, in the reference's order."""
+    device = generator.device
+    # U(-π, π) as torch.distributions.Uniform computes it: low + u * (high - low), in float32.
+    low, high = torch.tensor(-math.pi, device=device), torch.tensor(math.pi, device=device)
+    phases = low + torch.rand(HARMONICS, generator=generator, device=device) * (high - low)
+    phases[0] = 0  # the fundamental starts at phase 0
+    noise = torch.randn(HARMONICS, SAMPLES_PER_FRAME * frames, generator=generator, device=device)
+    return phases, noise
+
+
+def stft_window() -> torch.Tensor:
+    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64).float()
+
+
+class Snake(nn.Module):
+    """x + sin²(αx)/α with a per-channel α (linear scale)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha[None, :, None]
+        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(wn_conv(channels, channels, kernel, d) for d in DILATIONS)
+        self.convs2 = nn.ModuleList(wn_conv(channels, channels, kernel) for _ in DILATIONS)
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in DILATIONS)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in DILATIONS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2, act1, act2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
+            x = conv2(act2(conv1(act1(x)))) + x
+        return x
+
+
+class F0Predictor(nn.Module):
+    """5 x (weight-normed conv k3 + ELU) -> Linear -> |.|: mel (B, 80, L) -> F0 in Hz (B, L)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(5):
+            layers += [wn_conv(MEL_BINS if i == 0 else channels, channels, 3), nn.ELU()]
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, 1)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1).abs()
+
+
+class SourceModule(nn.Module):
+    """Harmonic-plus-noise excitation from F0, merged to one channel by Linear(9 -> 1) + tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l_linear = nn.Linear(HARMONICS, 1)
+
+    def forward(self, f0: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """f0 (B, L) Hz, phases (B, 9) radians, noise (B, 9, 480L) standard normal -> (B, 1, 480L)."""
+        f0 = F.interpolate(f0[:, None], scale_factor=float(SAMPLES_PER_FRAME), mode="nearest")  # (B, 1, S)
+        harmonic = torch.arange(1, HARMONICS + 1, device=f0.device, dtype=f0.dtype)[:, None]
+        cycles = f0 * harmonic / S3GEN_SR  # (B, 9, S) cycles per sample
+        # The running phase wraps to [0, 1) cycles before scaling by 2π, as the reference does.
+        theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
+        sines = SINE_AMP * torch.sin(theta + phases[:, :, None])
+        voiced = (f0 > VOICED_THRESHOLD).to(f0.dtype)
+        noise_amp = voiced * NOISE_STD + (1 - voiced) * SINE_AMP / 3
+        excitation = sines * voiced + noise_amp * noise
+        return torch.tanh(self.l_linear(excitation.transpose(1, 2))).transpose(1, 2)
+
+
+class HiFT(nn.Module):
+    def __init__(self, config: HiFTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.channels
+        widths = [c >> (i + 1) for i in range(len(UPSAMPLE_RATES))]  # 256, 128, 64
+        self.f0_predictor = F0Predictor(config.f0_channels)
+        self.m_source = SourceModule()
+        self.conv_pre = wn_conv(MEL_BINS, c, 7)
+        self.ups = nn.ModuleList(
+            weight_norm(nn.ConvTranspose1d(c >> i, widths[i], k, u, padding=(k - u) // 2))
+            for i, (u, k) in enumerate(zip(UPSAMPLE_RATES, UPSAMPLE_KERNELS, strict=True))
+        )
+        # The source STFT (hop 4, 120 frames per mel frame) is brought to each stage's rate.
+        self.source_downs = nn.ModuleList(
+            [
+                nn.Conv1d(N_FFT + 2, widths[0], 30, 15, padding=7),
+                nn.Conv1d(N_FFT + 2, widths[1], 6, 3, padding=1),
+                nn.Conv1d(N_FFT + 2, widths[2], 1),
+            ]
+        )
+        self.source_resblocks = nn.ModuleList(
+            ResBlock(w, k) for w, k in zip(widths, SOURCE_RESBLOCK_KERNELS, strict=True)
+        )
+        self.resblocks = nn.ModuleList(ResBlock(w, k) for w in widths for k in RESBLOCK_KERNELS)
+        self.conv_post = wn_conv(widths[-1], N_FFT + 2, 7)
+        self.register_buffer("window", stft_window(), persistent=False)
+
+    def fold_weight_norm(self) -> None:
+        """Replace every weight-norm parametrization by its plain weight g·v/‖v‖ (same values)."""
+        for module in self.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+    def source(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, L), phases (B, 9), noise (B, 9, 480L) -> excitation (B, 1, 480L)."""
+        return self.m_source(self.f0_predictor(mel), phases, noise)
+
+    def forward(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, L) float32, source randomness as in ``source`` -> waveform (B, 480L)."""
+        spec = torch.stft(
+            self.source(mel, phases, noise).squeeze(1),
+            N_FFT,
+            HOP,
+            N_FFT,
+            window=self.window,
+            return_complex=True,
+        )
+        source = torch.cat([spec.real, spec.imag], dim=1)  # (B, 18, 120L + 1)
+
+        x = self.conv_pre(mel)
+        kernels = len(RESBLOCK_KERNELS)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")  # 120L -> 120L + 1 STFT frames
+            x = x + self.source_resblocks[i](self.source_downs[i](source))
+            summed = self.resblocks[i * kernels](x)
+            for j in range(1, kernels):
+                summed += self.resblocks[i * kernels + j](x)
+            x = summed / kernels
+        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here
+        magnitude = torch.exp(x[:, : N_FFT // 2 + 1]).clamp(max=MAX_MAGNITUDE)
+        phase = torch.sin(x[:, N_FFT // 2 + 1 :])
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        wav = torch.istft(spec, N_FFT, HOP, N_FFT, window=self.window)
+        return wav.clamp(-AUDIO_LIMIT, AUDIO_LIMIT)

@@ -1,0 +1,265 @@
+"""S3Gen: batched speech tokens -> 24 kHz waveforms, with each request's own voice prompt.
+
+Per request (turbo-spec 5.3, 5.7, 8, 9): append 3 silence tokens; encode [prompt tokens, speech
+tokens]; place the prompt mel at the start of ``cond``; sample the mel with the two-step mean flow;
+keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
+
+Batching: the flow runs all requests at once, right-padded with masks (exact per row). HiFT is not
+mask-aware, so it runs per item or on groups of equal mel length (see ``vocode``).
+
+Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
+the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
+seeded row equals an unbatched reference call after ``torch.manual_seed(seed)`` on the same device.
+``S3GenNoise`` holds one request's draws and may be passed in explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chatterbox.constants import (
+    S3GEN_SILENCE_TOKEN,
+    S3GEN_SILENCE_TOKENS_APPENDED,
+    S3GEN_SR,
+    SPEECH_VOCAB_SIZE,
+)
+from chatterbox.s3gen.encoder import UPSAMPLE
+from chatterbox.s3gen.estimator import MEL_BINS
+from chatterbox.s3gen.flow import Flow, FlowConfig
+from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, HiFT, HiFTConfig, draw_source_noise
+from chatterbox.weights import load_strict, read_safetensors, subdict
+
+XVECTOR_DIM = 192
+FADE_SAMPLES = S3GEN_SR // 50  # 20 ms of silence, then a 20 ms raised-cosine fade-in
+
+
+@dataclass
+class S3GenRequest:
+    speech_tokens: torch.Tensor  # (N,) int64, N >= 1, ids < 6561 (T3 output, already filtered)
+    prompt_tokens: torch.Tensor  # (P,) int64 reference speech tokens
+    prompt_feat: torch.Tensor  # (T_mel, 80) float reference mel, T_mel = 2P or 2P + 1
+    embedding: torch.Tensor  # (192,) float CAMPPlus x-vector
+    seed: int | None = None  # per-row noise seed (None -> fresh random)
+
+    def validate(self, index: int) -> None:
+        where = f"request {index}"
+        for name in ("speech_tokens", "prompt_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1:
+                raise ValueError(f"{where}: {name} must be a 1-D tensor of token ids")
+            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+                raise ValueError(f"{where}: {name} must hold integer ids, got {tokens.dtype}")
+            if tokens.numel() == 0:
+                raise ValueError(f"{where}: {name} is empty")
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= SPEECH_VOCAB_SIZE:
+                raise ValueError(
+                    f"{where}: {name} must be in [0, {SPEECH_VOCAB_SIZE}), got values in [{low}, {high}]"
+                )
+        feat = self.prompt_feat
+        if not isinstance(feat, torch.Tensor) or feat.ndim != 2 or feat.shape[1] != MEL_BINS:
+            shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
+            raise ValueError(f"{where}: prompt_feat must be (T_mel, {MEL_BINS}), got {shape}")
+        if not feat.dtype.is_floating_point:
+            raise ValueError(f"{where}: prompt_feat must be a float tensor, got {feat.dtype}")
+        n_prompt = self.prompt_tokens.numel()
+        if feat.shape[0] not in (UPSAMPLE * n_prompt, UPSAMPLE * n_prompt + 1):
+            raise ValueError(
+                f"{where}: prompt_feat has {feat.shape[0]} frames but {n_prompt} prompt tokens need "
+                f"{UPSAMPLE * n_prompt} (or {UPSAMPLE * n_prompt + 1})"
+            )
+        emb = self.embedding
+        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != (XVECTOR_DIM,):
+            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise ValueError(f"{where}: embedding must be ({XVECTOR_DIM},), got {shape}")
+        if not emb.dtype.is_floating_point:
+            raise ValueError(f"{where}: embedding must be a float tensor, got {emb.dtype}")
+        if not (torch.isfinite(feat).all() and torch.isfinite(emb).all()):
+            raise ValueError(f"{where}: prompt_feat and embedding must be finite")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"{where}: seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt + speech + appended silence tokens."""
+        return self.prompt_tokens.numel() + self.speech_tokens.numel() + S3GEN_SILENCE_TOKENS_APPENDED
+
+    @property
+    def n_speech_frames(self) -> int:
+        """Mel frames returned for this request (2N' normally, 2N' - 1 for an odd prompt mel)."""
+        return UPSAMPLE * self.n_tokens - self.prompt_feat.shape[0]
+
+
+@dataclass
+class S3GenNoise:
+    """Every random draw of one request."""
+
+    flow: torch.Tensor  # (80, 2 * n_tokens) CFM starting point over prompt + speech frames
+    phases: torch.Tensor  # (9,) harmonic phase offsets in [-π, π), the fundamental's is 0
+    source: torch.Tensor  # (9, 480 * n_speech_frames) standard normal source noise
+
+
+def draw_noise(request: S3GenRequest, generator: torch.Generator) -> S3GenNoise:
+    """One request's draws in the reference's order, on the generator's device (float32)."""
+    device = generator.device
+    total = UPSAMPLE * request.n_tokens
+    speech = UPSAMPLE * (request.speech_tokens.numel() + S3GEN_SILENCE_TOKENS_APPENDED)
+    speech_noise = torch.randn(MEL_BINS, speech, generator=generator, device=device)
+    flow = torch.randn(MEL_BINS, total, generator=generator, device=device)
+    flow[:, total - speech :] = speech_noise
+    phases, source = draw_source_noise(request.n_speech_frames, generator)
+    return S3GenNoise(flow=flow, phases=phases, source=source)
+
+
+def fade_in() -> torch.Tensor:
+    """(960,) 20 ms of zeros then a 20 ms raised cosine from 0 to 1."""
+    fade = torch.zeros(2 * FADE_SAMPLES)
+    fade[FADE_SAMPLES:] = (torch.cos(torch.linspace(torch.pi, 0, FADE_SAMPLES)) + 1) / 2
+    return fade
+
+
+class S3Gen(nn.Module):
+    def __init__(self, flow_config: FlowConfig, hift_config: HiFTConfig) -> None:
+        super().__init__()
+        self.flow = Flow(flow_config)
+        self.mel2wav = HiFT(hift_config)
+        self.register_buffer("trim_fade", fade_in(), persistent=False)
+        # Equal-length HiFT batches ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py,
+        # "HiFT strategy"); CUDA uses them (not yet measured there: the bench reports both).
+        self.batch_vocoder = False
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> S3Gen:
+        """The whole ``s3gen_meanflow`` dict; ``flow.*`` and ``mel2wav.*`` load strictly (the tokenizer
+        and speaker encoder belong to other modules)."""
+        flow_sd, hift_sd = subdict(state_dict, "flow."), subdict(state_dict, "mel2wav.")
+        model = cls(FlowConfig.from_state_dict(flow_sd), HiFTConfig.from_state_dict(hift_sd))
+        load_strict(model.flow, flow_sd, "S3Gen flow")
+        load_strict(model.mel2wav, hift_sd, "S3Gen HiFT")
+        model.mel2wav.fold_weight_norm()
+        return model.eval()
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> S3Gen:
+        """Load ``s3gen_meanflow.safetensors``. ``dtype`` applies to the flow; HiFT stays float32."""
+        return cls.from_state_dict(read_safetensors(path)).to_device(device, dtype)
+
+    def to_device(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> S3Gen:
+        self.flow.to(device=device, dtype=dtype)
+        self.mel2wav.to(device=device, dtype=torch.float32)
+        self.trim_fade = self.trim_fade.to(device=device, dtype=torch.float32)
+        self.batch_vocoder = self.device.type == "cuda"
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    def noise_for(self, requests: list[S3GenRequest]) -> list[S3GenNoise]:
+        """Each request's draws from a generator seeded by its ``seed`` (fresh entropy when None)."""
+        noises = []
+        for request in requests:
+            generator = torch.Generator(device=self.device)
+            if request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(request.seed)
+            noises.append(draw_noise(request, generator))
+        return noises
+
+    def _check(self, requests: list[S3GenRequest], noise: list[S3GenNoise] | None) -> None:
+        if not requests:
+            raise ValueError("no requests")
+        for i, request in enumerate(requests):
+            request.validate(i)
+        if noise is None:
+            return
+        if len(noise) != len(requests):
+            raise ValueError(f"{len(noise)} noise entries for {len(requests)} requests")
+        for i, (request, n) in enumerate(zip(requests, noise, strict=True)):
+            expected = {
+                "flow": (MEL_BINS, UPSAMPLE * request.n_tokens),
+                "phases": (HARMONICS,),
+                "source": (HARMONICS, SAMPLES_PER_FRAME * request.n_speech_frames),
+            }
+            for name, shape in expected.items():
+                if tuple(getattr(n, name).shape) != shape:
+                    raise ValueError(
+                        f"request {i}: noise.{name} must be {shape}, got {tuple(getattr(n, name).shape)}"
+                    )
+
+    def _tokens(self, requests: list[S3GenRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded [prompt, speech, silence] ids (B, L) and their lengths (B,)."""
+        silence = torch.full((S3GEN_SILENCE_TOKENS_APPENDED,), S3GEN_SILENCE_TOKEN, dtype=torch.long)
+        rows = [
+            torch.cat([r.prompt_tokens.long().cpu(), r.speech_tokens.long().cpu(), silence]) for r in requests
+        ]
+        lengths = torch.tensor([row.numel() for row in rows])
+        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, : row.numel()] = row
+        return tokens.to(self.device), lengths.to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, requests: list[S3GenRequest]) -> list[torch.Tensor]:
+        """Encoder output per request, (2 * n_tokens, width) float32 on CPU (for tests)."""
+        self._check(requests, None)
+        tokens, lengths = self._tokens(requests)
+        hidden = self.flow.encode(tokens, lengths)
+        return [h[: UPSAMPLE * r.n_tokens].float().cpu() for h, r in zip(hidden, requests, strict=True)]
+
+    @torch.inference_mode()
+    def mels(self, requests: list[S3GenRequest], noise: list[S3GenNoise] | None = None) -> list[torch.Tensor]:
+        """Speech mel per request, (80, n_speech_frames) float32 on the model's device."""
+        self._check(requests, noise)
+        return self._mels(requests, noise if noise is not None else self.noise_for(requests))
+
+    def _mels(self, requests: list[S3GenRequest], noise: list[S3GenNoise]) -> list[torch.Tensor]:
+        tokens, lengths = self._tokens(requests)
+        B, frames = tokens.shape[0], UPSAMPLE * tokens.shape[1]
+        cond = torch.zeros(B, MEL_BINS, frames, device=self.device)
+        start = torch.zeros(B, MEL_BINS, frames, device=self.device)
+        for i, (request, n) in enumerate(zip(requests, noise, strict=True)):
+            cond[i, :, : request.prompt_feat.shape[0]] = request.prompt_feat.T.to(self.device)
+            start[i, :, : n.flow.shape[1]] = n.flow.to(self.device, torch.float32)
+        xvectors = torch.stack([r.embedding.to(self.device, torch.float32) for r in requests])
+        mel = self.flow(tokens, lengths, cond, xvectors, start).float()
+        return [mel[i, :, r.prompt_feat.shape[0] : UPSAMPLE * r.n_tokens] for i, r in enumerate(requests)]
+
+    @torch.inference_mode()
+    def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:
+        """Waveform per mel (80, L) -> (480L,) float32 on the model's device, faded in.
+
+        HiFT is not mask-aware, so rows are never padded: with ``batch_vocoder`` mels of equal length
+        share one batch, otherwise each runs alone.
+        """
+        groups: dict[int, list[int]] = {}
+        for i, mel in enumerate(mels):
+            groups.setdefault(mel.shape[-1] if self.batch_vocoder else i, []).append(i)
+        wavs: list[torch.Tensor] = [torch.empty(0)] * len(mels)
+        for members in groups.values():
+            batch = torch.stack([mels[i] for i in members]).float()
+            phases = torch.stack([noise[i].phases for i in members]).to(self.device, torch.float32)
+            source = torch.stack([noise[i].source for i in members]).to(self.device, torch.float32)
+            for i, wav in zip(members, self.mel2wav(batch, phases, source), strict=True):
+                wav[: self.trim_fade.numel()] *= self.trim_fade
+                wavs[i] = wav
+        return wavs
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: list[S3GenRequest], noise: list[S3GenNoise] | None = None
+    ) -> list[torch.Tensor]:
+        """One float32 CPU waveform at 24 kHz per request, 960 * (N + 3) samples (480 fewer when the
+        prompt mel has an odd length). ``noise`` overrides the seeded draws (tests)."""
+        self._check(requests, noise)
+        noise = noise if noise is not None else self.noise_for(requests)
+        wavs = self.vocode(self._mels(requests, noise), noise)
+        return [wav.cpu() for wav in wavs]
