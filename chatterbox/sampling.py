@@ -48,27 +48,29 @@ def process_logits(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     repetition_penalty: torch.Tensor,
+    candidates: int,
 ) -> torch.Tensor:
     """Apply temperature, top-k, top-p and repetition penalty per row; filtered entries become -inf.
 
     logits (B, V) float32; seen (B, V) bool, the ids the repetition penalty applies to;
-    temperature, top_p, repetition_penalty (B,) float32; top_k (B,) int64 >= 1.
-    A top_p of 1 disables top-p for that row, as HF skips the processor then.
+    temperature, top_p, repetition_penalty (B,) float32; top_k (B,) int64 >= 1; candidates: a
+    host-side bound on top_k (the batch's largest), so only that many scores per row are sorted.
+    A top_p of 1 disables top-p for that row, as HF skips the processor then. (Only if the k-th
+    score is tied beyond ``candidates`` places would the tied extras miss top-p's normalisation.)
     """
     scores = logits / temperature[:, None]
-    sorted_scores, sorted_ids = scores.sort(dim=-1, descending=True)
-    k = top_k.clamp(max=scores.shape[-1])[:, None]
-    kth_score = sorted_scores.gather(1, k - 1)
-    remove_sorted = sorted_scores < kth_score  # ties with the k-th score are kept, as in HF
+    top_scores, top_ids = scores.topk(min(candidates, scores.shape[-1]), dim=-1)  # descending
+    k = top_k.clamp(max=top_scores.shape[-1])[:, None]
+    kth_score = top_scores.gather(1, k - 1)
+    remove_top = top_scores < kth_score  # ties with the k-th score are kept, as in HF
     # Top-p over the top-k survivors, as HF computes it: cumulative softmax in ascending order,
     # drop where it is <= 1 - p, always keep the most likely token.
-    ascending = sorted_scores.masked_fill(remove_sorted, float("-inf")).flip(-1)
+    ascending = top_scores.masked_fill(remove_top, float("-inf")).flip(-1)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
     remove_ascending = cumulative <= (1 - top_p)[:, None]
     remove_ascending[:, -1] = False
     remove_ascending &= (top_p < 1)[:, None]
-    remove_sorted |= remove_ascending.flip(-1)
-    remove = torch.empty_like(remove_sorted).scatter_(1, sorted_ids, remove_sorted)
+    remove = (scores < kth_score).scatter_(1, top_ids, remove_top | remove_ascending.flip(-1))
     scores = scores.masked_fill(remove, float("-inf"))
     # HF repetition penalty: once per distinct seen id, shrinking positive and growing negative scores.
     penalty = repetition_penalty[:, None]

@@ -129,9 +129,11 @@ class _DecodeState:
     top_k: torch.Tensor  # (B,) int64
     top_p: torch.Tensor  # (B,) float32
     repetition_penalty: torch.Tensor  # (B,) float32
+    candidates: int  # largest top_k of the batch: scores sorted per row
 
     def select(self, keep: torch.Tensor) -> _DecodeState:
-        return _DecodeState(**{name: value[keep] for name, value in vars(self).items()})
+        rows = {name: value[keep] for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return _DecodeState(**rows, candidates=self.candidates)
 
 
 class T3(nn.Module):
@@ -319,6 +321,7 @@ class T3(nn.Module):
             top_k=torch.tensor([p.top_k for p in params], device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             repetition_penalty=torch.tensor([p.repetition_penalty for p in params], device=device),
+            candidates=max(p.top_k for p in params),
         )
         # One spare column: finished rows keep writing their (ignored) draws one past their end.
         out = torch.full((B, max_tokens + 1), STOP_SPEECH_TOKEN, device=device)
@@ -357,7 +360,13 @@ class T3(nn.Module):
     ) -> _DecodeState:
         """Process and sample one token per live row, record it, and update the row flags."""
         scores = process_logits(
-            logits, state.seen, state.temperature, state.top_k, state.top_p, state.repetition_penalty
+            logits,
+            state.seen,
+            state.temperature,
+            state.top_k,
+            state.top_p,
+            state.repetition_penalty,
+            state.candidates,
         )
         tokens = sample(scores, state.keys, state.counts)
         out[state.rows, state.counts] = tokens  # finished rows write one past their end (ignored)

@@ -59,7 +59,8 @@ def ours(full_checkpoint: Path, inputs: dict[str, torch.Tensor], reference: dict
     model = T3.from_file(full_checkpoint / "t3_turbo_v1.safetensors")
     greedy = SamplingParams(top_k=1, max_new_tokens=GREEDY_STEPS, seed=0)
     requests = [
-        T3Request(inputs[f"{c}.text"], inputs[f"{c}.speaker_emb"], inputs[f"{c}.prompt"], greedy) for c in CASES
+        T3Request(inputs[f"{c}.text"], inputs[f"{c}.speaker_emb"], inputs[f"{c}.prompt"], greedy)
+        for c in CASES
     ]
     logits = model.teacher_forced_logits(requests, [inputs[f"{c}.forced"] for c in CASES])
     tokens = model.generate(requests)

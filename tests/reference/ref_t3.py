@@ -35,7 +35,7 @@ def _load(t3_file: str) -> T3:
     return t3.eval()
 
 
-def _cond(tensors: dict, case: str) -> T3Cond:
+def _cond(tensors: dict, case: str | int) -> T3Cond:
     # A fresh T3Cond per call: upstream caches the prompt embedding inside it.
     return T3Cond(
         speaker_emb=tensors[f"{case}.speaker_emb"][None],
@@ -58,7 +58,9 @@ def teacher_forced_and_greedy(tensors: dict, params: dict) -> tuple[dict, dict]:
         text = tensors[f"{case}.text"][None]
         forced = tensors[f"{case}.forced"]
         speech = torch.cat((torch.tensor([START_SPEECH_TOKEN]), forced))[None]
-        embeds, _ = t3.prepare_input_embeds(t3_cond=_cond(tensors, case), text_tokens=text, speech_tokens=speech)
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=_cond(tensors, case), text_tokens=text, speech_tokens=speech
+        )
         hidden = t3.tfmr(inputs_embeds=embeds)[0]
         out[f"{case}.logits"] = t3.speech_head(hidden[0, -speech.shape[1] :])
         out[f"{case}.greedy"] = t3.inference_turbo(
@@ -71,7 +73,7 @@ def teacher_forced_and_greedy(tensors: dict, params: dict) -> tuple[dict, dict]:
 def timed_sequential(tensors: dict, params: dict) -> tuple[dict, dict]:
     """Time upstream's ``inference_turbo`` on requests one at a time, stop token disabled.
 
-    Inputs: ``speaker_emb`` (S,), ``prompt`` (P,), ``text.{i}`` for i < ``requests``. Each
+    Inputs per request ``i``: ``{i}.speaker_emb`` (S,), ``{i}.prompt`` (P,), ``{i}.text`` (Lt,). Each
     request samples ``tokens`` tokens (1 from the prefill + ``tokens - 1`` loop steps).
     """
     t3 = _load(params["t3_file"])
@@ -80,13 +82,10 @@ def timed_sequential(tensors: dict, params: dict) -> tuple[dict, dict]:
         t3.speech_head.bias[STOP_SPEECH_TOKEN] = float("-inf")
     seconds, tokens = [], []
     for i in range(params["requests"]):
-        cond = T3Cond(
-            speaker_emb=tensors["speaker_emb"][None],
-            cond_prompt_speech_tokens=tensors["prompt"][None],
-            emotion_adv=torch.full((1, 1, 1), 0.5),
-        )
         begin = time.perf_counter()
-        speech = t3.inference_turbo(cond, tensors[f"text.{i}"][None], max_gen_len=params["tokens"] - 1)
+        speech = t3.inference_turbo(
+            _cond(tensors, i), tensors[f"{i}.text"][None], max_gen_len=params["tokens"] - 1
+        )
         seconds.append(time.perf_counter() - begin)
         tokens.append(speech.shape[1])
     return {}, {"seconds": seconds, "tokens": tokens}
