@@ -6,9 +6,9 @@
 Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
 in one run, times ``T3.generate`` at each batch size with every row sampling a fixed number of
 tokens (stop token ignored), the same loop on requests one at a time, and upstream's
-``T3.inference_turbo`` on requests one at a time in the oracle venv (``REF_VENV``) on the same
-weights with its stop logit masked out. Wall times include each call's prefill. Prints one
-markdown table; 25 speech tokens are one second of audio.
+``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle venv
+(``REF_VENV``) on the same weights and device, with its stop logit masked out. Wall times
+include each call's prefill. Prints one markdown table; 25 speech tokens are one second of audio.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def main() -> None:
                 requests=len(baseline),
                 tokens=args.baseline_tokens,
                 threads=args.threads,
+                device=args.device,
             )
             label = "upstream inference_turbo, 1 by 1"
             rows.append(

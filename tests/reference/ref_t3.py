@@ -71,21 +71,22 @@ def teacher_forced_and_greedy(tensors: dict, params: dict) -> tuple[dict, dict]:
 
 @torch.inference_mode()
 def timed_sequential(tensors: dict, params: dict) -> tuple[dict, dict]:
-    """Time upstream's ``inference_turbo`` on requests one at a time, stop token disabled.
+    """Time upstream's ``inference_turbo`` (fp32 on ``device``) on requests one at a time, stop disabled.
 
     Inputs per request ``i``: ``{i}.speaker_emb`` (S,), ``{i}.prompt`` (P,), ``{i}.text`` (Lt,). Each
     request samples ``tokens`` tokens (1 from the prefill + ``tokens - 1`` loop steps).
     """
-    t3 = _load(params["t3_file"])
+    device = params["device"]
+    t3 = _load(params["t3_file"]).to(device)
     torch.set_num_threads(params["threads"])
     with torch.no_grad():  # never sampling STOP keeps every request at exactly ``tokens`` tokens
         t3.speech_head.bias[STOP_SPEECH_TOKEN] = float("-inf")
     seconds, tokens = [], []
     for i in range(params["requests"]):
+        cond = _cond(tensors, i).to(device=device)
+        text = tensors[f"{i}.text"][None].to(device)
         begin = time.perf_counter()
-        speech = t3.inference_turbo(
-            _cond(tensors, i), tensors[f"{i}.text"][None], max_gen_len=params["tokens"] - 1
-        )
+        speech = t3.inference_turbo(cond, text, max_gen_len=params["tokens"] - 1).cpu()
         seconds.append(time.perf_counter() - begin)
         tokens.append(speech.shape[1])
     return {}, {"seconds": seconds, "tokens": tokens}
