@@ -76,7 +76,13 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=30)
     parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
     parser.add_argument("--baseline-tokens", type=int, default=100, help="tokens per one-at-a-time request")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
+        "make OpenMP stall at every op)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

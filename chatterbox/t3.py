@@ -301,8 +301,8 @@ class T3(nn.Module):
             self._check_request(i, r, r.sampling.max_new_tokens)
         device = self.device
         params = [r.sampling for r in requests]
-        limits = torch.tensor([p.max_new_tokens + 1 for p in params], device=device)
-        max_tokens = int(limits.max())
+        limits = [p.max_new_tokens + 1 for p in params]
+        max_tokens = max(limits)
         seeds = [secrets.randbits(63) if p.seed is None else p.seed for p in params]
 
         logits, positions, key_valid, cache, prefill_len = self._prefill(requests, max_tokens - 1)
@@ -314,7 +314,7 @@ class T3(nn.Module):
             key_valid=key_valid,
             seen=F.one_hot(torch.full((B,), START_SPEECH_TOKEN, device=device), V).bool(),
             counts=torch.zeros(B, dtype=torch.long, device=device),
-            limits=limits,
+            limits=torch.tensor(limits, device=device),
             finished=torch.zeros(B, dtype=torch.bool, device=device),
             keys=seed_keys(torch.tensor(seeds, device=device)),
             temperature=torch.tensor([p.temperature for p in params], device=device),

@@ -218,6 +218,19 @@ def test_stop_token_ends_each_row_and_limits_hold(model: T3, stopping_model: T3)
     assert sum(s.numel() for s in stopped) < sum(f.numel() for f in unstopped)
 
 
+def test_bf16_backbone_keeps_float32_logits(model: T3, t3_file: Path):
+    half = T3.from_file(t3_file, dtype=torch.bfloat16)
+    assert half.tfmr.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert half.speech_head.weight.dtype == torch.float32
+    requests = _requests(model, MIXED_SAMPLING[:2])
+    forced = [torch.arange(5), torch.arange(8)]
+    low_logits = half.teacher_forced_logits(requests, forced)
+    for low, full in zip(low_logits, model.teacher_forced_logits(requests, forced), strict=True):
+        assert low.dtype == torch.float32
+        assert (low - full).abs().max() < 0.1 * full.abs().max()
+    assert [t.numel() for t in half.generate(requests, ignore_stop_token=True)] == [61, 46]
+
+
 def test_unseeded_requests_draw_fresh_seeds(model: T3):
     requests = _requests(model, [SamplingParams(max_new_tokens=20)] * 2)
     assert not torch.equal(model.generate(requests[:1])[0], model.generate(requests[:1])[0])
