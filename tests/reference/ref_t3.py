@@ -52,6 +52,7 @@ def teacher_forced_and_greedy(tensors: dict, params: dict) -> tuple[dict, dict]:
     (N,). Outputs: ``c.logits`` (N+1, V) (after START and after each forced token) and
     ``c.greedy`` (the tokens of inference_turbo with top_k=1 and ``max_gen_len=greedy_steps``).
     """
+    torch.set_num_threads(params["threads"])
     t3 = _load(params["t3_file"])
     out = {}
     for case in params["cases"]:
