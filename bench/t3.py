@@ -1,0 +1,166 @@
+"""T3 decoding throughput: our batched loop vs our loop one request at a time vs upstream's.
+
+    python bench/t3.py                                          # Nano-size random T3, fp32, CPU
+    python bench/t3.py --size full --device cuda --dtype bf16   # Turbo size on a GPU
+
+Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
+in one run, times ``T3.generate`` at each batch size with every row sampling a fixed number of
+tokens (stop token ignored), the same loop on requests one at a time, and upstream's
+``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle venv
+(``REF_VENV``) on the same weights and device, with its stop logit masked out. Wall times
+include each call's prefill. Prints one markdown table; 25 speech tokens are one second of audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from chatterbox.constants import TOKEN_HZ  # noqa: E402
+from chatterbox.t3 import T3, SamplingParams, T3Request  # noqa: E402
+from chatterbox.testing import FULL, t3_state_dict  # noqa: E402
+from tests.reference.oracle import reference_available, run_reference  # noqa: E402
+
+SIZES = {"nano": dataclasses.replace(FULL, t3_width=768, t3_layers=12), "full": FULL}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_requests(
+    n: int, tokens: int, prompt_tokens: int, text_tokens: int, speaker_dim: int
+) -> list[T3Request]:
+    """n requests with their own voices and texts, each sampling exactly ``tokens`` tokens."""
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for i in range(n):
+        speaker = torch.rand(speaker_dim, generator=g)
+        requests.append(
+            T3Request(
+                text_tokens=torch.randint(0, 50276, (text_tokens,), generator=g),
+                speaker_emb=speaker / speaker.norm(),
+                prompt_speech_tokens=torch.randint(0, 6561, (prompt_tokens,), generator=g),
+                sampling=SamplingParams(seed=i, max_new_tokens=tokens - 1),
+            )
+        )
+    return requests
+
+
+def timed_generate(model: T3, requests: list[T3Request]) -> tuple[float, int]:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    out = model.generate(requests, ignore_stop_token=True)
+    seconds = time.perf_counter() - begin  # generate returns CPU tensors, so the GPU is done
+    return seconds, sum(t.numel() for t in out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="nano")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
+    parser.add_argument("--tokens", type=int, default=250, help="tokens sampled per batched row")
+    parser.add_argument("--prompt-tokens", type=int, default=50, help="voice prompt speech tokens per row")
+    parser.add_argument("--text-tokens", type=int, default=30)
+    parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
+    parser.add_argument("--baseline-tokens", type=int, default=100, help="tokens per one-at-a-time request")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
+        "make OpenMP stall at every op)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    dims = SIZES[args.size]
+
+    began = time.perf_counter()
+    state_dict = t3_state_dict(dims, 50276, seed=0)
+    with tempfile.TemporaryDirectory(prefix="bench-t3-") as tmp:
+        t3_file = Path(tmp) / "t3.safetensors"
+        save_file(state_dict, t3_file)
+        del state_dict
+        model = T3.from_file(t3_file, device=args.device, dtype=DTYPES[args.dtype])
+        requests = make_requests(
+            max(batches), args.tokens, args.prompt_tokens, args.text_tokens, dims.speaker_dim
+        )
+        baseline = make_requests(
+            args.baseline_requests,
+            args.baseline_tokens,
+            args.prompt_tokens,
+            args.text_tokens,
+            dims.speaker_dim,
+        )
+        timed_generate(model, baseline[:1])  # warm-up
+
+        rows = []  # (label, batch, requests, tokens per request, seconds, tokens)
+        if not args.no_reference:
+            if not reference_available():
+                sys.exit("reference venv missing: set REF_VENV or pass --no-reference")
+            tensors = {}
+            for i, r in enumerate(baseline):
+                tensors.update(
+                    {
+                        f"{i}.speaker_emb": r.speaker_emb,
+                        f"{i}.prompt": r.prompt_speech_tokens,
+                        f"{i}.text": r.text_tokens,
+                    }
+                )
+            _, ref = run_reference(
+                "t3.timed_sequential",
+                tensors,
+                t3_file=str(t3_file),
+                requests=len(baseline),
+                tokens=args.baseline_tokens,
+                threads=args.threads,
+                device=args.device,
+            )
+            label = "upstream inference_turbo, 1 by 1"
+            rows.append(
+                (label, 1, len(baseline), args.baseline_tokens, sum(ref["seconds"]), sum(ref["tokens"]))
+            )
+        seconds = tokens = 0
+        for request in baseline:
+            s, n = timed_generate(model, [request])
+            seconds, tokens = seconds + s, tokens + n
+        rows.append(("ours, 1 by 1", 1, len(baseline), args.baseline_tokens, seconds, tokens))
+        for batch in batches:
+            s, n = timed_generate(model, requests[:batch])
+            rows.append(("ours, batched", batch, batch, args.tokens, s, n))
+
+    ref_rate = rows[0][5] / rows[0][4] if not args.no_reference else None
+    ours_rate = next(n / s for label, *_, s, n in rows if label == "ours, 1 by 1")
+    print(
+        f"\nT3 {args.size} ({dims.t3_width}x{dims.t3_layers}), {args.dtype} on {args.device}"
+        f" ({platform.processor() or platform.machine()}, {args.threads} threads, {os.cpu_count()} cores),"
+        f" prompt {args.prompt_tokens} + text {args.text_tokens} tokens per row, stop token ignored;"
+        f" total run {time.perf_counter() - began:.0f} s\n"
+    )
+    print("| loop | batch | requests x tokens | wall s | tokens/s | audio s/s | x ours 1 by 1 | x upstream |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, batch, n_requests, per_request, s, n in rows:
+        rate = n / s
+        vs_ref = f"{rate / ref_rate:.2f}" if ref_rate else "-"
+        print(
+            f"| {label} | {batch} | {n_requests} x {per_request} | {s:.1f} | {rate:.1f}"
+            f" | {rate / TOKEN_HZ:.2f} | {rate / ours_rate:.2f} | {vs_ref} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

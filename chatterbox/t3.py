@@ -1,0 +1,417 @@
+"""T3: text tokens + voice conditioning -> speech tokens, batched (turbo-spec 3).
+
+Each request's prefill row is ``[spkr_enc(speaker_emb), speech_emb(prompt), text_emb(text),
+speech_emb(START)]``. Rows are left-padded into one prefill; a key-validity mask hides the padding
+and per-row positions start at 0 on each row's first real token, so every row computes what it
+would alone. Decoding then advances all rows one token per step through a preallocated KV cache;
+each row samples with its own settings, repetition history and seed, and stops on its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatterbox.constants import (
+    DEFAULT_MAX_NEW_TOKENS,
+    SPEECH_VOCAB_SIZE,
+    START_SPEECH_TOKEN,
+    STOP_SPEECH_TOKEN,
+    T3_PROMPT_TOKENS,
+    T3_SPEECH_VOCAB_SIZE,
+)
+from chatterbox.gpt2 import GPT2, GPT2Config, KVCache, linear_layout
+from chatterbox.sampling import process_logits, sample, seed_keys
+from chatterbox.weights import CheckpointError, load_strict, read_safetensors, subdict
+
+MAX_SEED = 2**63
+SYNC_EVERY = 8  # decode steps between the one host sync that asks "has any row finished?"
+COMPACT_FRACTION = 0.25  # pack the batch once this share of live rows has finished
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; defaults are the reference's ``generate`` defaults.
+
+    ``max_new_tokens`` counts decode steps as the reference's ``max_gen_len`` does: a request
+    samples at most ``max_new_tokens + 1`` tokens (one from the prefill).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None  # None -> a fresh random seed per generate call
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(
+                f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}"
+            )
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens <= 0
+        ):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED
+        ):
+            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+
+
+@dataclass
+class T3Request:
+    text_tokens: torch.Tensor  # (Lt,) int64, Lt >= 1
+    speaker_emb: torch.Tensor  # (S,) float, the voice-encoder embedding
+    prompt_speech_tokens: torch.Tensor  # (P,) int64, 0 <= P <= 375, ids < 6561
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class T3Config:
+    gpt2: GPT2Config
+    text_vocab: int
+    speaker_dim: int
+    speech_vocab: int = T3_SPEECH_VOCAB_SIZE
+    max_prompt_tokens: int = T3_PROMPT_TOKENS
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> T3Config:
+        for key in ("text_emb.weight", "speech_emb.weight", "cond_enc.spkr_enc.weight"):
+            if key not in state_dict:
+                raise CheckpointError(f"T3: no {key!r} in the state dict")
+        speech_vocab = state_dict["speech_emb.weight"].shape[0]
+        if speech_vocab != T3_SPEECH_VOCAB_SIZE:
+            raise CheckpointError(f"T3: speech vocabulary {speech_vocab}, expected {T3_SPEECH_VOCAB_SIZE}")
+        return cls(
+            gpt2=GPT2Config.from_state_dict(subdict(state_dict, "tfmr.")),
+            text_vocab=state_dict["text_emb.weight"].shape[0],
+            speaker_dim=state_dict["cond_enc.spkr_enc.weight"].shape[1],
+        )
+
+
+class CondEncoder(nn.Module):
+    """Turbo's conditioning encoder: only the speaker projection (no CLAP, perceiver or emotion)."""
+
+    def __init__(self, speaker_dim: int, width: int) -> None:
+        super().__init__()
+        self.spkr_enc = nn.Linear(speaker_dim, width)
+
+
+@dataclass
+class _DecodeState:
+    """Everything one decode loop carries per live row; all tensors on the model's device."""
+
+    rows: torch.Tensor  # (B,) int64 index of each live row's request
+    tokens: torch.Tensor  # (B,) int64 last sampled token (the next decode input)
+    positions: torch.Tensor  # (B,) int64 position id of the next decode input
+    key_valid: torch.Tensor  # (B, max_len) bool, False on left padding
+    seen: torch.Tensor  # (B, V) bool, ids the repetition penalty applies to
+    counts: torch.Tensor  # (B,) int64 tokens sampled so far (also the noise step)
+    limits: torch.Tensor  # (B,) int64 most tokens the row may sample
+    finished: torch.Tensor  # (B,) bool
+    keys: torch.Tensor  # (B,) int64 seed keys
+    temperature: torch.Tensor  # (B,) float32
+    top_k: torch.Tensor  # (B,) int64
+    top_p: torch.Tensor  # (B,) float32
+    repetition_penalty: torch.Tensor  # (B,) float32
+    candidates: int  # largest top_k of the batch: scores sorted per row
+
+    def select(self, keep: torch.Tensor) -> _DecodeState:
+        rows = {name: value[keep] for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return _DecodeState(**rows, candidates=self.candidates)
+
+
+class T3(nn.Module):
+    def __init__(self, config: T3Config) -> None:
+        super().__init__()
+        self.config = config
+        width = config.gpt2.width
+        self.tfmr = GPT2(config.gpt2)
+        self.cond_enc = CondEncoder(config.speaker_dim, width)
+        self.text_emb = nn.Embedding(config.text_vocab, width)
+        self.speech_emb = nn.Embedding(config.speech_vocab, width)
+        self.speech_head = nn.Linear(width, config.speech_vocab)
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> T3:
+        """Strictly load the tensors of ``t3_turbo_v1.safetensors`` (float32 on CPU).
+
+        ``tfmr.wte`` and ``text_head`` are unused at inference: their shapes are checked, then
+        they are dropped.
+        """
+        config = T3Config.from_state_dict(state_dict)
+        tensors = dict(state_dict)
+        for unused in ("tfmr.wte.weight", "text_head.weight"):
+            expected = (config.text_vocab, config.gpt2.width)
+            if unused not in tensors or tuple(tensors[unused].shape) != expected:
+                got = tuple(tensors[unused].shape) if unused in tensors else "missing"
+                raise CheckpointError(f"T3: {unused} should have shape {expected}, got {got}")
+            del tensors[unused]
+        backbone = linear_layout(subdict(tensors, "tfmr."))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("tfmr.")}
+        tensors.update({f"tfmr.{k}": v for k, v in backbone.items()})
+        with torch.device("meta"):  # skip random init: load_strict fills every tensor
+            model = cls(config)
+        model.to_empty(device="cpu")
+        load_strict(model, tensors, "t3_turbo_v1.safetensors")
+        return model.eval()
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> T3:
+        """Load ``t3_turbo_v1.safetensors``; the speech head stays float32 so logits are float32."""
+        model = cls.from_state_dict(read_safetensors(path)).to(device=device, dtype=dtype)
+        model.speech_head.float()
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_head.weight.device
+
+    # ----------------------------------------------------------------------------------------
+    # Validation and prefill
+    # ----------------------------------------------------------------------------------------
+
+    def _check_request(self, index: int, request: T3Request, steps: int) -> None:
+        """``steps``: how many tokens the request feeds after the prefill."""
+        cfg = self.config
+        where = f"request {index}"
+        text, prompt, speaker = request.text_tokens, request.prompt_speech_tokens, request.speaker_emb
+        if text.dim() != 1 or text.numel() == 0:
+            raise ValueError(
+                f"{where}: text_tokens must be a non-empty 1-D tensor, got shape {tuple(text.shape)}"
+            )
+        if text.dtype.is_floating_point or text.min() < 0 or text.max() >= cfg.text_vocab:
+            raise ValueError(f"{where}: text token ids must be integers in [0, {cfg.text_vocab})")
+        if speaker.shape != (cfg.speaker_dim,):
+            raise ValueError(
+                f"{where}: speaker_emb must have shape ({cfg.speaker_dim},), got {tuple(speaker.shape)}"
+            )
+        if prompt.dim() != 1:
+            raise ValueError(f"{where}: prompt_speech_tokens must be 1-D, got shape {tuple(prompt.shape)}")
+        if prompt.numel() > cfg.max_prompt_tokens:
+            raise ValueError(
+                f"{where}: prompt_speech_tokens has {prompt.numel()} tokens, at most {cfg.max_prompt_tokens}"
+            )
+        if prompt.numel() and (
+            prompt.dtype.is_floating_point or prompt.min() < 0 or prompt.max() >= SPEECH_VOCAB_SIZE
+        ):
+            raise ValueError(f"{where}: prompt speech token ids must be integers in [0, {SPEECH_VOCAB_SIZE})")
+        needed = self._prefill_len(request) + steps
+        if needed > cfg.gpt2.positions:
+            raise ValueError(
+                f"{where}: text too long for the position table: 1 speaker + {prompt.numel()} prompt"
+                f" + {text.numel()} text + 1 start + {steps} new tokens = {needed} positions,"
+                f" the table has {cfg.gpt2.positions}"
+            )
+
+    @staticmethod
+    def _prefill_len(request: T3Request) -> int:
+        return 1 + request.prompt_speech_tokens.numel() + request.text_tokens.numel() + 1
+
+    def _prefill(
+        self, requests: list[T3Request], steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, int]:
+        """One left-padded forward over every request's prefill row.
+
+        Returns the logits after each row's START token (B, V) float32, the position of each
+        row's next input (B,), the key-validity mask (B, max_len), the filled cache, and the
+        prefill length (the first free cache slot). The cache holds ``steps`` more slots.
+        """
+        device, dtype = self.device, self.speech_emb.weight.dtype
+        start = torch.tensor([START_SPEECH_TOKEN], device=device)
+        rows = []
+        for r in requests:
+            speaker = self.cond_enc.spkr_enc(r.speaker_emb.to(device, dtype)[None])  # (1, W)
+            rows.append(
+                torch.cat(
+                    (
+                        speaker,
+                        self.speech_emb(r.prompt_speech_tokens.to(device)),  # (P, W)
+                        self.text_emb(r.text_tokens.to(device)),  # (Lt, W)
+                        self.speech_emb(start),  # (1, W)
+                    )
+                )
+            )
+        lengths = torch.tensor([len(row) for row in rows], device=device)
+        prefill_len = int(lengths.max())
+        embeds = torch.stack([F.pad(row, (0, 0, prefill_len - len(row), 0)) for row in rows])  # (B, L, W)
+        pad = prefill_len - lengths  # (B,) left padding per row
+        max_len = prefill_len + steps
+        key_valid = torch.arange(max_len, device=device)[None, :] >= pad[:, None]  # (B, max_len)
+        slots = torch.arange(prefill_len, device=device)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
+        cache = KVCache(self.config.gpt2, len(requests), max_len, dtype, device)
+        hidden = self.tfmr(embeds, positions, slots, key_valid, cache, kv_len=prefill_len)
+        logits = self.speech_head(hidden[:, -1].float())
+        return logits, lengths, key_valid, cache, prefill_len
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slot: torch.Tensor,
+        key_valid: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """Feed one token per row: tokens, positions (B,) int64, written at cache ``slot`` (1,).
+
+        Attention reads the first ``kv_len`` cache slots (> slot). Returns logits (B, V) float32.
+        """
+        hidden = self.tfmr(
+            self.speech_emb(tokens)[:, None], positions[:, None], slot, key_valid, cache, kv_len
+        )
+        return self.speech_head(hidden[:, 0].float())
+
+    # ----------------------------------------------------------------------------------------
+    # Public inference
+    # ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, requests: list[T3Request], ignore_stop_token: bool = False) -> list[torch.Tensor]:
+        """Sample speech tokens for every request in one batch.
+
+        Returns one (N_i,) int64 CPU tensor per request: the tokens before its first stop token,
+        with ids >= 6561 dropped. ``ignore_stop_token`` runs every row to its token limit.
+        """
+        if not requests:
+            return []
+        for i, r in enumerate(requests):
+            self._check_request(i, r, r.sampling.max_new_tokens)
+        device = self.device
+        params = [r.sampling for r in requests]
+        limits = [p.max_new_tokens + 1 for p in params]
+        max_tokens = max(limits)
+        seeds = [secrets.randbits(63) if p.seed is None else p.seed for p in params]
+
+        logits, positions, key_valid, cache, prefill_len = self._prefill(requests, max_tokens - 1)
+        B, V = logits.shape
+        state = _DecodeState(
+            rows=torch.arange(B, device=device),
+            tokens=torch.empty(B, dtype=torch.long, device=device),
+            positions=positions,
+            key_valid=key_valid,
+            seen=F.one_hot(torch.full((B,), START_SPEECH_TOKEN, device=device), V).bool(),
+            counts=torch.zeros(B, dtype=torch.long, device=device),
+            limits=torch.tensor(limits, device=device),
+            finished=torch.zeros(B, dtype=torch.bool, device=device),
+            keys=seed_keys(torch.tensor(seeds, device=device)),
+            temperature=torch.tensor([p.temperature for p in params], device=device),
+            top_k=torch.tensor([p.top_k for p in params], device=device),
+            top_p=torch.tensor([p.top_p for p in params], device=device),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], device=device),
+            candidates=max(p.top_k for p in params),
+        )
+        # One spare column: finished rows keep writing their (ignored) draws one past their end.
+        out = torch.full((B, max_tokens + 1), STOP_SPEECH_TOKEN, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+        state = self._sample_into(state, logits, out, ignore_stop_token)
+        # The first draw saw only START in its history; from here on the history is the row's own.
+        state.seen = F.one_hot(state.tokens, V).bool()
+        slot = torch.tensor([prefill_len], device=device)  # cache slot of the next decode input
+        for step in range(1, max_tokens):
+            kv_len = prefill_len + step
+            logits = self.decode_step(state.tokens, state.positions, slot, state.key_valid, cache, kv_len)
+            state.positions = state.positions + 1
+            slot += 1
+            state = self._sample_into(state, logits, out, ignore_stop_token)
+            if step % SYNC_EVERY == 0:
+                finished = state.finished.tolist()  # the only device->host sync of the loop
+                if all(finished):
+                    break
+                if sum(finished) >= max(1, COMPACT_FRACTION * len(finished)):
+                    lengths[state.rows] = state.counts
+                    keep = [i for i, done in enumerate(finished) if not done]
+                    cache.keep_rows(keep, kv_len)
+                    state = state.select(torch.tensor(keep, device=device))
+        lengths[state.rows] = state.counts
+
+        results = []
+        for row, n in zip(out.cpu(), lengths.tolist(), strict=True):
+            tokens = row[:n]
+            results.append(tokens[tokens < SPEECH_VOCAB_SIZE])
+        return results
+
+    @staticmethod
+    def _sample_into(
+        state: _DecodeState, logits: torch.Tensor, out: torch.Tensor, ignore_stop_token: bool
+    ) -> _DecodeState:
+        """Process and sample one token per live row, record it, and update the row flags."""
+        scores = process_logits(
+            logits,
+            state.seen,
+            state.temperature,
+            state.top_k,
+            state.top_p,
+            state.repetition_penalty,
+            state.candidates,
+        )
+        tokens = sample(scores, state.keys, state.counts)
+        out[state.rows, state.counts] = tokens  # finished rows write one past their end (ignored)
+        live = ~state.finished
+        state.counts = state.counts + live
+        state.seen.scatter_(1, tokens[:, None], True)
+        stopped = state.counts >= state.limits
+        if not ignore_stop_token:
+            stopped |= tokens == STOP_SPEECH_TOKEN
+        state.finished = state.finished | stopped
+        state.tokens = tokens
+        return state
+
+    @torch.inference_mode()
+    def teacher_forced_logits(
+        self, requests: list[T3Request], speech_tokens: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Raw speech logits along given speech tokens, through the same prefill and decode steps.
+
+        speech_tokens[i] (N_i,) int64 < 6563 are fed after request i's START. Returns one
+        (N_i + 1, V) float32 CPU tensor per request: row 0 predicts the first token, row j the
+        token after speech_tokens[i][j-1]. Sampling settings are ignored.
+        """
+        if len(speech_tokens) != len(requests):
+            raise ValueError(f"{len(requests)} requests but {len(speech_tokens)} speech token sequences")
+        steps = max(t.numel() for t in speech_tokens) if requests else 0
+        for i, (r, t) in enumerate(zip(requests, speech_tokens, strict=True)):
+            self._check_request(i, r, t.numel())
+            if t.dim() != 1 or (t.numel() and (t.min() < 0 or t.max() >= self.config.speech_vocab)):
+                raise ValueError(
+                    f"speech_tokens[{i}] must be 1-D with ids in [0, {self.config.speech_vocab})"
+                )
+        if not requests:
+            return []
+        device = self.device
+        logits, positions, key_valid, cache, prefill_len = self._prefill(requests, steps)
+        forced = torch.stack(
+            [F.pad(t.to(device), (0, steps - t.numel())) for t in speech_tokens]
+        )  # (B, steps)
+        all_logits = [logits]
+        for step in range(steps):
+            slot = torch.tensor([prefill_len + step], device=device)
+            kv_len = prefill_len + step + 1
+            all_logits.append(
+                self.decode_step(forced[:, step], positions + step, slot, key_valid, cache, kv_len)
+            )
+        stacked = torch.stack(all_logits, dim=1).cpu()  # (B, steps + 1, V)
+        return [stacked[i, : t.numel() + 1] for i, t in enumerate(speech_tokens)]
