@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatterbox.features import FBANK_BINS, kaldi_fbank_cmn
-from chatterbox.weights import CheckpointError, load_strict
+from chatterbox.weights import CheckpointError, load_strict, require_keys
 
 BLOCK_DILATIONS = (1, 2, 2)  # of the three dense blocks; not recorded in the weights
 CAM_SEGMENT = 100  # frames per segment of the CAM segment-average context
@@ -47,9 +47,7 @@ class CAMPPlusConfig:
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor]) -> CAMPPlusConfig:
         """Dims of the ``speaker_encoder.`` entries of ``s3gen_meanflow.safetensors`` (prefix removed)."""
-        missing = [k for k in _DIM_KEYS if k not in sd]
-        if missing:
-            raise CheckpointError(f"CAMPPlus: checkpoint is missing {missing}")
+        require_keys(sd, _DIM_KEYS, "CAMPPlus")
         layers: dict[int, set[int]] = {}
         for key in sd:
             if m := re.match(r"xvector\.block(\d+)\.tdnnd(\d+)\.", key):

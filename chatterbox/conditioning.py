@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from chatterbox.campplus import CAMPPlus
@@ -31,7 +30,7 @@ from chatterbox.constants import (
 from chatterbox.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_resample_24k_to_16k
 from chatterbox.speech_tokenizer import SpeechTokenizer
 from chatterbox.voice_encoder import VoiceEncoder
-from chatterbox.weights import CheckpointError, read_safetensors, subdict
+from chatterbox.weights import read_safetensors, subdict
 
 MEL_FRAMES_PER_TOKEN = 2  # S3Gen mel runs at 50 Hz, speech tokens at 25 Hz
 MIN_REFERENCE_SAMPLES_24K = 2 * SAMPLES_PER_TOKEN_24K  # 80 ms: enough for every front end and CAMPPlus
@@ -46,15 +45,6 @@ class VoiceConditionals:
     prompt_tokens: Tensor  # (P,) int64 S3Gen prompt tokens: first 10 s
     prompt_feat: Tensor  # (T_mel, 80) float32 S3Gen mel of the first 10 s at 24 kHz
     embedding: Tensor  # (192,) float32 CAMPPlus x-vector
-
-
-def _read_prefixes(path: str | Path, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """The tensors of a safetensors file whose names start with one of ``prefixes`` (reads only those)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}  # noqa: SIM118
 
 
 def _validated_reference(wav: np.ndarray, index: int) -> np.ndarray:
@@ -101,7 +91,7 @@ class VoiceConditioner(nn.Module):
     def from_files(
         cls, s3gen_path: str | Path, ve_path: str | Path, device: str | torch.device = "cpu"
     ) -> VoiceConditioner:
-        s3gen_sd = _read_prefixes(s3gen_path, ("tokenizer.", "speaker_encoder."))
+        s3gen_sd = read_safetensors(s3gen_path, prefixes=("tokenizer.", "speaker_encoder."))
         return cls.from_state_dicts(s3gen_sd, read_safetensors(ve_path)).to(device)
 
     @property

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from chatterbox.constants import SPEECH_VOCAB_SIZE
 from chatterbox.features import tokenizer_log_mel
-from chatterbox.weights import HEAD_DIM, CheckpointError, count_indexed, load_strict
+from chatterbox.weights import HEAD_DIM, CheckpointError, count_indexed, load_strict, require_keys
 
 FSQ_LEVELS = 3
 FSQ_SHRINK = 0.999  # keeps tanh outputs off the +-1 rounding edge
@@ -51,9 +51,7 @@ class SpeechTokenizerConfig:
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor]) -> SpeechTokenizerConfig:
         """Dims of the ``tokenizer.`` entries of ``s3gen_meanflow.safetensors`` (prefix removed)."""
-        missing = [k for k in _DIM_KEYS if k not in sd]
-        if missing:
-            raise CheckpointError(f"speech tokenizer: checkpoint is missing {missing}")
+        require_keys(sd, _DIM_KEYS, "speech tokenizer")
         width, n_mels, _ = sd["encoder.conv1.weight"].shape
         fsq_dims = sd["quantizer._codebook.project_down.weight"].shape[0]
         if FSQ_LEVELS**fsq_dims != SPEECH_VOCAB_SIZE:

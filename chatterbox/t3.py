@@ -28,7 +28,7 @@ from chatterbox.constants import (
 )
 from chatterbox.gpt2 import GPT2, GPT2Config, KVCache, linear_layout
 from chatterbox.sampling import process_logits, sample, seed_keys
-from chatterbox.weights import CheckpointError, load_strict, read_safetensors, subdict
+from chatterbox.weights import CheckpointError, load_strict, read_safetensors, require_keys, subdict
 
 MAX_SEED = 2**63
 SYNC_EVERY = 8  # decode steps between the one host sync that asks "has any row finished?"
@@ -91,9 +91,7 @@ class T3Config:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> T3Config:
-        for key in ("text_emb.weight", "speech_emb.weight", "cond_enc.spkr_enc.weight"):
-            if key not in state_dict:
-                raise CheckpointError(f"T3: no {key!r} in the state dict")
+        require_keys(state_dict, ("text_emb.weight", "speech_emb.weight", "cond_enc.spkr_enc.weight"), "T3")
         speech_vocab = state_dict["speech_emb.weight"].shape[0]
         if speech_vocab != T3_SPEECH_VOCAB_SIZE:
             raise CheckpointError(f"T3: speech vocabulary {speech_vocab}, expected {T3_SPEECH_VOCAB_SIZE}")

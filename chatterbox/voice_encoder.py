@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from chatterbox.constants import S3_SR
 from chatterbox.features import VE_HOP, voice_encoder_mel
-from chatterbox.weights import CheckpointError, load_strict
+from chatterbox.weights import load_strict, require_keys
 
 TRIM_TOP_DB = 20.0
 
@@ -38,9 +38,7 @@ class VoiceEncoderConfig:
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor]) -> VoiceEncoderConfig:
         """Dims of ``ve.safetensors``."""
-        missing = [k for k in ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "proj.weight") if k not in sd]
-        if missing:
-            raise CheckpointError(f"voice encoder: checkpoint is missing {missing}")
+        require_keys(sd, ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "proj.weight"), "voice encoder")
         n_layers = sum(1 for key in sd if key.startswith("lstm.weight_ih_l"))
         return cls(
             n_mels=sd["lstm.weight_ih_l0"].shape[1],

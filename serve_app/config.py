@@ -8,7 +8,7 @@ set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the res
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,6 +90,19 @@ class ShutdownConfig(_Strict):
 
     graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+
+def front_deployment_options(
+    name: str, front: FrontDeploymentConfig, shutdown: ShutdownConfig
+) -> dict[str, Any]:
+    """Serve options of the ingress or the stitcher."""
+    return {
+        "name": name,
+        "num_replicas": front.num_replicas,
+        "max_ongoing_requests": front.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": front.num_cpus},
+        **shutdown.model_dump(),
+    }
 
 
 class AppArgs(_Strict):

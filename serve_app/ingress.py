@@ -28,7 +28,7 @@ from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
 from serve_app.audio import ms_to_samples
 from serve_app.chunking import TextChunk, split_text
-from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingConfig
+from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingConfig, front_deployment_options
 from serve_app.schemas import (
     ChunkJob,
     ChunkOutOfMemoryError,
@@ -89,14 +89,7 @@ async def http_exception(request: Request, error: HTTPException) -> JSONResponse
 class Ingress:
     @classmethod
     def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
-        return {
-            "name": cls.__name__,
-            "num_replicas": args.ingress.num_replicas,
-            "max_ongoing_requests": args.ingress.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": args.ingress.num_cpus},
-            "graceful_shutdown_wait_loop_s": args.shutdown.graceful_shutdown_wait_loop_s,
-            "graceful_shutdown_timeout_s": args.shutdown.graceful_shutdown_timeout_s,
-        }
+        return front_deployment_options(cls.__name__, args.ingress, args.shutdown)
 
     def __init__(
         self,

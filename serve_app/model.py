@@ -125,8 +125,7 @@ class TurboModel:
             "max_ongoing_requests": args.model_max_ongoing_requests or 2 * args.max_batch_size,
             "ray_actor_options": {"num_cpus": args.model_num_cpus, "num_gpus": num_gpus},
             "user_config": args.batching.model_dump(),
-            "graceful_shutdown_wait_loop_s": args.shutdown.graceful_shutdown_wait_loop_s,
-            "graceful_shutdown_timeout_s": args.shutdown.graceful_shutdown_timeout_s,
+            **args.shutdown.model_dump(),
         }
 
     async def __init__(self, source: ModelSource, voice_cache_size: int, max_new_tokens: int) -> None:

@@ -12,21 +12,14 @@ from typing import Any
 import numpy as np
 
 from serve_app.audio import chunk_starts, encode_audio, stitch
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, front_deployment_options
 from serve_app.schemas import ChunkInfo, StitchPlan, SynthesisResult
 
 
 class Stitcher:
     @classmethod
     def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
-        return {
-            "name": cls.__name__,
-            "num_replicas": args.stitcher.num_replicas,
-            "max_ongoing_requests": args.stitcher.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": args.stitcher.num_cpus},
-            "graceful_shutdown_wait_loop_s": args.shutdown.graceful_shutdown_wait_loop_s,
-            "graceful_shutdown_timeout_s": args.shutdown.graceful_shutdown_timeout_s,
-        }
+        return front_deployment_options(cls.__name__, args.stitcher, args.shutdown)
 
     def __init__(self, watermark: bool) -> None:
         self._apply_watermark = None

@@ -21,16 +21,6 @@ START, STOP = 6561, 6562
 STOP_BIAS = 3.0  # makes the tiny random model sample STOP now and then, so rows end at different steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared box an OpenMP team that waits for a
-    busy core stalls every op (this file took 140 s instead of 7 s with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def t3_file(tiny_checkpoint: Path) -> Path:
     return tiny_checkpoint / "t3_turbo_v1.safetensors"

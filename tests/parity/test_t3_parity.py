@@ -22,16 +22,6 @@ GREEDY_STEPS = 100  # reference loop steps (up to 101 tokens)
 MIN_GREEDY_TOKENS = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a shared box an OpenMP team that waits for a busy core stalls every op (our side once
-    ran 10x slower with 2 threads than with 1); the reference gets the same setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def inputs(full_checkpoint: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
