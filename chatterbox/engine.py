@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from chatterbox.conditioning import VoiceConditioner
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, S3GEN_SR, TURBO_REPO_ID
+from chatterbox.constants import (
+    DEFAULT_MAX_NEW_TOKENS,
+    S3GEN_SILENCE_TOKENS_APPENDED,
+    S3GEN_SR,
+    SAMPLES_PER_TOKEN_24K,
+    TURBO_REPO_ID,
+)
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.hub import resolve_checkpoint, t3_weights_file
 from chatterbox.s3gen import S3Gen, S3GenRequest
@@ -232,17 +238,22 @@ class TurboTTS:
                 )
             )
         speech_tokens = self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
+        # A row that stopped at once has nothing to vocode: it gets the 120 ms of silence
+        # upstream's 3 appended silence tokens would give.
+        voiced = [i for i, tokens in enumerate(speech_tokens) if tokens.numel() > 0]
         s3gen_requests = [
             S3GenRequest(
-                speech_tokens=tokens,
-                prompt_tokens=voice.conditionals.prompt_tokens,
-                prompt_feat=voice.conditionals.prompt_feat,
-                embedding=voice.conditionals.embedding,
-                seed=_derive_seed(seed, "s3gen"),
+                speech_tokens=speech_tokens[i],
+                prompt_tokens=voices[i].conditionals.prompt_tokens,
+                prompt_feat=voices[i].conditionals.prompt_feat,
+                embedding=voices[i].conditionals.embedding,
+                seed=_derive_seed(seeds[i], "s3gen"),
             )
-            for tokens, voice, seed in zip(speech_tokens, voices, seeds, strict=True)
+            for i in voiced
         ]
-        wavs = [wav.float().cpu().numpy() for wav in self.s3gen.generate(s3gen_requests)]
+        wavs = [np.zeros(S3GEN_SILENCE_TOKENS_APPENDED * SAMPLES_PER_TOKEN_24K, np.float32)] * len(requests)
+        for i, wav in zip(voiced, self.s3gen.generate(s3gen_requests) if voiced else [], strict=True):
+            wavs[i] = wav.float().cpu().numpy()
         return [self.watermark(wav) for wav in wavs] if watermark else wavs
 
     def watermark(self, wav: np.ndarray) -> np.ndarray:
