@@ -9,7 +9,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from chatterbox.constants import TURBO_REPO_ID
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
 from chatterbox.errors import ModelNotAvailableError, TTSInputError
 
 
@@ -24,7 +24,12 @@ def _synthesize(args: argparse.Namespace) -> None:
     )
     voice = tts.prepare_voice(Path(args.voice).read_bytes()) if args.voice else None
     requests = [
-        TTSRequest(text, voice=voice, seed=None if args.seed is None else args.seed + i)
+        TTSRequest(
+            text,
+            voice=voice,
+            seed=None if args.seed is None else args.seed + i,
+            max_new_tokens=args.max_new_tokens,
+        )
         for i, text in enumerate(texts)
     ]
     outputs = _output_paths(Path(args.out), len(texts))
@@ -77,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--repo", default=TURBO_REPO_ID)
     synth.add_argument("--revision")
     synth.add_argument("--seed", type=int, help="seed for reproducible output (line i uses seed + i)")
+    synth.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="speech tokens at most (25 per second)",
+    )
     synth.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     synth.add_argument("--batch-size", type=int, default=16, help="utterances per batch for --text-file")
     synth.add_argument("--quiet", action="store_true")

@@ -56,10 +56,20 @@ class TTSRequest:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
-def _derive_seed(seed: int, stream: str) -> int:
-    """An independent 63-bit seed for one random stream (T3 sampling, S3Gen noise) of a request."""
+def derive_seed(seed: int, stream: str) -> int:
+    """The 63-bit seed of one random stream ("t3" sampling, "s3gen" noise) of a request's seed."""
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated request with its seed, voice and text tokens fixed."""
+
+    request: TTSRequest
+    seed: int
+    voice: Voice
+    text_tokens: torch.Tensor
 
 
 def _validate_settings(request: TTSRequest, index: int) -> None:
@@ -205,55 +215,79 @@ class TurboTTS:
 
     # ------------------------------------------------------------------------------- synthesis
 
-    @torch.inference_mode()
-    def generate(
-        self, requests: Sequence[TTSRequest], watermark: bool = True, ignore_stop_token: bool = False
-    ) -> list[np.ndarray]:
-        """Float32 mono 24 kHz audio for each request, all requests in one T3 and one S3Gen batch.
-
-        ``ignore_stop_token`` makes every request run to ``max_new_tokens`` (for benchmarks).
-        """
-        if not requests:
-            return []
-        seeds, t3_requests, voices = [], [], []
+    def _jobs(self, requests: Sequence[TTSRequest]) -> list[_Job]:
+        """Validate every request and fix its seed and voice before any model work."""
+        jobs = []
         for i, request in enumerate(requests):
             _validate_settings(request, i)
-            seed = request.seed if request.seed is not None else secrets.randbits(63)
-            voice = request.voice.to(self.device) if request.voice is not None else self.default_voice
-            seeds.append(seed)
-            voices.append(voice)
-            t3_requests.append(
-                T3Request(
+            jobs.append(
+                _Job(
+                    request=request,
+                    seed=request.seed if request.seed is not None else secrets.randbits(63),
+                    voice=request.voice.to(self.device) if request.voice is not None else self.default_voice,
                     text_tokens=torch.tensor(self.text_tokens(request.text), dtype=torch.long),
-                    speaker_emb=voice.conditionals.speaker_emb,
-                    prompt_speech_tokens=voice.conditionals.t3_prompt_tokens,
-                    sampling=SamplingParams(
-                        temperature=request.temperature,
-                        top_k=request.top_k,
-                        top_p=request.top_p,
-                        repetition_penalty=request.repetition_penalty,
-                        max_new_tokens=request.max_new_tokens,
-                        seed=_derive_seed(seed, "t3"),
-                    ),
                 )
             )
-        speech_tokens = self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
+        return jobs
+
+    def _t3(self, jobs: Sequence[_Job], ignore_stop_token: bool) -> list[torch.Tensor]:
+        t3_requests = [
+            T3Request(
+                text_tokens=job.text_tokens,
+                speaker_emb=job.voice.conditionals.speaker_emb,
+                prompt_speech_tokens=job.voice.conditionals.t3_prompt_tokens,
+                sampling=SamplingParams(
+                    temperature=job.request.temperature,
+                    top_k=job.request.top_k,
+                    top_p=job.request.top_p,
+                    repetition_penalty=job.request.repetition_penalty,
+                    max_new_tokens=job.request.max_new_tokens,
+                    seed=derive_seed(job.seed, "t3"),
+                ),
+            )
+            for job in jobs
+        ]
+        return self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
+
+    def _s3gen(self, jobs: Sequence[_Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
         # A row that stopped at once has nothing to vocode: it gets the 120 ms of silence
         # upstream's 3 appended silence tokens would give.
         voiced = [i for i, tokens in enumerate(speech_tokens) if tokens.numel() > 0]
         s3gen_requests = [
             S3GenRequest(
                 speech_tokens=speech_tokens[i],
-                prompt_tokens=voices[i].conditionals.prompt_tokens,
-                prompt_feat=voices[i].conditionals.prompt_feat,
-                embedding=voices[i].conditionals.embedding,
-                seed=_derive_seed(seeds[i], "s3gen"),
+                prompt_tokens=jobs[i].voice.conditionals.prompt_tokens,
+                prompt_feat=jobs[i].voice.conditionals.prompt_feat,
+                embedding=jobs[i].voice.conditionals.embedding,
+                seed=derive_seed(jobs[i].seed, "s3gen"),
             )
             for i in voiced
         ]
-        wavs = [np.zeros(S3GEN_SILENCE_TOKENS_APPENDED * SAMPLES_PER_TOKEN_24K, np.float32)] * len(requests)
+        wavs = [np.zeros(S3GEN_SILENCE_TOKENS_APPENDED * SAMPLES_PER_TOKEN_24K, np.float32)] * len(jobs)
         for i, wav in zip(voiced, self.s3gen.generate(s3gen_requests) if voiced else [], strict=True):
             wavs[i] = wav.float().cpu().numpy()
+        return wavs
+
+    @torch.inference_mode()
+    def speech_tokens(
+        self, requests: Sequence[TTSRequest], ignore_stop_token: bool = False
+    ) -> list[torch.Tensor]:
+        """The T3 stage alone: each request's speech tokens (25 per second of audio)."""
+        return self._t3(self._jobs(requests), ignore_stop_token) if requests else []
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[TTSRequest], watermark: bool = True, ignore_stop_token: bool = False
+    ) -> list[np.ndarray]:
+        """Float32 mono 24 kHz audio for each request, all requests in one T3 and one S3Gen batch.
+
+        A request's audio is 960 samples per speech token plus 3 tokens of trailing silence.
+        ``ignore_stop_token`` makes every request run to ``max_new_tokens`` (for benchmarks).
+        """
+        if not requests:
+            return []
+        jobs = self._jobs(requests)
+        wavs = self._s3gen(jobs, self._t3(jobs, ignore_stop_token))
         return [self.watermark(wav) for wav in wavs] if watermark else wavs
 
     def watermark(self, wav: np.ndarray) -> np.ndarray:

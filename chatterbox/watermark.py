@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import perth
+import torch
 
 _lock = threading.Lock()
 _watermarker: perth.PerthImplicitWatermarker | None = None
@@ -29,14 +30,16 @@ def apply_watermark(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         raise ValueError(f"watermarking takes mono audio, got shape {wav.shape}")
     if wav.size == 0:
         return wav
-    with _lock:  # the watermarker holds one torch model; calls are not re-entrant
+    # Plain no-grad mode even inside a caller's inference_mode: PerTh's weights and activations
+    # must not become inference tensors, or later calls outside that mode fail.
+    with _lock, torch.inference_mode(False), torch.no_grad():  # one model: calls are not re-entrant
         marked = _get_watermarker().apply_watermark(wav, sample_rate=sample_rate)
     return np.asarray(marked, dtype=np.float32)
 
 
 def detect_watermark(wav: np.ndarray, sample_rate: int) -> float:
     """PerTh's watermark confidence in [0, 1] (1.0 for our output)."""
-    with _lock:
+    with _lock, torch.inference_mode(False), torch.no_grad():
         return float(
             _get_watermarker().get_watermark(np.asarray(wav, dtype=np.float32), sample_rate=sample_rate)
         )

@@ -1,0 +1,186 @@
+"""The TurboTTS engine on the tiny checkpoint: batching invariance, validation, watermark, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
+from chatterbox.voice import Voice
+from chatterbox.watermark import detect_watermark
+from tests.audio_samples import encode, speechlike
+
+TOKENS = 40  # speech tokens per request: 1.6 s of audio keeps the tiny model fast
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_checkpoint: Path) -> TurboTTS:
+    return TurboTTS.from_pretrained(local_dir=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def voices(tts: TurboTTS) -> list[Voice]:
+    refs = [encode(speechlike(s, sr, seed=int(s)), sr) for s, sr in ((6.0, 16000), (11.0, 44100))]
+    return [tts.default_voice, *(tts.prepare_voice(ref) for ref in refs)]
+
+
+def test_batch_of_six_with_three_voices_equals_each_request_alone(tts: TurboTTS, voices: list[Voice]):
+    requests = [
+        TTSRequest("Hello there.", voice=voices[0], seed=1, max_new_tokens=TOKENS),
+        TTSRequest(
+            "A somewhat longer sentence [laugh] with a tag.", voice=voices[1], seed=2, max_new_tokens=TOKENS
+        ),
+        TTSRequest("Short.", voice=voices[2], seed=3, max_new_tokens=TOKENS - 15, temperature=0.5),
+        TTSRequest("Hello there.", voice=voices[1], seed=1, max_new_tokens=TOKENS, top_k=50),
+        TTSRequest("Numbers 1, 2, 3.", voice=voices[2], seed=5, max_new_tokens=TOKENS, top_p=0.8),
+        TTSRequest("The last one, with default settings.", voice=None, seed=6, max_new_tokens=TOKENS),
+    ]
+    batched = tts.generate(requests, watermark=False)
+    for request, wav in zip(requests, batched, strict=True):
+        alone = tts.generate([request], watermark=False)[0]
+        assert wav.shape == alone.shape
+        assert np.abs(wav - alone).max() <= 1e-4
+    # different voices really differ (same text and seed, voices 0 and 1)
+    assert not np.allclose(batched[0], batched[3][: len(batched[0])], atol=1e-3)
+
+
+def test_audio_is_960_samples_per_speech_token_plus_silence(tts: TurboTTS):
+    request = TTSRequest("Count the samples.", seed=11, max_new_tokens=TOKENS)
+    tokens = tts.speech_tokens([request])[0]
+    assert 0 < tokens.numel() <= TOKENS + 1
+    assert int(tokens.max()) < 6561
+    wav = tts.generate([request], watermark=False)[0]
+    assert wav.dtype == np.float32
+    assert len(wav) == 960 * (tokens.numel() + 3)
+
+
+def test_seeds_reproduce_and_unseeded_requests_vary(tts: TurboTTS):
+    seeded = TTSRequest("Same seed, same audio.", seed=7, max_new_tokens=TOKENS)
+    first, second = (tts.generate([seeded], watermark=False)[0] for _ in range(2))
+    assert np.array_equal(first, second)
+    unseeded = TTSRequest("No seed.", max_new_tokens=TOKENS)
+    a, b = tts.generate([unseeded, unseeded], watermark=False)
+    assert a.shape != b.shape or not np.array_equal(a, b)
+
+
+def test_watermark_is_on_by_default(tts: TurboTTS):
+    request = TTSRequest("Marked audio.", seed=3, max_new_tokens=TOKENS)
+    marked = tts.generate([request])[0]
+    plain = tts.generate([request], watermark=False)[0]
+    assert detect_watermark(marked, 24000) > 0.9
+    assert detect_watermark(plain, 24000) < 0.1
+
+
+def test_serialised_voice_gives_the_same_audio(tts: TurboTTS, voices: list[Voice]):
+    restored = Voice.from_bytes(voices[1].to_bytes())
+    request = TTSRequest("Round trip.", voice=voices[1], seed=4, max_new_tokens=TOKENS)
+    again = TTSRequest("Round trip.", voice=restored, seed=4, max_new_tokens=TOKENS)
+    assert np.array_equal(*tts.generate([request, again], watermark=False))
+
+
+def test_voice_ids_are_stable_per_audio_and_model(tts: TurboTTS, voices: list[Voice]):
+    again = tts.prepare_voice(encode(speechlike(6.0, 16000, seed=6), 16000))
+    assert again.id == voices[1].id
+    assert voices[1].id != voices[2].id
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "error", "field", "message"),
+    [
+        ({"text": ""}, EmptyTextError, "text", "text is empty"),
+        ({"text": " \n\t "}, EmptyTextError, "text", "text is empty"),
+        ({"text": "word " * 1100}, TextTooLongError, "text", "one request takes at most 1024"),
+        ({"temperature": 0.0}, TTSInputError, "temperature", "temperature must be > 0"),
+        ({"top_k": 0}, TTSInputError, "top_k", "top_k must be >= 1"),
+        ({"top_p": 1.5}, TTSInputError, "top_p", r"top_p must be in \(0, 1\]"),
+        ({"repetition_penalty": -1.0}, TTSInputError, "repetition_penalty", "repetition_penalty must be > 0"),
+        ({"max_new_tokens": 0}, TTSInputError, "max_new_tokens", "max_new_tokens must be >= 1"),
+        ({"seed": -3}, TTSInputError, "seed", r"seed must be in \[0, 2\*\*63\)"),
+    ],
+)
+def test_bad_requests_are_refused_naming_the_field(tts: TurboTTS, request_kwargs, error, field, message):
+    request = TTSRequest(**({"text": "Fine text."} | request_kwargs))
+    with pytest.raises(error, match=message) as info:
+        tts.generate([TTSRequest("A good request first.", seed=1), request])
+    assert info.value.field == field
+
+
+def test_prepare_voice_from_an_array_needs_its_rate(tts: TurboTTS):
+    with pytest.raises(TTSInputError, match="needs its sample_rate"):
+        tts.prepare_voice(speechlike(6.0, 24000))
+    voice = tts.prepare_voice(speechlike(6.0, 24000), sample_rate=24000)
+    assert voice.conditionals.embedding.shape == (192,)
+
+
+def test_cli_synthesize_writes_a_24k_wav_of_960_samples_per_token(
+    tts: TurboTTS, tiny_checkpoint: Path, tmp_path: Path
+):
+    ref = tmp_path / "ref.wav"
+    ref.write_bytes(encode(speechlike(6.0, 16000, seed=6), 16000))
+    out = tmp_path / "out.wav"
+    text = "Hello from the command line."
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatterbox",
+            "synthesize",
+            "--text",
+            text,
+            "--voice",
+            str(ref),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--seed",
+            "9",
+            "--max-new-tokens",
+            str(TOKENS),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    wav, sample_rate = sf.read(out, dtype="float32")
+    assert sample_rate == 24000
+    voice = tts.prepare_voice(ref.read_bytes())
+    tokens = tts.speech_tokens([TTSRequest(text, voice=voice, seed=9, max_new_tokens=TOKENS)])[0]
+    assert len(wav) == 960 * (tokens.numel() + 3)
+    assert detect_watermark(wav, 24000) > 0.9
+
+
+def test_cli_reports_bad_input_without_a_traceback(tiny_checkpoint: Path, tmp_path: Path):
+    ref = tmp_path / "short.wav"
+    ref.write_bytes(encode(speechlike(2.0, 16000), 16000))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatterbox",
+            "synthesize",
+            "--text",
+            "Hi.",
+            "--voice",
+            str(ref),
+            "--out",
+            str(tmp_path / "o.wav"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "error: reference audio is 2.00 s long; a voice needs more than 5 s" in proc.stderr
+    assert "Traceback" not in proc.stderr
