@@ -15,6 +15,7 @@ MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B  # < 2**31, so products of 32-bit values stay inside int64
 _STEP_SALT = 0x9E3779B9
 _INDEX_SALT = 0x7F4A7C15
+NOISE_BITS = 23  # random bits per uniform draw: float32 holds (k + 0.5) / 2**23 exactly
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,18 @@ def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.T
     """
     step_keys = mix32(keys ^ mix32((steps + _STEP_SALT) & MASK32))  # (B,)
     index_keys = mix32(torch.arange(vocab, device=keys.device) + _INDEX_SALT)  # (V,)
-    bits = mix32(step_keys[:, None] ^ index_keys[None, :]) >> 8  # (B, V), 24 random bits
-    uniform = (bits.float() + 0.5) / 2**24  # strictly inside (0, 1)
+    bits = mix32(step_keys[:, None] ^ index_keys[None, :]) >> (32 - NOISE_BITS)  # (B, V)
+    return gumbel_from_bits(bits)
+
+
+def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from ``NOISE_BITS``-bit integers; always finite, in about [-2.8, 16.6].
+
+    ``(bits + 0.5) / 2**23`` is exact in float32 and strictly inside (0, 1). (With 24 bits the
+    largest value rounds to 1.0, the noise becomes +inf, and a filtered -inf score turns into a
+    NaN that argmax picks: a token top-k had removed.)
+    """
+    uniform = (bits.float() + 0.5) / 2**NOISE_BITS
     return -torch.log(-torch.log(uniform))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatterbox.sampling import gumbel_noise, process_logits, sample, seed_keys
+from chatterbox.sampling import NOISE_BITS, gumbel_from_bits, gumbel_noise, process_logits, sample, seed_keys
 
 
 def _hf_row(
@@ -100,3 +100,21 @@ def test_sample_keeps_the_only_finite_score(seed: int):
     scores = torch.full((1, 6563), float("-inf"))
     scores[0, 4321] = -50.0
     assert sample(scores, seed_keys(torch.tensor([seed])), torch.tensor([0])).item() == 4321
+
+
+def test_gumbel_noise_is_finite_for_every_bit_pattern_edge():
+    """The largest draw once rounded to 1.0 in float32, giving +inf noise and -inf + inf = NaN,
+    which argmax picked: a token that top-k had filtered out."""
+    edges = torch.tensor([0, 1, 2**NOISE_BITS - 2, 2**NOISE_BITS - 1])
+    noise = gumbel_from_bits(edges)
+    assert torch.isfinite(noise).all()
+    assert noise.max() < 17 and noise.min() > -3
+
+
+def test_greedy_ignores_the_seed():
+    scores = torch.full((1, 6563), float("-inf"))
+    scores[0, 845] = 1.0
+    keys = seed_keys(torch.tensor([seed for seed in range(0, 2**63 - 1, 2**55)]))
+    for step in range(64):
+        steps = torch.full((keys.numel(),), step)
+        assert (sample(scores.expand(keys.numel(), -1), keys, steps) == 845).all()
