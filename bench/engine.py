@@ -1,0 +1,184 @@
+"""End-to-end TTS throughput: our batched ``TurboTTS.generate`` vs upstream ``ChatterboxTurboTTS.generate``.
+
+    python bench/engine.py                                         # Nano-size T3, fp32, CPU (~3.5 min)
+    python bench/engine.py --size full --device cuda --dtype bf16 --tokens 250 \\
+        --concurrency 1,8,32,64 --baseline-requests 4              # Turbo size, 10 s requests, GPU
+
+Text in, watermarked 24 kHz audio out, with the checkpoint's built-in voice on both sides (so no
+voice conditioning is timed). Every request samples exactly ``--tokens`` speech tokens (stop token
+ignored; 25 tokens = 1 s, plus the 120 ms of silence S3Gen appends), so all rows produce equal
+lengths. In one run, on the same seeded random weights and device:
+
+- upstream ``ChatterboxTurboTTS.generate`` (fp32, as upstream runs) on ``--baseline-requests``
+  requests one at a time, in the oracle venv (``REF_VENV``), its stop logit masked out;
+- ours one request at a time, on the same requests;
+- ours batched: one ``generate`` call per concurrency level.
+
+Each side is warmed up first with one request of the measured length. Ours is timed as
+``generate(watermark=False)`` followed by the watermark of each output, which is exactly what
+``generate(watermark=True)`` does, so one run gives the figure with and without the watermark.
+``--size nano`` puts a GPT-2 small T3 (768x12, ``t3_nano_v1.safetensors``) beside the Turbo-size
+S3Gen, voice encoder, tokenizer and ``conds.pt``. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.s3gen import timed  # noqa: E402
+from bench.t3 import DTYPES, SIZES  # noqa: E402
+from chatterbox.constants import S3GEN_SR, TOKEN_HZ  # noqa: E402
+from chatterbox.engine import TTSRequest, TurboTTS  # noqa: E402
+from chatterbox.hub import t3_weights_file  # noqa: E402
+from chatterbox.testing import make_checkpoint, t3_state_dict  # noqa: E402
+from tests.reference.oracle import reference_available, run_reference  # noqa: E402
+
+TEXTS = (
+    "The lighthouse keeper climbed the stairs before dawn, as she had every morning.",
+    "Gulls wheeled over the harbour, loud and hungry, and the boats were already leaving.",
+    "She wrote the weather in a small green notebook: wind from the west, light rain.",
+    "By noon the fog had lifted, and the island looked close enough to touch.",
+)
+
+
+def checkpoint_dir(size: str, base: Path | None, tmp: Path) -> Path:
+    """The checkpoint to run: ``base`` (a full-size directory; a fresh random one when None) for
+    ``full``, or for ``nano`` a directory linking base's files but its T3, plus a Nano T3."""
+    if base is None:
+        base = make_checkpoint(tmp / "full", "full", seed=0)
+    if size == "full":
+        return base
+    nano = tmp / "nano"
+    nano.mkdir()
+    for file in base.iterdir():
+        if file.name != "t3_turbo_v1.safetensors":
+            (nano / file.name).symlink_to(file.resolve())
+    save_file(t3_state_dict(SIZES["nano"], 50276, seed=0), nano / "t3_nano_v1.safetensors")
+    return nano
+
+
+def make_requests(n: int, tokens: int) -> list[TTSRequest]:
+    return [
+        TTSRequest(TEXTS[i % len(TEXTS)], seed=i, max_new_tokens=tokens - 1)  # + 1 from the prefill
+        for i in range(n)
+    ]
+
+
+def timed_generate(tts: TurboTTS, requests: list[TTSRequest], device: str) -> tuple[float, float, float]:
+    """Seconds of ``generate`` without watermark, seconds of watermarking its outputs, audio seconds."""
+    wavs: list[np.ndarray] = []
+    generate_s = timed(
+        lambda: wavs.extend(tts.generate(requests, watermark=False, ignore_stop_token=True)), device
+    )
+    watermark_s = timed(lambda: [tts.watermark(wav) for wav in wavs], "cpu")
+    return generate_s, watermark_s, sum(wav.size for wav in wavs) / S3GEN_SR
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="nano")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"),
+        help="full-size checkpoint directory (default $CHATTERBOX_FULL_CHECKPOINT, else a random one)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="ours (upstream runs fp32)")
+    parser.add_argument("--concurrency", default="1,8,16", help="comma-separated batch sizes, ours")
+    parser.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 = 1 s)")
+    parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
+        "make OpenMP stall at every op)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if not args.no_reference and not reference_available():
+        sys.exit("reference venv missing: set REF_VENV or pass --no-reference")
+
+    began = time.perf_counter()
+    rows = []  # (loop, concurrency, requests, wall s, wall s without watermark or None, audio s)
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
+        baseline = make_requests(args.baseline_requests, args.tokens)
+        if not args.no_reference:  # first, so its peak memory never adds to ours
+            _, ref = run_reference(
+                "engine.timed_generate",
+                ckpt_dir=str(ckpt_dir),
+                t3_file=str(t3_weights_file(ckpt_dir)),
+                texts=[r.text for r in baseline],
+                tokens=args.tokens,
+                device=args.device,
+                threads=args.threads,
+            )
+            audio = sum(ref["samples"]) / S3GEN_SR
+            rows.append(("upstream, 1 by 1", 1, len(baseline), sum(ref["seconds"]), None, audio))
+
+        tts = TurboTTS.from_dir(ckpt_dir, device=args.device, dtype=DTYPES[args.dtype])
+        timed_generate(tts, baseline[:1], args.device)  # warm-up (also loads the watermarker)
+        generate_s = watermark_s = audio = 0.0
+        for request in baseline:
+            g, w, a = timed_generate(tts, [request], args.device)
+            generate_s, watermark_s, audio = generate_s + g, watermark_s + w, audio + a
+        rows.append(("ours, 1 by 1", 1, len(baseline), generate_s + watermark_s, generate_s, audio))
+        requests = make_requests(max(levels), args.tokens)
+        for level in levels:
+            g, w, a = timed_generate(tts, requests[:level], args.device)
+            rows.append(("ours, batched", level, level, g + w, g, a))
+
+    t3 = tts.t3.config.gpt2
+    prompt = tts.default_voice.conditionals.prompt_tokens.numel()
+    hardware = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"\nEnd-to-end TTS, {args.size} T3 ({t3.width}x{t3.layers}) + Turbo S3Gen, ours {args.dtype} / "
+        f"upstream fp32 on {args.device} ({hardware}, {args.threads} threads, {os.cpu_count()} cores), "
+        f"{time.strftime('%Y-%m-%d')}. Requests of {args.tokens} speech tokens "
+        f"({args.tokens / TOKEN_HZ:g} s + 0.12 s silence), built-in voice, stop token ignored, "
+        f"watermarked. S3Gen's flow also runs over the voice's {prompt}-token prompt, so short requests "
+        "cost more per audio second than long ones. RTF = each request's latency / its audio length "
+        f"(a batch's requests all finish with the batch). Total run {time.perf_counter() - began:.0f} s.\n"
+        f"`{' '.join(['python', *sys.argv])}`\n"
+    )
+    ref_rate = rows[0][5] / rows[0][3] if not args.no_reference else None
+    print(
+        "| loop | concurrency | requests x audio s | wall s | audio s/s | RTF "
+        "| audio s/s, no watermark | x upstream |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for loop, concurrency, n, wall, unmarked, audio in rows:
+        rate = audio / wall
+        latency = wall / (n // concurrency)  # batches run one after another
+        rtf = latency / (audio / n)
+        no_mark = f"{audio / unmarked:.2f}" if unmarked is not None else "-"
+        vs_ref = f"{rate / ref_rate:.2f}" if ref_rate else "-"
+        print(
+            f"| {loop} | {concurrency} | {n} x {audio / n:.2f} | {wall:.1f} | {rate:.2f} | {rtf:.2f}"
+            f" | {no_mark} | {vs_ref} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
