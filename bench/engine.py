@@ -1,7 +1,7 @@
 """End-to-end TTS throughput: our batched ``TurboTTS.generate`` vs upstream ``ChatterboxTurboTTS.generate``.
 
-    python bench/engine.py                                         # Nano-size T3, fp32, CPU (~3.5 min)
-    python bench/engine.py --size full --device cuda --dtype bf16 --tokens 250 \\
+    python -m bench.engine                                         # Nano-size T3, fp32, CPU (~3.5 min)
+    python -m bench.engine --size full --device cuda --dtype bf16 --tokens 250 \\
         --concurrency 1,8,32,64 --baseline-requests 4              # Turbo size, 10 s requests, GPU
 
 Text in, watermarked 24 kHz audio out, with the checkpoint's built-in voice on both sides (so no
@@ -35,16 +35,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from bench.s3gen import timed  # noqa: E402
-from bench.t3 import DTYPES, SIZES  # noqa: E402
-from chatterbox.constants import S3GEN_SR, TOKEN_HZ  # noqa: E402
-from chatterbox.engine import TTSRequest, TurboTTS  # noqa: E402
-from chatterbox.hub import t3_weights_file  # noqa: E402
-from chatterbox.testing import make_checkpoint, t3_state_dict  # noqa: E402
-from tests.reference.oracle import reference_available, run_reference  # noqa: E402
+from bench.common import DTYPES, timed
+from chatterbox.constants import S3GEN_SR, TOKEN_HZ
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.hub import t3_weights_file
+from chatterbox.testing import SIZES, make_checkpoint, t3_state_dict
+from tests.reference.oracle import reference_available, run_reference
 
 TEXTS = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning.",
@@ -89,7 +85,7 @@ def timed_generate(tts: TurboTTS, requests: list[TTSRequest], device: str) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="nano")
+    parser.add_argument("--size", choices=("nano", "full"), default="nano")
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -160,7 +156,7 @@ def main() -> None:
         f"watermarked. S3Gen's flow also runs over the voice's {prompt}-token prompt, so short requests "
         "cost more per audio second than long ones. RTF = each request's latency / its audio length "
         f"(a batch's requests all finish with the batch). Total run {time.perf_counter() - began:.0f} s.\n"
-        f"`{' '.join(['python', *sys.argv])}`\n"
+        f"`python -m bench.engine {' '.join(sys.argv[1:])}`\n"
     )
     ref_rate = rows[0][5] / rows[0][3] if not args.no_reference else None
     print(

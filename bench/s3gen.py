@@ -6,8 +6,8 @@ audio seconds produced per wall second. A sequential rate does not depend on the
 one-at-a-time and upstream rates are measured once on a few utterances and repeated in every row.
 Prints markdown tables.
 
-    PYTHONPATH=. python bench/s3gen.py                       # CPU defaults (fit in ~3 min here)
-    PYTHONPATH=. python bench/s3gen.py --device cuda --batches 1,8,32 --sequential 8 --upstream 4
+    python -m bench.s3gen                       # CPU defaults (fit in ~3 min here)
+    python -m bench.s3gen --device cuda --batches 1,8,32 --sequential 8 --upstream 4
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from bench.common import DTYPES, timed
 from chatterbox.constants import S3GEN_SR
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME
@@ -52,16 +52,6 @@ def requests_from(tensors: dict[str, torch.Tensor], count: int) -> list[S3GenReq
     ]
 
 
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def audio_seconds(wavs: list[torch.Tensor]) -> float:
     return sum(w.numel() for w in wavs) / S3GEN_SR
 
@@ -73,7 +63,7 @@ def main() -> None:
         "--size", choices=["full", "tiny"], default="full", help="random checkpoint if none given"
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes for our batched call")
     parser.add_argument("--sequential", type=int, default=2, help="utterances for our one-at-a-time rate")
@@ -92,7 +82,7 @@ def main() -> None:
             checkpoint = Path(tmp)
             save_file(s3gen_state_dict(SIZES[args.size], seed=0), checkpoint / "s3gen_meanflow.safetensors")
         model = S3Gen.from_file(
-            checkpoint / "s3gen_meanflow.safetensors", args.device, getattr(torch, args.dtype)
+            checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype]
         )
         tensors = make_inputs(count, args.tokens, args.prompt_tokens)
         requests = requests_from(tensors, count)
@@ -112,7 +102,7 @@ def main() -> None:
         upstream = None
         # Upstream builds the official sizes only, in float32; its venv may be absent (device machines).
         official = model.flow.config.encoder.width == 512
-        if args.upstream and official and reference_available() and args.dtype == "float32":
+        if args.upstream and official and reference_available() and args.dtype == "fp32":
             subset = {k: v for k, v in tensors.items() if int(k.rsplit("_", 1)[1]) < args.upstream}
             _, result = run_reference(
                 "s3gen.benchmark", subset, ckpt_dir=str(checkpoint), device=args.device, threads=args.threads

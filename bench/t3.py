@@ -1,7 +1,7 @@
 """T3 decoding throughput: our batched loop vs our loop one request at a time vs upstream's.
 
-    python bench/t3.py                                          # Nano-size random T3, fp32, CPU
-    python bench/t3.py --size full --device cuda --dtype bf16   # Turbo size on a GPU
+    python -m bench.t3                                          # Nano-size random T3, fp32, CPU
+    python -m bench.t3 --size full --device cuda --dtype bf16   # Turbo size on a GPU
 
 Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
 in one run, times ``T3.generate`` at each batch size with every row sampling a fixed number of
@@ -14,7 +14,6 @@ include each call's prefill. Prints one markdown table; 25 speech tokens are one
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -25,16 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from chatterbox.constants import TOKEN_HZ  # noqa: E402
-from chatterbox.t3 import T3, SamplingParams, T3Request  # noqa: E402
-from chatterbox.testing import FULL, t3_state_dict  # noqa: E402
-from tests.reference.oracle import reference_available, run_reference  # noqa: E402
-
-SIZES = {"nano": dataclasses.replace(FULL, t3_width=768, t3_layers=12), "full": FULL}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bench.common import DTYPES
+from chatterbox.constants import TOKEN_HZ
+from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.testing import SIZES, t3_state_dict
+from tests.reference.oracle import reference_available, run_reference
 
 
 def make_requests(
@@ -67,7 +61,7 @@ def timed_generate(model: T3, requests: list[T3Request]) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="nano")
+    parser.add_argument("--size", choices=("nano", "full"), default="nano")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")

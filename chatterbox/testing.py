@@ -7,8 +7,9 @@ the real file format.
 
 - ``full``: exactly the official key names and shapes (T3 299 tensors, S3Gen 2491, VE 16, float32).
 - ``tiny``: the same keys (every layer) at small widths, so tests run in seconds.
+- ``nano``: ``full`` with Chatterbox Nano's GPT-2 small T3 (``t3_nano_v1.safetensors``).
 
-CLI: ``python -m chatterbox.testing make-checkpoint DIR --size tiny|full --seed N``.
+CLI: ``python -m chatterbox.testing make-checkpoint DIR --size tiny|nano|full --seed N``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import itertools
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import librosa
@@ -137,7 +138,9 @@ TINY = CheckpointDims(  # the same keys (every layer) at small widths
     conds_t3_prompt_tokens=100,
     conds_gen_prompt_tokens=100,
 )
-SIZES = {"tiny": TINY, "full": FULL}
+# Chatterbox Nano: Turbo with a GPT-2 small T3 (768 x 12), in t3_nano_v1.safetensors.
+NANO = replace(FULL, t3_width=768, t3_layers=12)
+SIZES = {"tiny": TINY, "nano": NANO, "full": FULL}
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +646,8 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     out.mkdir(parents=True, exist_ok=True)
     n_text_ids = write_tokenizer_files(out)
     text_vocab = dims.t3_text_vocab or n_text_ids
-    save_file(t3_state_dict(dims, text_vocab, seed), out / "t3_turbo_v1.safetensors")
+    t3_file = "t3_nano_v1.safetensors" if size == "nano" else "t3_turbo_v1.safetensors"
+    save_file(t3_state_dict(dims, text_vocab, seed), out / t3_file)
     save_file(s3gen_state_dict(dims, seed), out / "s3gen_meanflow.safetensors")
     save_file(ve_state_dict(dims, seed), out / "ve.safetensors")
     torch.save(builtin_conditionals(dims, seed), out / "conds.pt")

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from chatterbox.tts_turbo import ChatterboxTurboTTS, Conditionals
 from ref_common import load_s3gen, load_voice_encoder
-from ref_t3 import STOP_SPEECH_TOKEN
-from ref_t3 import _load as load_t3_file
+from ref_t3 import STOP_SPEECH_TOKEN, load_t3_file
 from transformers import AutoTokenizer
 
 

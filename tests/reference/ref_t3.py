@@ -15,7 +15,7 @@ START_SPEECH_TOKEN = 6561
 STOP_SPEECH_TOKEN = 6562
 
 
-def _load(t3_file: str) -> T3:
+def load_t3_file(t3_file: str) -> T3:
     """Upstream's Turbo T3 loading, for a GPT-2 medium (Turbo) or GPT-2 small (Nano) file."""
     state_dict = load_file(t3_file)
     hp = turbo_t3_config()
@@ -53,7 +53,7 @@ def teacher_forced_and_greedy(tensors: dict, params: dict) -> tuple[dict, dict]:
     ``c.greedy`` (the tokens of inference_turbo with top_k=1 and ``max_gen_len=greedy_steps``).
     """
     torch.set_num_threads(params["threads"])
-    t3 = _load(params["t3_file"])
+    t3 = load_t3_file(params["t3_file"])
     out = {}
     for case in params["cases"]:
         text = tensors[f"{case}.text"][None]
@@ -78,7 +78,7 @@ def timed_sequential(tensors: dict, params: dict) -> tuple[dict, dict]:
     request samples ``tokens`` tokens (1 from the prefill + ``tokens - 1`` loop steps).
     """
     device = params["device"]
-    t3 = _load(params["t3_file"]).to(device)
+    t3 = load_t3_file(params["t3_file"]).to(device)
     torch.set_num_threads(params["threads"])
     with torch.no_grad():  # never sampling STOP keeps every request at exactly ``tokens`` tokens
         t3.speech_head.bias[STOP_SPEECH_TOKEN] = float("-inf")
