@@ -136,3 +136,11 @@ def test_cli_writes_a_checkpoint(tmp_path: Path):
     )
     assert "wrote tiny checkpoint (seed 3)" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(CHECKPOINT_FILES)
+
+
+def test_nano_is_turbo_with_a_gpt2_small_t3():
+    nano, full = checkpoint_layout("nano"), checkpoint_layout("full")
+    t3 = nano["t3_turbo_v1.safetensors"]
+    assert t3["tfmr.wpe.weight"] == (8196, 768)
+    assert sum(key.endswith(".ln_1.weight") for key in t3) == 12
+    assert nano["s3gen_meanflow.safetensors"] == full["s3gen_meanflow.safetensors"]
