@@ -4,10 +4,11 @@
     python bench/serve_load.py --model ResembleAI/chatterbox-turbo --device cuda --max-new-tokens 1000
 
 Starts a local Ray and the app (one model replica), then for each concurrency level sends
-`concurrency x rounds` multi-chunk requests over HTTP from that many concurrent clients, stopping
-early when the level's time budget runs out. Before Serve starts it times the same request
-in-process (chunk, generate in batches of max_batch_size, stitch, watermark, encode) so the
-Serve path's overhead at concurrency 1 can be read off. Prints one markdown table.
+`concurrency x rounds` multi-chunk requests over HTTP from that many concurrent clients (at
+concurrency 1 at least `--direct-runs`), stopping early when the level's time budget runs out.
+Before Serve starts it times the same request in-process (chunk, generate in batches of
+max_batch_size, stitch, watermark, encode) with the replica's torch thread count, so the Serve
+path's overhead at concurrency 1 can be read off. Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import os
 import socket
 import statistics
@@ -65,10 +67,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def replica_torch_threads(model_num_cpus: float) -> int:
+    """The intra-op threads a model replica gets: Ray sets OMP_NUM_THREADS to its CPUs, at least 1."""
+    return max(math.floor(model_num_cpus), 1)
+
+
 def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
-    """Median seconds of one request done in-process, and its audio seconds."""
+    """Median seconds of one request done in-process (with the replica's thread count), and its
+    audio seconds."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
+    torch.set_num_threads(replica_torch_threads(args.model_num_cpus))
     source = ModelSource(
         model=args.model,
         revision=args.revision,
@@ -154,8 +163,11 @@ def main() -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     parser.add_argument("--levels", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
-    parser.add_argument("--level-budget-s", type=float, default=120.0, help="stop sending after this long")
-    parser.add_argument("--direct-runs", type=int, default=3)
+    parser.add_argument("--level-budget-s", type=float, default=60.0, help="stop sending after this long")
+    parser.add_argument("--direct-runs", type=int, default=5)
+    parser.add_argument(
+        "--model-max-ongoing", type=int, default=None, help="chunks per replica at once (default: the app's)"
+    )
     parser.add_argument("--no-watermark", action="store_true")
     cli = parser.parse_args()
 
@@ -167,7 +179,7 @@ def main() -> None:
         batch_wait_timeout_s=cli.batch_wait_timeout_s,
         watermark=not cli.no_watermark,
         model_num_cpus=0,
-        model_max_ongoing_requests=4 * cli.max_batch_size,
+        model_max_ongoing_requests=cli.model_max_ongoing,
         ingress={"num_cpus": 0, "max_ongoing_requests": 256},
         stitcher={"num_cpus": 0},
         shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
@@ -187,7 +199,9 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         httpx.post(f"{url}/v1/tts", json={"text": TEXT}, timeout=600).raise_for_status()  # warm-up
         for concurrency in (int(c) for c in cli.levels.split(",")):
-            levels.append(asyncio.run(run_level(url, model, concurrency, cli.rounds, cli.level_budget_s)))
+            # Serial requests are the overhead measurement: as many as the direct timing has.
+            rounds = max(cli.rounds, cli.direct_runs) if concurrency == 1 else cli.rounds
+            levels.append(asyncio.run(run_level(url, model, concurrency, rounds, cli.level_budget_s)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -195,7 +209,8 @@ def main() -> None:
     n_chunks = len(split_text(TEXT, args.chunking.max_chunk_chars))
     print(
         f"\nmodel={cli.model} device={cli.device} max_batch_size={cli.max_batch_size} "
-        f"max_new_tokens={cli.max_new_tokens} watermark={args.watermark}; "
+        f"max_new_tokens={cli.max_new_tokens} watermark={args.watermark} "
+        f"torch_threads={replica_torch_threads(args.model_num_cpus)}; "
         f"{len(TEXT)}-character text in {n_chunks} chunks ({direct_audio_s:.1f} s of audio)\n"
     )
     print(

@@ -1,10 +1,11 @@
 """Split long text into model-sized chunks: paragraphs, then sentences, then clauses, then words.
 
 Pure functions; no Ray, no model. A chunk fits when it has at most `max_chars` characters and, given
-the model's `max_text_tokens`, at most `max_text_tokens - 1` UTF-8 bytes: GPT-2's byte-level BPE
-never spends more than one token per byte (added `[tag]` tokens cover several), and the engine's
-punctuation normalisation never grows the text by more than the one "." it may append. So the
-ingress respects the model's limit without a tokenizer or a round trip to a replica.
+the model's `max_text_tokens`, its text as the engine normalises it has at most `max_text_tokens`
+UTF-8 bytes: GPT-2's byte-level BPE never spends more than one token per byte (added `[tag]` tokens
+cover several). Normalisation may append a "." and capitalise the first letter, which can grow it
+by several bytes ("ΐ" -> "Ϊ́"), so the bound measures the normalised text. The ingress thus respects
+the model's limit without a tokenizer or a round trip to a replica.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from chatterbox.text import normalize_text
 from serve_app.config import MAX_TAG_CHARS
 
 BreakKind = Literal["paragraph", "sentence", "clause"]
@@ -47,7 +49,7 @@ def chunk_fits(text: str, max_chars: int, max_text_tokens: int | None) -> bool:
     """True when `text` is short enough in characters and (an upper bound of) model tokens."""
     if len(text) > max_chars:
         return False
-    return max_text_tokens is None or len(text.encode("utf-8")) + 1 <= max_text_tokens
+    return max_text_tokens is None or len(normalize_text(text).encode("utf-8")) <= max_text_tokens
 
 
 def split_text(text: str, max_chars: int, max_text_tokens: int | None = None) -> list[TextChunk]:

@@ -92,6 +92,21 @@ class ShutdownConfig(_Strict):
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
 
 
+class IngressConfig(FrontDeploymentConfig):
+    """The ingress, which admits user requests: `max_ongoing_requests` run at once per replica and up
+    to `max_queued_requests` more wait at each caller (HTTP proxy or handle); callers beyond that are
+    refused at once, HTTP with 503 and handle callers with `BackPressureError`, instead of waiting
+    without bound. -1: no limit (Serve's default)."""
+
+    max_queued_requests: int = Field(256, ge=-1)
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> IngressConfig:
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or positive")
+        return self
+
+
 def front_deployment_options(
     name: str, front: FrontDeploymentConfig, shutdown: ShutdownConfig
 ) -> dict[str, Any]:
@@ -131,7 +146,7 @@ class AppArgs(_Strict):
     chunking: ChunkingConfig = ChunkingConfig()
     stitching: StitchingConfig = StitchingConfig()
     limits: LimitsConfig = LimitsConfig()
-    ingress: FrontDeploymentConfig = FrontDeploymentConfig()
+    ingress: IngressConfig = IngressConfig()
     stitcher: FrontDeploymentConfig = FrontDeploymentConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
 

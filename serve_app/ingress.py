@@ -89,7 +89,8 @@ async def http_exception(request: Request, error: HTTPException) -> JSONResponse
 class Ingress:
     @classmethod
     def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
-        return front_deployment_options(cls.__name__, args.ingress, args.shutdown)
+        options = front_deployment_options(cls.__name__, args.ingress, args.shutdown)
+        return {**options, "max_queued_requests": args.ingress.max_queued_requests}
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
 """TurboModel deployment: one TurboTTS per replica, batching chunk requests from all users.
 
-Every chunk is one `synthesize_chunk` call; `@serve.batch` gathers calls from every request into
-one `TurboTTS.generate` batch. Voices are prepared once per replica and kept in an LRU keyed by
-the reference's content hash. Audio comes back unwatermarked: the stitcher watermarks the joined
-audio once.
+Every chunk is one `synthesize_chunk` call; a `Batcher` gathers calls from every request into one
+`TurboTTS.generate` batch, formed each time the model is free. Voices are prepared once per replica
+and kept in an LRU keyed by the reference's content hash. Audio comes back unwatermarked: the
+stitcher watermarks the joined audio once.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 import torch
-from ray import serve
 
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.testing import make_checkpoint
 from chatterbox.voice import Voice
+from serve_app.batcher import Batcher
 from serve_app.config import TINY_MODEL, AppArgs, BatchingConfig, ModelSource, replica_device
 from serve_app.schemas import ChunkJob, ChunkOutOfMemoryError, ModelInfo
 
@@ -134,6 +134,8 @@ class TurboModel:
         self._max_new_tokens = max_new_tokens
         self._voices: OrderedDict[str, Voice] = OrderedDict()
         self._voice_cache_size = voice_cache_size
+        batching = BatchingConfig()  # reconfigure() applies the deployment's user_config
+        self._batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
         self._broken: str | None = None
         self._batches_run = 0
         self._items_run = 0
@@ -142,8 +144,8 @@ class TurboModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
-        self._run_batch.set_max_batch_size(batching.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._batcher.max_batch_size = batching.max_batch_size
+        self._batcher.wait_s = batching.batch_wait_timeout_s
 
     def check_health(self) -> None:
         if self._broken is not None:
@@ -162,12 +164,11 @@ class TurboModel:
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
         """(T,) float32 audio at the model's sample rate, unwatermarked."""
-        outcome = await self._run_batch(job)
+        outcome = await self._batcher.submit(job)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # overridden by reconfigure()
     async def _run_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray | BaseException]:
         """One outcome per job: its audio, or the exception that job alone should raise."""
         self._batches_run += 1

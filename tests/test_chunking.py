@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from chatterbox.text import TextTokenizer, normalize_text
 from serve_app.chunking import TextChunk, chunk_fits, split_paragraphs, split_text
 
 SENTENCES = [
@@ -118,3 +119,15 @@ def test_token_bound_counts_utf8_bytes():
 def test_limit_must_exceed_the_longest_tag():
     with pytest.raises(ValueError, match="max_chars must exceed 64"):
         split_text("Hello.", max_chars=64)
+
+
+def test_no_chunk_exceeds_the_model_token_limit(tiny_checkpoint):
+    # Capitalising "ΐ" gives "Ϊ́" (2 -> 6 bytes) and a "." is appended: 1022 bytes of text become 1027
+    # tokens in the engine. Counting raw bytes let this through as one chunk; the engine refused it.
+    tokenizer = TextTokenizer.from_dir(tiny_checkpoint)
+    text = "ΐ" + "😀" * 255 + " " + long_text(600) + " ΐ" + "é" * 200
+    chunks = split_text(text, max_chars=300, max_text_tokens=tokenizer.max_length)
+    assert chunks[0].text == "ΐ" + "😀" * 254
+    token_counts = [len(tokenizer.encode(normalize_text(c.text))) for c in chunks]
+    assert max(token_counts) <= tokenizer.max_length == 1024
+    assert token_counts[0] == 1023

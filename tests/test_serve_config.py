@@ -46,6 +46,7 @@ def test_command_line_strings_are_coerced():
         ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
         ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 5}}, "initial_replicas"),
         ({"chunking": {"max_chunk_chars": 64}}, "max_chunk_chars"),
+        ({"ingress": {"max_queued_requests": 0}}, "max_queued_requests"),
         ({"limits": {"max_reference_seconds": 2}}, "max_reference_seconds"),
         ({"max_batch_sise": 8}, "max_batch_sise"),  # typos are errors, not silently ignored
     ],

@@ -70,7 +70,8 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
                 "max_reference_seconds": 10.0,
                 "max_request_bytes": 2 * 1024 * 1024,
             },
-            ingress={"num_cpus": 0},
+            # Small admission limits, so a burst test needs few requests (8 concurrent still fit).
+            ingress={"num_cpus": 0, "max_ongoing_requests": 8, "max_queued_requests": 8},
             stitcher={"num_cpus": 0},
             shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
         )

@@ -75,6 +75,8 @@ def test_app_graph_and_cpu_options():
     assert model.max_ongoing_requests == 24  # one batch running, one queued
     assert model._deployment_config.autoscaling_config.target_ongoing_requests == 12
     assert deployments["Ingress"].max_ongoing_requests == 256
+    assert deployments["Ingress"].max_queued_requests == 256  # a burst beyond this gets 503 at once
+    assert deployments["Stitcher"].max_queued_requests == -1  # only the ingress admits requests
 
 
 def test_gpu_share_and_serve_build_output():

@@ -1,0 +1,71 @@
+"""Batching of a model replica's chunk calls: each batch is formed when the model is free.
+
+`@serve.batch` (Ray 2.60) forms the next batch `batch_wait_timeout_s` after its first item arrives,
+even while the previous batch is still running; the formed batch then waits its turn, and items
+that arrive meanwhile go to later batches. Under steady load requests arrive one at a time, so its
+batches froze at one request's chunks: measured on CPU with 32 concurrent 3-chunk requests, batches
+of 3 while about 90 chunks waited in the replica. Here the runner takes the waiting items only once
+the previous batch has finished, so everything that arrived during a batch can join the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
+
+
+class Batcher(Generic[Item, Out]):
+    """`await batcher.submit(item)` gives the outcome `run` returned for that item.
+
+    `run(items)` gets at most `max_batch_size` items in arrival order and returns one outcome per
+    item; only one `run` is in flight at a time. A batch that is not full waits `wait_s` for more
+    items first. If `run` raises, every item of that batch gets the exception as its outcome. An
+    item whose caller was cancelled (its client went away) before its batch formed is dropped.
+    """
+
+    def __init__(
+        self, run: Callable[[list[Item]], Awaitable[list[Out]]], max_batch_size: int, wait_s: float
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size  # both may change between batches (reconfigure)
+        self.wait_s = wait_s
+        self._waiting: deque[tuple[Item, asyncio.Future[Out | Exception]]] = deque()
+        self._arrived = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Out | Exception:
+        future: asyncio.Future[Out | Exception] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._arrived.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run_batches())
+        return await future
+
+    async def _run_batches(self) -> None:
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if len(self._waiting) < self.max_batch_size and self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            batch = []
+            while self._waiting and len(batch) < self.max_batch_size:
+                item, future = self._waiting.popleft()
+                if not future.cancelled():
+                    batch.append((item, future))
+            if not batch:
+                continue
+            try:
+                outcomes: list[Out | Exception] = list(await self._run([item for item, _ in batch]))
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} items gave {len(outcomes)} outcomes")
+            except Exception as error:  # every caller of the batch gets it
+                outcomes = [error] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
