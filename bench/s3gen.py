@@ -81,9 +81,7 @@ def main() -> None:
         if checkpoint is None:  # a random one in the official layout (only the S3Gen file is needed)
             checkpoint = Path(tmp)
             save_file(s3gen_state_dict(SIZES[args.size], seed=0), checkpoint / "s3gen_meanflow.safetensors")
-        model = S3Gen.from_file(
-            checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype]
-        )
+        model = S3Gen.from_file(checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype])
         tensors = make_inputs(count, args.tokens, args.prompt_tokens)
         requests = requests_from(tensors, count)
         model.generate(requests[:1])  # warm-up at the measured size

@@ -108,18 +108,20 @@ def test_clients_that_hang_up_mid_request_leave_the_replica_serving(serve_app):
 
 def test_a_burst_beyond_the_queue_is_refused_at_once(serve_app):
     # 8 requests run in the ingress and 8 more may wait at the proxy; the rest get 503 at once
-    # (a few more get in when early ones finish while the burst is still arriving).
+    # (more get in when early ones finish while the burst is still arriving on a slow machine,
+    # so the bounds leave room; without the queue limit every request would wait and get 200).
     def send(i: int) -> tuple[int, str, float]:
-        response = post(serve_app, {"text": f"Burst request {i}.", "format": "pcm"})
+        text = f"Burst request {i}. It has a second sentence. And a third one, so it takes a while."
+        response = post(serve_app, {"text": text, "format": "pcm"})
         return response.status_code, response.text, response.elapsed.total_seconds()
 
     with ThreadPoolExecutor(max_workers=40) as pool:
         outcomes = list(pool.map(send, range(40)))
     codes = Counter(code for code, _, _ in outcomes)
     assert set(codes) == {200, 503}, codes
-    assert codes[503] >= 16, codes
+    assert codes[503] >= 8, codes
     refused = [(text, seconds) for code, text, seconds in outcomes if code == 503]
-    assert all("backpressure" in text and seconds < 2.0 for text, seconds in refused), refused
+    assert all("backpressure" in text and seconds < 5.0 for text, seconds in refused), refused
 
 
 def test_handle_api_returns_the_http_audio(serve_app):
