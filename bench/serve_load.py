@@ -1,7 +1,7 @@
 """Bounded load test of the Serve graph on 127.0.0.1, against the engine called directly.
 
-    python bench/serve_load.py                                   # tiny checkpoint on CPU
-    python bench/serve_load.py --model ResembleAI/chatterbox-turbo --device cuda --max-new-tokens 1000
+    python -m bench.serve_load                                   # tiny checkpoint on CPU
+    python -m bench.serve_load --model ResembleAI/chatterbox-turbo --device cuda --max-new-tokens 1000
 
 Starts a local Ray and the app (one model replica), then for each concurrency level sends
 `concurrency x rounds` multi-chunk requests over HTTP from that many concurrent clients (at
@@ -20,7 +20,6 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +30,13 @@ import ray
 import torch
 from ray import serve
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from chatterbox.engine import TTSRequest  # noqa: E402
-from chatterbox.watermark import apply_watermark  # noqa: E402
-from serve_app.app import build_app  # noqa: E402
-from serve_app.audio import encode_audio, ms_to_samples, stitch  # noqa: E402
-from serve_app.chunking import split_text  # noqa: E402
-from serve_app.config import AppArgs, ModelSource  # noqa: E402
-from serve_app.model import load_tts  # noqa: E402
+from chatterbox.engine import TTSRequest
+from chatterbox.watermark import apply_watermark
+from serve_app.app import build_app
+from serve_app.audio import encode_audio, ms_to_samples, stitch
+from serve_app.chunking import split_text
+from serve_app.config import AppArgs, ModelSource
+from serve_app.model import load_tts
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
@@ -61,6 +57,10 @@ class Level:
     wall_s: float
     batches: int
     items: int
+
+
+# Ray workers import serve_app and chatterbox from this checkout, as the driver does.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentile(values: list[float], q: float) -> float:
