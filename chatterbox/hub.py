@@ -61,10 +61,17 @@ def download(
     repo_id: str = TURBO_REPO_ID, revision: str | None = None, local_dir: str | Path | None = None
 ) -> Path:
     """Fetch a checkpoint into the HF cache (or ``local_dir``), e.g. while building an image."""
-    path = snapshot_download(
-        repo_id=repo_id,
-        revision=revision,
-        allow_patterns=ALLOW_PATTERNS,
-        local_dir=str(local_dir) if local_dir is not None else None,
-    )
+    try:
+        path = snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=ALLOW_PATTERNS,
+            local_dir=str(local_dir) if local_dir is not None else None,
+        )
+    except Exception as exc:  # no network, offline mode, unknown repo or revision, auth
+        raise ModelNotAvailableError(
+            f"could not download {repo_id}"
+            + (f"@{revision}" if revision else "")
+            + f" ({type(exc).__name__}: {exc})"
+        ) from exc
     return _check_complete(Path(path), f"download of {repo_id}")

@@ -58,3 +58,11 @@ def test_offline_uses_the_hub_cache(tmp_path: Path, tiny_checkpoint: Path):
     proc = _run_offline("from chatterbox.hub import resolve_checkpoint; print(resolve_checkpoint())", cache)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(repo / "snapshots" / REVISION)
+
+
+def test_download_cli_fails_cleanly_without_the_hub(tmp_path: Path):
+    code = "import sys; from chatterbox.__main__ import main; sys.exit(main(['download']))"
+    proc = _run_offline(code, tmp_path / "cache")
+    assert proc.returncode == 2
+    assert "error: could not download ResembleAI/chatterbox-turbo" in proc.stderr
+    assert "Traceback" not in proc.stderr
