@@ -7,7 +7,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 venv="${REF_VENV:-$repo/.venv-ref}"
 python="${PYTHON:-python3}"
 
-if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import chatterbox.tts_turbo" 2>/dev/null; then
+# Imports are checked with -I: from the repo root, our own chatterbox/ would shadow upstream's.
+if [ -x "$venv/bin/python" ] && "$venv/bin/python" -I -c "import chatterbox.tts_turbo" 2>/dev/null; then
   echo "reference venv ready: $venv"
   exit 0
 fi
@@ -22,4 +23,4 @@ $pip install -q \
   pyloudnorm omegaconf safetensors "librosa==0.11.0" scipy resemble-perth pyyaml tqdm onnx
 # Upstream pins torch 2.6 and pulls in gradio and more: install the two packages alone.
 $pip install -q --no-deps "chatterbox-tts==0.1.7" "s3tokenizer==0.3.0"
-"$venv/bin/python" -c "import chatterbox.tts_turbo, s3tokenizer; print('reference venv ready:', '$venv')"
+"$venv/bin/python" -I -c "import chatterbox.tts_turbo, s3tokenizer; print('reference venv ready:', '$venv')"
