@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -19,3 +20,15 @@ def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--no-reference``, shared by the benchmarks that run upstream too."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
+        "make OpenMP stall at every op)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from bench.common import DTYPES, timed
+from bench.common import DTYPES, add_reference_args, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.hub import t3_weights_file
@@ -97,14 +97,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,16", help="comma-separated batch sizes, ours")
     parser.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 = 1 s)")
     parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
-        "make OpenMP stall at every op)",
-    )
-    parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")
+    add_reference_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]

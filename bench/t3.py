@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import DTYPES
+from bench.common import DTYPES, add_reference_args
 from chatterbox.constants import TOKEN_HZ
 from chatterbox.t3 import T3, SamplingParams, T3Request
 from chatterbox.testing import SIZES, t3_state_dict
@@ -70,14 +70,7 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=30)
     parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
     parser.add_argument("--baseline-tokens", type=int, default=100, help="tokens per one-at-a-time request")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads, ours and upstream's (on a shared box, more threads than free cores "
-        "make OpenMP stall at every op)",
-    )
-    parser.add_argument("--no-reference", action="store_true", help="skip upstream (no oracle venv)")
+    add_reference_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
