@@ -78,13 +78,7 @@ def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
     torch.set_num_threads(replica_torch_threads(args.model_num_cpus))
-    source = ModelSource(
-        model=args.model,
-        revision=args.revision,
-        tiny_cache_dir=args.tiny_cache_dir,
-        device=device,
-        dtype=args.dtype,
-    )
+    source = ModelSource.from_args(args, device=device)
     tts = load_tts(source, device)
     chunks = split_text(TEXT, args.chunking.max_chunk_chars, tts.max_text_tokens)
     pause = {"sentence": args.stitching.sentence_pause_ms, "paragraph": args.stitching.paragraph_pause_ms}

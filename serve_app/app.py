@@ -26,13 +26,7 @@ def visible_gpus() -> float:
 
 
 def build_app(args: AppArgs) -> Application:
-    source = ModelSource(
-        model=args.model,
-        revision=args.revision,
-        tiny_cache_dir=args.tiny_cache_dir,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    source = ModelSource.from_args(args)
     num_gpus = replica_num_gpus(args, visible_gpus())
     model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
         source, args.voice_cache_size, args.max_new_tokens

@@ -178,6 +178,17 @@ class ModelSource(_Strict):
     device: Literal["auto", "cuda", "cpu"]
     dtype: Literal["float32", "float16", "bfloat16"] | None
 
+    @classmethod
+    def from_args(cls, args: AppArgs, device: str | None = None) -> ModelSource:
+        """The model fields of ``args`` (``device`` overrides ``args.device``)."""
+        return cls(
+            model=args.model,
+            revision=args.revision,
+            tiny_cache_dir=args.tiny_cache_dir,
+            device=device or args.device,
+            dtype=args.dtype,
+        )
+
 
 def replica_num_gpus(args: AppArgs, visible_gpus: float) -> float:
     """GPU share each model replica requests, given the GPUs the cluster reports at build time."""
