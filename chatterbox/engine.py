@@ -210,9 +210,6 @@ class TurboTTS:
             )
         return ids
 
-    def count_text_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(normalize_text(text)))
-
     # ------------------------------------------------------------------------------- synthesis
 
     def _jobs(self, requests: Sequence[TTSRequest]) -> list[_Job]:

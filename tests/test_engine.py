@@ -118,6 +118,11 @@ def test_prepare_voice_from_an_array_needs_its_rate(tts: TurboTTS):
     assert voice.conditionals.embedding.shape == (192,)
 
 
+def _synthesize_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "chatterbox", "synthesize", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
 def test_cli_synthesize_writes_a_24k_wav_of_960_samples_per_token(
     tts: TurboTTS, tiny_checkpoint: Path, tmp_path: Path
 ):
@@ -125,31 +130,10 @@ def test_cli_synthesize_writes_a_24k_wav_of_960_samples_per_token(
     ref.write_bytes(encode(speechlike(6.0, 16000, seed=6), 16000))
     out = tmp_path / "out.wav"
     text = "Hello from the command line."
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatterbox",
-            "synthesize",
-            "--text",
-            text,
-            "--voice",
-            str(ref),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--seed",
-            "9",
-            "--max-new-tokens",
-            str(TOKENS),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _synthesize_cli(
+        "--text", text, "--voice", str(ref), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+        "--seed", "9", "--max-new-tokens", str(TOKENS), "--device", "cpu",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     wav, sample_rate = sf.read(out, dtype="float32")
     assert sample_rate == 24000
@@ -162,24 +146,15 @@ def test_cli_synthesize_writes_a_24k_wav_of_960_samples_per_token(
 def test_cli_reports_bad_input_without_a_traceback(tiny_checkpoint: Path, tmp_path: Path):
     ref = tmp_path / "short.wav"
     ref.write_bytes(encode(speechlike(2.0, 16000), 16000))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatterbox",
-            "synthesize",
-            "--text",
-            "Hi.",
-            "--voice",
-            str(ref),
-            "--out",
-            str(tmp_path / "o.wav"),
-            "--checkpoint",
-            str(tiny_checkpoint),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = _synthesize_cli(
+        "--text",
+        "Hi.",
+        "--voice",
+        str(ref),
+        "--out",
+        str(tmp_path / "o.wav"),
+        "--checkpoint",
+        str(tiny_checkpoint),
     )
     assert proc.returncode == 2
     assert "error: reference audio is 2.00 s long; a voice needs more than 5 s" in proc.stderr
