@@ -149,6 +149,12 @@ def _decode_mono(audio: sf.SoundFile, max_frames: int, field: str) -> np.ndarray
     # np.empty reserves address space only: memory grows with the frames actually decoded.
     wav = np.empty(max_frames + 1, dtype=np.float32)
     block = np.empty((_DECODE_BLOCK_FRAMES, audio.channels), dtype=np.float32)
+    # Start from a seek to 0, as SoundFile.read (so upstream's librosa.load) does: libsndfile's mp3
+    # decoder restarts there, and without it some mp3 samples come out an ulp apart.
+    try:
+        audio.seek(0)
+    except sf.LibsndfileError as exc:
+        raise InvalidAudioError(f"reference audio is corrupt ({exc})", field) from exc
     decoded = 0
     while decoded < len(wav):
         wanted = min(len(block), len(wav) - decoded)

@@ -140,6 +140,17 @@ def test_flac_of_unknown_length_decodes_to_the_same_reference():
 
 
 @pytest.mark.parametrize(
+    ("fmt", "sample_rate", "channels"), [("MP3", 22050, 1), ("OGG", 16000, 2), ("FLAC", 192000, 8)]
+)
+def test_block_decoding_gives_the_samples_of_a_whole_file_read(fmt, sample_rate, channels):
+    data = encode(
+        np.stack([speechlike(6.0, sample_rate, seed=i) for i in range(channels)], axis=1), sample_rate, fmt
+    )
+    whole, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # as upstream's librosa.load reads
+    assert decode_reference_audio(data).id == reference_from_array(whole, sample_rate).id
+
+
+@pytest.mark.parametrize(
     ("channels", "sample_rate", "message"),
     [(9, 16000, "9 channels; at most 8"), (1, 4000, "4000 Hz; 8000 to 192000 Hz"), (1, 384000, "384000 Hz")],
 )
