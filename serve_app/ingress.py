@@ -10,9 +10,9 @@ then cannot resolve string annotations (a `request: Request` parameter became a 
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
+import re
 from typing import Any
 
 import ray
@@ -23,6 +23,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
@@ -76,6 +77,47 @@ def validation_error(error: ValidationError) -> SynthesisError:
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, counted as it arrives: past ``limit`` bytes it is refused at once, whether a
+    Content-Length announced it or not (chunked), instead of being buffered whole first."""
+    too_large = SynthesisError(413, "request_too_large", f"request body exceeds {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise SynthesisError(400, "client_disconnected", "the client closed the request mid-body") from None
+    return bytes(body)
+
+
+def _reject_json_constant(name: str) -> None:
+    """NaN and Infinity: Python's json accepts them, JSON does not."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# Characters no speech text has and that break encoders downstream: C0/C1 controls other than tab,
+# newline and carriage return, and lone surrogates (JSON "\ud800" decodes to one; UTF-8 has none).
+_FORBIDDEN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_text(text: str) -> None:
+    """Refuse text with a character that cannot be spoken or encoded (see ``_FORBIDDEN_TEXT``)."""
+    found = _FORBIDDEN_TEXT.search(text)
+    if found:
+        raise SynthesisError(
+            422,
+            "invalid_parameter",
+            f"text: character U+{ord(found.group()):04X} at index {found.start()} is not allowed "
+            "(control characters other than tab and newlines, and lone surrogates)",
+            "text",
+        )
 
 
 @api.exception_handler(HTTPException)
@@ -170,25 +212,30 @@ class Ingress:
         return self._model_info
 
     async def _parse_http_request(self, request: Request) -> SynthesisRequest:
-        limit = self._limits.max_request_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise SynthesisError(413, "request_too_large", f"request body exceeds {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise SynthesisError(413, "request_too_large", f"request body exceeds {limit} bytes")
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise SynthesisError(
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON (Content-Type: application/json), not {media_type}",
+            )
+        body = await read_body(request, self._limits.max_request_bytes)
         try:
-            payload = json.loads(body)
-        except ValueError as error:
+            payload = json.loads(body, parse_constant=_reject_json_constant)
+        except ValueError as error:  # also bad UTF-8 and integers of over 4300 digits
             raise SynthesisError(400, "invalid_json", f"request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise SynthesisError(400, "invalid_json", "request body is nested too deeply") from None
         try:
             http_request = TTSHttpRequest.model_validate(payload)
         except ValidationError as error:
             raise validation_error(error) from None
+        check_text(http_request.text)
         reference = None
         if http_request.reference_audio_base64 is not None:
             try:
                 reference = base64.b64decode(http_request.reference_audio_base64, validate=True)
-            except binascii.Error as error:
+            except ValueError as error:  # binascii.Error, or characters outside ASCII
                 raise SynthesisError(
                     400,
                     "invalid_base64",
