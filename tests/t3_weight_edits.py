@@ -6,7 +6,8 @@ from collections.abc import MutableMapping
 
 import torch
 
-START, STOP = 6561, 6562
+from chatterbox.constants import START_SPEECH_TOKEN, STOP_SPEECH_TOKEN
+
 START_NORM = 100.0  # START's embedding dominates the residual stream at its position
 STOP_MARGIN = 10.0  # STOP's logit: about +10 right after START, about -10 after any other token
 
@@ -24,7 +25,8 @@ def stop_only_after_start(tensors: MutableMapping[str, torch.Tensor]) -> None:
         tensors["speech_head.weight"],
         tensors["speech_head.bias"],
     )
-    direction = emb[START] / emb[START].norm()
-    emb[START] = direction * START_NORM
-    head_w[STOP] = direction * (2 * STOP_MARGIN / emb.shape[1] ** 0.5)  # ln_f output has norm ~sqrt(width)
-    head_b[STOP] = -STOP_MARGIN
+    direction = emb[START_SPEECH_TOKEN] / emb[START_SPEECH_TOKEN].norm()
+    emb[START_SPEECH_TOKEN] = direction * START_NORM
+    # ln_f's output has norm about sqrt(width): STOP's logit is about +STOP_MARGIN after START.
+    head_w[STOP_SPEECH_TOKEN] = direction * (2 * STOP_MARGIN / emb.shape[1] ** 0.5)
+    head_b[STOP_SPEECH_TOKEN] = -STOP_MARGIN

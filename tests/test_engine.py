@@ -11,13 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from chatterbox.constants import STOP_SPEECH_TOKEN
 from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.s3gen import S3GenRequest
 from chatterbox.voice import Voice
 from chatterbox.watermark import detect_watermark
 from tests.audio_samples import encode, speechlike
-from tests.t3_weight_edits import STOP, stop_only_after_start
+from tests.t3_weight_edits import stop_only_after_start
 
 TOKENS = 40  # speech tokens per request: 1.6 s of audio keeps the tiny model fast
 
@@ -126,8 +127,8 @@ def test_a_first_stop_token_is_voiced_past_as_upstream_does(tiny_checkpoint: Pat
 
 def test_a_row_of_only_stop_tokens_vocodes_the_silence_tokens(tiny_checkpoint: Path):
     tts = TurboTTS.from_pretrained(local_dir=tiny_checkpoint, device="cpu")
-    with torch.no_grad():
-        tts.t3.speech_head.bias[STOP] += 1e3  # STOP at every draw: the first is fed back, the second ends
+    with torch.no_grad():  # STOP at every draw: the first is fed back, the second ends the row
+        tts.t3.speech_head.bias[STOP_SPEECH_TOKEN] += 1e3
     request = TTSRequest("Nothing but stops.", seed=6, max_new_tokens=TOKENS)
     assert tts.speech_tokens([request])[0].numel() == 0
     wav = tts.generate([request], watermark=False)[0]

@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from chatterbox.constants import STOP_SPEECH_TOKEN
 from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.t3 import T3Request
 from chatterbox.weights import read_safetensors
 from tests.audio_samples import encode, speechlike
 from tests.reference.oracle import run_reference
-from tests.t3_weight_edits import STOP, stop_only_after_start
+from tests.t3_weight_edits import stop_only_after_start
 
 pytestmark = pytest.mark.parity
 
@@ -82,4 +83,5 @@ def test_a_first_stop_token_is_decoded_past_as_upstream_does(stop_first_checkpoi
     first = T3Request(
         torch.tensor(tts.text_tokens(TEXT)), conditionals.speaker_emb, conditionals.t3_prompt_tokens
     )
-    assert tts.t3.teacher_forced_logits([first], [torch.zeros(0, dtype=torch.long)])[0][0].argmax() == STOP
+    first_logits = tts.t3.teacher_forced_logits([first], [torch.zeros(0, dtype=torch.long)])[0][0]
+    assert first_logits.argmax() == STOP_SPEECH_TOKEN
