@@ -9,7 +9,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, TURBO_REPO_ID
 from chatterbox.errors import ModelNotAvailableError, TTSInputError
 
 
@@ -58,6 +58,13 @@ def _output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i:04d}{out.suffix or '.wav'}") for i in range(count)]
 
 
+def _max_new_tokens(value: str) -> int:
+    """``--max-new-tokens``, checked while parsing so that a bad one fails before the model loads."""
+    if not value.isdigit() or not 1 <= int(value) <= MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {MAX_NEW_TOKENS}], got {value!r}")
+    return int(value)
+
+
 def _download(args: argparse.Namespace) -> None:
     from chatterbox.hub import download
 
@@ -84,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, help="seed for reproducible output (line i uses seed + i)")
     synth.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_max_new_tokens,
         default=DEFAULT_MAX_NEW_TOKENS,
-        help="speech tokens at most (25 per second)",
+        help=f"speech tokens at most (25 per second), 1 to {MAX_NEW_TOKENS}",
     )
     synth.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     synth.add_argument("--batch-size", type=int, default=16, help="utterances per batch for --text-file")

@@ -24,9 +24,8 @@ import torch
 from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import (
     DEFAULT_MAX_NEW_TOKENS,
-    S3GEN_SILENCE_TOKENS_APPENDED,
+    MAX_NEW_TOKENS,
     S3GEN_SR,
-    SAMPLES_PER_TOKEN_24K,
     TURBO_REPO_ID,
 )
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
@@ -53,7 +52,7 @@ class TTSRequest:
     top_k: int = 1000
     top_p: float = 0.95
     repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # at most MAX_NEW_TOKENS, as upstream
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -79,7 +78,11 @@ def _validate_settings(request: TTSRequest, index: int) -> None:
         ("top_k", request.top_k >= 1, "must be >= 1"),
         ("top_p", 0 < request.top_p <= 1, "must be in (0, 1]"),
         ("repetition_penalty", request.repetition_penalty > 0, "must be > 0"),
-        ("max_new_tokens", request.max_new_tokens >= 1, "must be >= 1"),
+        (
+            "max_new_tokens",
+            1 <= request.max_new_tokens <= MAX_NEW_TOKENS,
+            f"must be in [1, {MAX_NEW_TOKENS}]",
+        ),
         ("seed", request.seed is None or 0 <= request.seed < 2**63, "must be in [0, 2**63)"),
     )
     for field, ok, rule in checks:
@@ -247,23 +250,19 @@ class TurboTTS:
         return self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
 
     def _s3gen(self, jobs: Sequence[_Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        # A row that stopped at once has nothing to vocode: it gets the 120 ms of silence
-        # upstream's 3 appended silence tokens would give.
-        voiced = [i for i, tokens in enumerate(speech_tokens) if tokens.numel() > 0]
+        # A row with no speech tokens (it drew nothing but stop tokens) is vocoded too, as upstream
+        # vocodes its 3 appended silence tokens: 120 ms of the voice's silence.
         s3gen_requests = [
             S3GenRequest(
-                speech_tokens=speech_tokens[i],
-                prompt_tokens=jobs[i].voice.conditionals.prompt_tokens,
-                prompt_feat=jobs[i].voice.conditionals.prompt_feat,
-                embedding=jobs[i].voice.conditionals.embedding,
-                seed=derive_seed(jobs[i].seed, "s3gen"),
+                speech_tokens=tokens,
+                prompt_tokens=job.voice.conditionals.prompt_tokens,
+                prompt_feat=job.voice.conditionals.prompt_feat,
+                embedding=job.voice.conditionals.embedding,
+                seed=derive_seed(job.seed, "s3gen"),
             )
-            for i in voiced
+            for job, tokens in zip(jobs, speech_tokens, strict=True)
         ]
-        wavs = [np.zeros(S3GEN_SILENCE_TOKENS_APPENDED * SAMPLES_PER_TOKEN_24K, np.float32)] * len(jobs)
-        for i, wav in zip(voiced, self.s3gen.generate(s3gen_requests) if voiced else [], strict=True):
-            wavs[i] = wav.float().cpu().numpy()
-        return wavs
+        return [wav.float().cpu().numpy() for wav in self.s3gen.generate(s3gen_requests)]
 
     @torch.inference_mode()
     def speech_tokens(

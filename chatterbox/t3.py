@@ -290,8 +290,11 @@ class T3(nn.Module):
     def generate(self, requests: list[T3Request], ignore_stop_token: bool = False) -> list[torch.Tensor]:
         """Sample speech tokens for every request in one batch.
 
-        Returns one (N_i,) int64 CPU tensor per request: the tokens before its first stop token,
-        with ids >= 6561 dropped. ``ignore_stop_token`` runs every row to its token limit.
+        Returns one (N_i,) int64 CPU tensor per request: the tokens it sampled before it stopped,
+        with ids >= 6561 dropped. As in the reference's ``inference_turbo``, only a stop token
+        drawn after the first token ends a row: a first draw of STOP is fed back like any other
+        token (and joins the repetition history), then dropped from the result. ``ignore_stop_token``
+        runs every row to its token limit.
         """
         if not requests:
             return []
@@ -325,14 +328,15 @@ class T3(nn.Module):
         out = torch.full((B, max_tokens + 1), STOP_SPEECH_TOKEN, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)
 
-        state = self._sample_into(state, logits, out, ignore_stop_token)
+        # The reference never checks its first draw for STOP, so a first STOP does not end a row.
+        state = self._sample_into(state, logits, out, ignore_stop_token=True)
         # The first draw saw only START in its history; from here on the history is the row's own.
         state.seen = F.one_hot(state.tokens, V).bool()
         slot = torch.tensor([prefill_len], device=device)  # cache slot of the next decode input
         for step in range(1, max_tokens):
             kv_len = prefill_len + step
             logits = self.decode_step(state.tokens, state.positions, slot, state.key_valid, cache, kv_len)
-            state.positions = state.positions + 1
+            state.positions = self._advance(state.positions)
             slot += 1
             state = self._sample_into(state, logits, out, ignore_stop_token)
             if step % SYNC_EVERY == 0:
@@ -351,6 +355,16 @@ class T3(nn.Module):
             tokens = row[:n]
             results.append(tokens[tokens < SPEECH_VOCAB_SIZE])
         return results
+
+    def _advance(self, positions: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Positions ``steps`` further on, kept inside the position table.
+
+        A batch runs as long as its longest row: rows past their own run (finished, or out of
+        forced tokens) keep stepping, their outputs unread, until compaction drops them. Their
+        position ids still index the table, so they stop at its last entry; a row within its own
+        run never reaches it (``_check_request`` budgets each row's run against the table).
+        """
+        return (positions + steps).clamp(max=self.config.gpt2.positions - 1)
 
     @staticmethod
     def _sample_into(
@@ -409,7 +423,9 @@ class T3(nn.Module):
             slot = torch.tensor([prefill_len + step], device=device)
             kv_len = prefill_len + step + 1
             all_logits.append(
-                self.decode_step(forced[:, step], positions + step, slot, key_valid, cache, kv_len)
+                self.decode_step(
+                    forced[:, step], self._advance(positions, step), slot, key_valid, cache, kv_len
+                )
             )
         stacked = torch.stack(all_logits, dim=1).cpu()  # (B, steps + 1, V)
         return [stacked[i, : t.numel() + 1] for i, t in enumerate(speech_tokens)]

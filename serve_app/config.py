@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MIN_REFERENCE_SECONDS, TURBO_REPO_ID
 
 TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
@@ -23,7 +23,8 @@ class _Strict(BaseModel):
 
 
 class BatchingConfig(_Strict):
-    """The model replicas' `@serve.batch` settings; also their `user_config`, so they change live."""
+    """The model replicas' batcher settings (serve_app.batcher, not `@serve.batch`); also their
+    `user_config`, so they change live."""
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
@@ -71,7 +72,9 @@ class LimitsConfig(_Strict):
 
     max_text_chars: int = Field(20_000, ge=1)
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_reference_seconds: float = Field(60.0, ge=5.0)  # longer references are refused
+    # Longer references are refused; a voice needs more than MIN_REFERENCE_SECONDS, so a bound at
+    # or below it would refuse every voice.
+    max_reference_seconds: float = Field(60.0, gt=MIN_REFERENCE_SECONDS)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
 
 

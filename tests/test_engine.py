@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.constants import STOP_SPEECH_TOKEN
+from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
+from chatterbox.s3gen import S3GenRequest
 from chatterbox.voice import Voice
 from chatterbox.watermark import detect_watermark
 from tests.audio_samples import encode, speechlike
+from tests.t3_weight_edits import stop_only_after_start
 
 TOKENS = 40  # speech tokens per request: 1.6 s of audio keeps the tiny model fast
 
@@ -100,7 +104,8 @@ def test_voice_ids_are_stable_per_audio_and_model(tts: TurboTTS, voices: list[Vo
         ({"top_k": 0}, TTSInputError, "top_k", "top_k must be >= 1"),
         ({"top_p": 1.5}, TTSInputError, "top_p", r"top_p must be in \(0, 1\]"),
         ({"repetition_penalty": -1.0}, TTSInputError, "repetition_penalty", "repetition_penalty must be > 0"),
-        ({"max_new_tokens": 0}, TTSInputError, "max_new_tokens", "max_new_tokens must be >= 1"),
+        ({"max_new_tokens": 0}, TTSInputError, "max_new_tokens", r"max_new_tokens must be in \[1, 1000\]"),
+        ({"max_new_tokens": 1001}, TTSInputError, "max_new_tokens", r"must be in \[1, 1000\], got 1001"),
         ({"seed": -3}, TTSInputError, "seed", r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
@@ -109,6 +114,36 @@ def test_bad_requests_are_refused_naming_the_field(tts: TurboTTS, request_kwargs
     with pytest.raises(error, match=message) as info:
         tts.generate([TTSRequest("A good request first.", seed=1), request])
     assert info.value.field == field
+
+
+def test_a_first_stop_token_is_voiced_past_as_upstream_does(tiny_checkpoint: Path):
+    tts = TurboTTS.from_pretrained(local_dir=tiny_checkpoint, device="cpu")
+    stop_only_after_start(dict(tts.t3.named_parameters()))
+    request = TTSRequest("Stop first, then speak.", seed=5, top_k=1, max_new_tokens=TOKENS)
+    tokens = tts.speech_tokens([request])[0]
+    assert tokens.numel() == TOKENS  # STOP, then TOKENS more draws; the STOP is dropped
+    assert len(tts.generate([request], watermark=False)[0]) == 960 * (TOKENS + 3)
+
+
+def test_a_row_of_only_stop_tokens_vocodes_the_silence_tokens(tiny_checkpoint: Path):
+    tts = TurboTTS.from_pretrained(local_dir=tiny_checkpoint, device="cpu")
+    with torch.no_grad():  # STOP at every draw: the first is fed back, the second ends the row
+        tts.t3.speech_head.bias[STOP_SPEECH_TOKEN] += 1e3
+    request = TTSRequest("Nothing but stops.", seed=6, max_new_tokens=TOKENS)
+    assert tts.speech_tokens([request])[0].numel() == 0
+    wav = tts.generate([request], watermark=False)[0]
+    conditionals = tts.default_voice.conditionals
+    silence = S3GenRequest(
+        speech_tokens=torch.zeros(0, dtype=torch.long),
+        prompt_tokens=conditionals.prompt_tokens,
+        prompt_feat=conditionals.prompt_feat,
+        embedding=conditionals.embedding,
+        seed=derive_seed(6, "s3gen"),
+    )
+    expected = tts.s3gen.generate([silence])[0].numpy()
+    assert len(wav) == len(expected) == 960 * 3  # the built-in voice's prompt mel has an even length
+    assert np.abs(wav).max() > 0  # upstream vocodes its 3 silence tokens; it never pads zeros
+    np.testing.assert_array_equal(wav, expected)
 
 
 def test_prepare_voice_from_an_array_needs_its_rate(tts: TurboTTS):
@@ -141,6 +176,16 @@ def test_cli_synthesize_writes_a_24k_wav_of_960_samples_per_token(
     tokens = tts.speech_tokens([TTSRequest(text, voice=voice, seed=9, max_new_tokens=TOKENS)])[0]
     assert len(wav) == 960 * (tokens.numel() + 3)
     assert detect_watermark(wav, 24000) > 0.9
+
+
+def test_cli_refuses_max_new_tokens_over_the_bound_before_loading(tmp_path: Path):
+    out = tmp_path / "o.wav"
+    proc = _synthesize_cli(
+        "--text", "Hi.", "--out", str(out), "--checkpoint", str(tmp_path / "none"), "--max-new-tokens", "1001"
+    )
+    assert proc.returncode == 2
+    assert "--max-new-tokens: must be an integer in [1, 1000], got '1001'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_cli_reports_bad_input_without_a_traceback(tiny_checkpoint: Path, tmp_path: Path):

@@ -48,12 +48,20 @@ def test_command_line_strings_are_coerced():
         ({"chunking": {"max_chunk_chars": 64}}, "max_chunk_chars"),
         ({"ingress": {"max_queued_requests": 0}}, "max_queued_requests"),
         ({"limits": {"max_reference_seconds": 2}}, "max_reference_seconds"),
+        # A voice needs more than 5 s: a 5 s bound would refuse every reference.
+        ({"limits": {"max_reference_seconds": 5}}, "max_reference_seconds"),
         ({"max_batch_sise": 8}, "max_batch_sise"),  # typos are errors, not silently ignored
     ],
 )
 def test_bad_args_are_rejected(overrides, message):
     with pytest.raises(ValidationError, match=message):
         AppArgs.model_validate(overrides)
+
+
+def test_reference_bound_just_above_the_voice_minimum_is_accepted():
+    assert (
+        AppArgs.model_validate({"limits": {"max_reference_seconds": 5.5}}).limits.max_reference_seconds == 5.5
+    )
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from chatterbox.sampling import process_logits, sample, seed_keys
 from chatterbox.t3 import T3, SamplingParams, T3Request
 from chatterbox.testing import FULL, t3_state_dict
 from chatterbox.weights import CheckpointError, read_safetensors, subdict
+from tests.t3_weight_edits import stop_only_after_start
 
 START, STOP = 6561, 6562
 STOP_BIAS = 3.0  # makes the tiny random model sample STOP now and then, so rows end at different steps
@@ -216,6 +217,42 @@ def test_stop_token_ends_each_row_and_limits_hold(model: T3, stopping_model: T3)
         assert (full < 6561).all() and (short < 6561).all()
         assert torch.equal(full[: short.numel()], short)  # same draws up to the stop
     assert sum(s.numel() for s in stopped) < sum(f.numel() for f in unstopped)
+
+
+def test_a_first_stop_token_does_not_end_the_row(t3_file: Path):
+    """As upstream's inference_turbo: STOP drawn first is fed back and the row goes on."""
+    model = T3.from_file(t3_file)
+    stop_only_after_start(dict(model.named_parameters()))
+    requests = _requests(
+        model, [SamplingParams(top_k=1, seed=0, max_new_tokens=30 + 5 * i) for i in range(3)]
+    )
+    for request, tokens in zip(requests, model.generate(requests), strict=True):
+        assert tokens.numel() == request.sampling.max_new_tokens  # STOP + max_new_tokens, STOP dropped
+        logits = model.teacher_forced_logits([request], [torch.cat((torch.tensor([STOP]), tokens))])[0]
+        assert logits[0].argmax() == STOP  # greedy: the first draw was STOP
+        # ... and every later draw is the greedy token after STOP was fed back as the first input.
+        assert torch.equal(logits[1:-1].argmax(dim=1), tokens)
+
+
+def test_rows_past_their_own_run_stay_inside_the_position_table(t3_file: Path):
+    """A row that fills the table to its last entry shares a batch with a row that runs longer."""
+    state_dict = read_safetensors(t3_file)
+    state_dict["tfmr.wpe.weight"] = state_dict["tfmr.wpe.weight"][:64]  # a short table, same code
+    model = T3.from_state_dict(state_dict)
+    full, short = _requests(
+        model, [SamplingParams(seed=1, max_new_tokens=6), SamplingParams(seed=2, max_new_tokens=40)]
+    )
+    full.prompt_speech_tokens = torch.zeros(0, dtype=torch.long)
+    full.text_tokens = torch.arange(56)  # 1 speaker + 56 text + 1 start + 6 new = all 64 positions
+    batched = model.generate([full, short], ignore_stop_token=True)
+    assert [t.numel() for t in batched] == [7, 41]
+    for request, tokens in zip((full, short), batched, strict=True):
+        assert torch.equal(model.generate([request], ignore_stop_token=True)[0], tokens)
+    forced = [torch.arange(6), torch.arange(40)]
+    for request, tokens, logits in zip(
+        (full, short), forced, model.teacher_forced_logits([full, short], forced), strict=True
+    ):
+        assert (logits - model.teacher_forced_logits([request], [tokens])[0]).abs().max() <= 1e-5
 
 
 def test_bf16_backbone_keeps_float32_logits(model: T3, t3_file: Path):

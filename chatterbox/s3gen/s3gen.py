@@ -40,7 +40,7 @@ FADE_SAMPLES = S3GEN_SR // 50  # 20 ms of silence, then a 20 ms raised-cosine fa
 
 @dataclass
 class S3GenRequest:
-    speech_tokens: torch.Tensor  # (N,) int64, N >= 1, ids < 6561 (T3 output, already filtered)
+    speech_tokens: torch.Tensor  # (N,) int64, N >= 0, ids < 6561 (T3 output, already filtered)
     prompt_tokens: torch.Tensor  # (P,) int64 reference speech tokens
     prompt_feat: torch.Tensor  # (T_mel, 80) float reference mel, T_mel = 2P or 2P + 1
     embedding: torch.Tensor  # (192,) float CAMPPlus x-vector
@@ -55,7 +55,9 @@ class S3GenRequest:
             if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
                 raise ValueError(f"{where}: {name} must hold integer ids, got {tokens.dtype}")
             if tokens.numel() == 0:
-                raise ValueError(f"{where}: {name} is empty")
+                if name == "prompt_tokens":
+                    raise ValueError(f"{where}: prompt_tokens is empty")
+                continue  # T3 drew only stop tokens: the appended silence alone is vocoded, as upstream
             low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or high >= SPEECH_VOCAB_SIZE:
                 raise ValueError(
