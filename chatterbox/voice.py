@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from chatterbox.conditioning import VoiceConditionals
-from chatterbox.constants import MIN_REFERENCE_SECONDS, S3GEN_SR
+from chatterbox.constants import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS, S3GEN_SR
 from chatterbox.errors import (
     AudioTooLongError,
     InvalidAudioError,
@@ -38,7 +38,6 @@ REFERENCE_LUFS = -27.0
 SILENCE_PEAK = 10 ** (-60 / 20)  # a clip whose loudest sample is below -60 dBFS carries no voice
 VOICE_FORMAT = "chatterbox-serve-voice/1"
 # What a reference file may be, checked from its header before decoding (see decode_reference_audio).
-MAX_REFERENCE_SECONDS = 60.0  # the ingress passes its own limit (LimitsConfig.max_reference_seconds)
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 8

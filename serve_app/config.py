@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MIN_REFERENCE_SECONDS, TURBO_REPO_ID
+from chatterbox.constants import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_REFERENCE_SECONDS,
+    MIN_REFERENCE_SECONDS,
+    TURBO_REPO_ID,
+)
 
 TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
@@ -74,7 +80,7 @@ class LimitsConfig(_Strict):
     max_reference_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # Longer references are refused; a voice needs more than MIN_REFERENCE_SECONDS, so a bound at
     # or below it would refuse every voice.
-    max_reference_seconds: float = Field(60.0, gt=MIN_REFERENCE_SECONDS)
+    max_reference_seconds: float = Field(MAX_REFERENCE_SECONDS, gt=MIN_REFERENCE_SECONDS)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
 
 
@@ -143,7 +149,7 @@ class AppArgs(_Strict):
     model_max_ongoing_requests: int | None = Field(None, ge=1)
     voice_cache_size: int = Field(64, ge=1)  # prepared voices kept per model replica
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=DEFAULT_MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True
     autoscaling: AutoscalingSettings = AutoscalingSettings()
     chunking: ChunkingConfig = ChunkingConfig()
