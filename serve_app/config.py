@@ -138,6 +138,9 @@ class AppArgs(_Strict):
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
     # Chunks one model replica accepts at once; None: twice the batch size (one batch queued).
     model_max_ongoing_requests: int | None = Field(None, ge=1)
+    # Chunks of one request sent to the model at once (the next as an earlier one finishes); None:
+    # the batch size. More lets one long text fill more replicas, and crowd out short requests.
+    max_chunks_in_flight: int | None = Field(None, ge=1)
     voice_cache_size: int = Field(64, ge=1)  # prepared voices kept per model replica
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=DEFAULT_MAX_NEW_TOKENS)
@@ -161,6 +164,10 @@ class AppArgs(_Strict):
                 f"max_batch_size ({self.max_batch_size}), or batches can never fill"
             )
         return self
+
+    @property
+    def chunks_in_flight(self) -> int:
+        return self.max_chunks_in_flight or self.max_batch_size
 
     @property
     def batching(self) -> BatchingConfig:
