@@ -147,7 +147,7 @@ class Ingress:
         """Readiness: a model replica answered within READINESS_TIMEOUT_S and is not broken."""
         response = self._model.ready.remote()
         try:
-            await asyncio.wait_for(asyncio.ensure_future(response), READINESS_TIMEOUT_S)
+            await asyncio.wait_for(response, READINESS_TIMEOUT_S)
         except Exception as error:
             response.cancel()
             cause = root_cause(error)

@@ -132,7 +132,11 @@ def load_tts(source: ModelSource, device: str) -> TurboTTS:
 
 
 def replica_max_ongoing_requests() -> int | None:
-    """The running replica's `max_ongoing_requests` (None outside a Serve replica)."""
+    """The running replica's `max_ongoing_requests` (None outside a Serve replica).
+
+    Read from the replica context, not passed in at build time, so that a config file's override of
+    the deployment's `max_ongoing_requests` counts too (Ray 2.60 exposes it only privately).
+    """
     try:
         context = serve.get_replica_context()
     except RayServeException:
@@ -234,7 +238,7 @@ class TurboModel:
             raise outcome
         return outcome
 
-    async def _run_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray | Exception]:
+    async def _run_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray | BaseException]:
         """One outcome per job: its audio, or the exception that job alone should raise."""
         self._batches_run += 1
         self._items_run += len(jobs)
@@ -273,9 +277,9 @@ class TurboModel:
     def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
         return self._tts.generate(requests, watermark=False)
 
-    async def _resolve_voices(self, jobs: list[ChunkJob]) -> list[Voice | Exception]:
+    async def _resolve_voices(self, jobs: list[ChunkJob]) -> list[Voice | BaseException]:
         """The voice of every job: built-in, cached, or prepared now (each new reference once)."""
-        resolved: dict[str, Voice | Exception] = {}
+        resolved: dict[str, Voice | BaseException] = {}
         missing = {}
         for job in jobs:
             if job.voice is None or job.voice.voice_id in resolved:
@@ -291,7 +295,7 @@ class TurboModel:
             refs = [r for r in fetched if not isinstance(r, BaseException)]
             prepared = iter(await self._run_on_model(self._tts.prepare_voices, refs))
             for voice_id, ref in zip(missing, fetched, strict=True):
-                voice = ref if isinstance(ref, Exception) else next(prepared)
+                voice = ref if isinstance(ref, BaseException) else next(prepared)
                 resolved[voice_id] = voice
                 if isinstance(voice, Voice):
                     self._remember(voice_id, voice)

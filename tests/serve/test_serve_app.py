@@ -1,10 +1,12 @@
 """The Serve graph end to end on a real local Ray: HTTP, handle API, batching, voices, errors."""
 
+import asyncio
 import base64
 import io
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -19,7 +21,7 @@ from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
 from serve_app.audio import ms_to_samples
 from serve_app.chunking import split_text
-from serve_app.ingress import input_error, model_error, root_cause
+from serve_app.ingress import Ingress, input_error, model_error, root_cause
 from serve_app.model import ReplicaStats
 from serve_app.schemas import ChunkJob, StitchPlan, SynthesisError, SynthesisRequest, VoiceRef
 from tests.serve.conftest import APP_NAME, voice_wav
@@ -210,20 +212,30 @@ def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
     first, second = stats_after_probes(serve_app)
     assert (second.items_run - first.items_run, second.batches_run - first.batches_run) == (1, 1)
     long_items = second.items_run - before.items_run - 2
-    # Only the chunks in flight when the client went: at most one request's cap (one batch) of 40.
-    assert long_items <= serve_app.args.max_batch_size
+    dropped = second.items_cancelled - before.items_cancelled
+    # Of 40 chunks, only the request's cap in flight ever reached the replica; of those, the ones
+    # queued when the client went were dropped before running.
+    assert long_items + dropped <= serve_app.args.chunks_in_flight
+
+
+def chunk_job(text: str, voice: VoiceRef | None, request_id: str | None = None) -> ChunkJob:
+    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "repetition_penalty": 1.2}
+    return ChunkJob(request_id=request_id or text, text=text, voice=voice, seed=1, **settings)
+
+
+def broken_voice() -> VoiceRef:
+    """Not a ReferenceAudio: preparing it raises AttributeError, an error of no expected type."""
+    return VoiceRef(voice_id=f"not-a-reference-{time.monotonic()}", audio=ray.put("not a reference"))
 
 
 def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
-    def job(text: str, voice: VoiceRef | None) -> ChunkJob:
-        settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "repetition_penalty": 1.2}
-        return ChunkJob(request_id=text, text=text, voice=voice, seed=1, **settings)
-
     good_reference = decode_reference_audio(voice_wav(7.0))
     good_voice = VoiceRef(voice_id=good_reference.id, audio=ray.put(good_reference))
-    # Not a ReferenceAudio: preparing it raises AttributeError, an error of no expected type.
-    broken_voice = VoiceRef(voice_id="not-a-reference", audio=ray.put("not a reference"))
-    jobs = [job("Built-in.", None), job("Broken voice.", broken_voice), job("Cloned voice.", good_voice)]
+    jobs = [
+        chunk_job("Built-in.", None),
+        chunk_job("Broken voice.", broken_voice()),
+        chunk_job("Cloned voice.", good_voice),
+    ]
     before = serve_app.model.stats.remote().result()
     responses = [serve_app.model.synthesize_chunk.remote(j) for j in jobs]
     audio = [responses[0].result(), responses[2].result()]
@@ -235,6 +247,29 @@ def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
     assert after.voices_prepared - before.voices_prepared == 1
     error = model_error(raised.value)  # what the ingress answers the owner of the broken job
     assert (error.status, error.code) == (503, "synthesis_failed")
+
+
+def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
+    # The ingress's chunk fan-out, run here against the real model deployment: one bad chunk first,
+    # then 19 good ones, in batches of 2 so that the failure arrives while others still wait.
+    cap = serve_app.args.chunks_in_flight
+    ingress = SimpleNamespace(_model=serve_app.model, _max_chunks_in_flight=cap)
+    jobs = [chunk_job("Broken voice.", broken_voice(), "one-request")]
+    jobs += [chunk_job(f"Chunk {i}.", None, "one-request") for i in range(1, 20)]
+    batching = serve_app.args.batching
+    in_pairs = batching.model_copy(update={"max_batch_size": 2})
+    serve_app.model.reconfigure.remote(in_pairs.model_dump()).result()
+    try:
+        before = serve_app.model.stats.remote().result()
+        with pytest.raises(AttributeError):
+            asyncio.run(Ingress._synthesize_chunks(ingress, jobs))
+        first, second = stats_after_probes(serve_app)
+    finally:
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
+    ran = first.items_run - before.items_run - 1  # less the first probe
+    dropped = second.items_cancelled - before.items_cancelled
+    assert ran + dropped == cap  # the chunks after the first `cap` were never sent
+    assert ran <= 4 and dropped >= cap - 4  # the bad chunk's batch, and one formed before the cancel
 
 
 def test_reconfigure_never_raises_the_batch_size_above_max_ongoing_requests(serve_app):
