@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
 
 TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
+# On a CPU a batch costs about the sum of its chunks, so batching one request's chunks gains little
+# there, while a batch full of them holds a short request back for all of it (tiny profile: a
+# one-chunk request 4-6x slower behind a 7-chunk one at 8 in flight, 2.0-2.2x at 1).
+CPU_CHUNKS_IN_FLIGHT = 1
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
 
 
@@ -139,7 +143,8 @@ class AppArgs(_Strict):
     # Chunks one model replica accepts at once; None: twice the batch size (one batch queued).
     model_max_ongoing_requests: int | None = Field(None, ge=1)
     # Chunks of one request sent to the model at once (the next as an earlier one finishes); None:
-    # the batch size. More lets one long text fill more replicas, and crowd out short requests.
+    # the batch size on GPU replicas, CPU_CHUNKS_IN_FLIGHT on CPU ones. More lets one long text fill
+    # more of the replicas' batches, and hold short requests back longer.
     max_chunks_in_flight: int | None = Field(None, ge=1)
     voice_cache_size: int = Field(64, ge=1)  # prepared voices kept per model replica
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
@@ -165,9 +170,10 @@ class AppArgs(_Strict):
             )
         return self
 
-    @property
-    def chunks_in_flight(self) -> int:
-        return self.max_chunks_in_flight or self.max_batch_size
+    def chunks_in_flight(self, on_gpu: bool) -> int:
+        if self.max_chunks_in_flight is not None:
+            return self.max_chunks_in_flight
+        return self.max_batch_size if on_gpu else CPU_CHUNKS_IN_FLIGHT
 
     @property
     def batching(self) -> BatchingConfig:

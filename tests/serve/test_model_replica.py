@@ -188,6 +188,15 @@ def test_app_graph_and_cpu_options():
     assert deployments["Ingress"].max_ongoing_requests == 256
     assert deployments["Ingress"].max_queued_requests == 256  # a burst beyond this gets 503 at once
     assert deployments["Stitcher"].max_queued_requests == -1  # only the ingress admits requests
+    assert deployments["Ingress"].init_args[-1] == 1  # chunks in flight per request on a CPU model
+
+
+@pytest.mark.parametrize(
+    ("device", "max_chunks_in_flight", "expected"), [("cuda", None, 12), ("cuda", 3, 3), ("cpu", 5, 5)]
+)
+def test_chunks_in_flight_per_request(device, max_chunks_in_flight, expected):
+    args = AppArgs(device=device, max_batch_size=12, max_chunks_in_flight=max_chunks_in_flight)
+    assert deployments_of(args)["Ingress"].init_args[-1] == expected
 
 
 def test_gpu_share_and_serve_build_output():
