@@ -4,6 +4,10 @@ Every chunk is one `synthesize_chunk` call; a `Batcher` gathers calls from every
 `TurboTTS.generate` batch, formed each time the model is free. Voices are prepared once per replica
 and kept in an LRU keyed by the reference's content hash. Audio comes back unwatermarked: the
 stitcher watermarks the joined audio once.
+
+A failure in a batch stays with the chunks that cause it (`run_bisecting`); the rest of the batch
+gets its audio. A CUDA error leaves the context unusable: the replica then refuses every chunk and
+fails its health check, so Serve replaces it.
 """
 
 from __future__ import annotations
