@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
 
 TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
-# On a CPU a batch costs about the sum of its chunks, so batching one request's chunks gains little
-# there, while a batch full of them holds a short request back for all of it (tiny profile: a
-# one-chunk request 4-6x slower behind a 7-chunk one at 8 in flight, 2.0-2.2x at 1).
+# On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
+# little there, while a batch full of them holds a short request back for all of it. Tiny CPU
+# profile, one-chunk request 0.3 s behind a 7-chunk one, over its latency alone (loaded 2-core
+# machine, median of 5): 5.3x with all 7 in flight, 1.2x with 1.
 CPU_CHUNKS_IN_FLIGHT = 1
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
 
