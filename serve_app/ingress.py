@@ -219,6 +219,7 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
                 413,
@@ -301,7 +302,6 @@ class Ingress:
             http_request = TTSHttpRequest.model_validate(payload)
         except ValidationError as error:
             raise validation_error(error) from None
-        check_text(http_request.text)
         reference = None
         if http_request.reference_audio_base64 is not None:
             try:

@@ -379,6 +379,10 @@ def test_handle_api_raises_synthesis_errors(serve_app):
     with pytest.raises(SynthesisError) as raised:
         serve_app.ingress.synthesize.remote(SynthesisRequest(text="")).result()
     assert raised.value.code == "empty_text"
+    # The handle API refuses unspeakable characters as HTTP does.
+    with pytest.raises(SynthesisError) as raised:
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text="Hi \x00 there.")).result()
+    assert (raised.value.status, raised.value.code, raised.value.field) == (422, "invalid_parameter", "text")
 
 
 def test_a_chunk_the_engine_refuses_reaches_the_ingress_as_its_input_error(serve_app):
