@@ -157,6 +157,10 @@ def test_serve_config_imports_and_builds(path):
         assert built.ingress_deployment_name == "Ingress"
         # Serve refuses overrides for deployments the application does not have.
         assert {override.name for override in app.deployments} <= names
+        args = AppArgs.model_validate(app.args or {})
+        if args.device == "cuda":  # a GPU share even where no GPU is visible at build time
+            model = next(d for d in built.deployments if d.name == "TurboModel")
+            assert model.ray_actor_options["num_gpus"] == args.num_gpus
 
 
 def test_rayservice_serves_the_24gb_profile_with_autoscaling():

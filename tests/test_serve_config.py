@@ -102,4 +102,3 @@ def test_cpu_tiny_profile_runs_offline_on_loopback():
     assert config["http_options"]["host"] == "127.0.0.1"
     args = AppArgs.model_validate(config["applications"][0]["args"])
     assert (args.model, args.device) == ("tiny", "cpu")
-
