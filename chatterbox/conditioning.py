@@ -4,7 +4,7 @@ From one 24 kHz, loudness-normalised reference:
 - T3 prompt tokens: speech tokens of the first 15 s of the soxr-resampled 16 kHz audio (<= 375).
 - speaker embedding: voice encoder over the whole soxr-resampled 16 kHz audio.
 - S3Gen prompt (``embed_ref``): on the first 10 s, the 24 kHz mel, and the speech tokens and
-  CAMPPlus x-vector of the torchaudio-resampled 16 kHz audio; the tokens are cut to half the mel
+  CAMPPlus x-vector of the windowed-sinc-resampled 16 kHz audio; the tokens are cut to half the mel
   frames when the two disagree.
 The voice encoder runs batched over the references; the speech tokenizer, CAMPPlus and the mels
 run per reference (CAMPPlus is not mask-aware; for the tokenizer see ``condition``).
@@ -109,7 +109,7 @@ class VoiceConditioner(nn.Module):
         wavs_24k = [_validated_reference(wav, i) for i, wav in enumerate(ref_wavs_24k)]
 
         # Librosa's soxr resampler over the whole reference feeds T3's side; S3Gen's side
-        # (embed_ref) takes the first 10 s through torchaudio's resampler.
+        # (embed_ref) takes the first 10 s through the windowed-sinc resampler.
         refs_16k = [soxr_resample_24k_to_16k(wav) for wav in wavs_24k]
         speaker_embs = self.voice_encoder.embed_utterances(refs_16k)
         conditionals = []

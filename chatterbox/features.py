@@ -1,20 +1,21 @@
 """Audio front ends of voice conditioning: resamplers, spectrograms, filter banks (turbo-spec 4, 5.1, 5.2, 6).
 
-Each function reproduces the reference's arithmetic step for step (same library calls, same
-operation order), because the speech tokenizer rounds its outputs and small float differences in
-a feature could move a token across a rounding boundary.
+Each function reproduces the reference's arithmetic step for step (same operation order), because
+the speech tokenizer rounds its outputs and small float differences in a feature could move a token
+across a rounding boundary. The reference's windowed-sinc resampler and Kaldi filter bank come from
+torch's audio extension package, whose wheels each load only beside the one torch build they were
+compiled for; both are written here in plain torch (the parity suite checks them against it).
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import librosa
 import numpy as np
 import torch
-import torchaudio
 from torch import Tensor
-from torchaudio.compliance import kaldi
 
 from chatterbox.constants import S3_SR, S3GEN_SR
 
@@ -41,19 +42,42 @@ def soxr_resample_24k_to_16k(wav_24k: np.ndarray) -> np.ndarray:
     return librosa.resample(wav_24k, orig_sr=S3GEN_SR, target_sr=S3_SR)
 
 
+# Windowed-sinc resampling (Hann window, 6 zero crossings, cutoff at 99 % of the lower Nyquist
+# rate): the reference's default `Resample`, for the 24 kHz -> 16 kHz ratio alone (3 -> 2).
+SINC_ZERO_CROSSINGS = 6
+SINC_ROLLOFF = 0.99
+_SINC_IN, _SINC_OUT = S3GEN_SR // math.gcd(S3GEN_SR, S3_SR), S3_SR // math.gcd(S3GEN_SR, S3_SR)
+
+
 @lru_cache(maxsize=8)
-def _sinc_resampler(device: torch.device) -> torchaudio.transforms.Resample:
-    # The transform computes its kernel in float64 and caches it as float32; the functional form
-    # would build a float32 kernel and give different low bits.
-    return torchaudio.transforms.Resample(S3GEN_SR, S3_SR).to(device)
+def _sinc_kernel(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Polyphase kernel (out phases, 1, taps) and its half-width in input samples.
+
+    Built in float64 and rounded once to ``dtype``, as the reference's transform caches it.
+    """
+    cutoff = min(_SINC_IN, _SINC_OUT) * SINC_ROLLOFF  # in units of the common rate (8 kHz here)
+    width = math.ceil(SINC_ZERO_CROSSINGS * _SINC_IN / cutoff)
+    taps = torch.arange(-width, width + _SINC_IN, dtype=torch.float64) / _SINC_IN  # (taps,)
+    phases = -torch.arange(_SINC_OUT, dtype=torch.float64)[:, None, None] / _SINC_OUT  # (out, 1, 1)
+    t = ((phases + taps) * cutoff).clamp(-SINC_ZERO_CROSSINGS, SINC_ZERO_CROSSINGS)  # (out, 1, taps)
+    window = torch.cos(t * math.pi / SINC_ZERO_CROSSINGS / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+    kernel = sinc * window * (cutoff / _SINC_IN)
+    return kernel.to(device=device, dtype=dtype), width
 
 
 def sinc_resample_24k_to_16k(wav_24k: Tensor) -> Tensor:
-    """torchaudio's windowed-sinc resampler; feeds S3Gen's prompt tokens and the x-vector.
+    """Windowed-sinc 24 kHz -> 16 kHz; feeds S3Gen's prompt tokens and the x-vector.
 
-    (N,) float32 -> (ceil(2N/3),) float32.
+    (..., N) float -> (..., ceil(2N/3)), same device and dtype.
     """
-    return _sinc_resampler(wav_24k.device)(wav_24k[None])[0]
+    kernel, width = _sinc_kernel(wav_24k.device, wav_24k.dtype)
+    lead, n = wav_24k.shape[:-1], wav_24k.shape[-1]
+    padded = torch.nn.functional.pad(wav_24k.reshape(-1, 1, n), (width, width + _SINC_IN))  # (B, 1, N')
+    phases = torch.nn.functional.conv1d(padded, kernel, stride=_SINC_IN)  # (B, out, frames)
+    out = phases.transpose(1, 2).reshape(padded.shape[0], -1)  # phases interleaved in time order
+    return out[:, : math.ceil(_SINC_OUT * n / _SINC_IN)].reshape(*lead, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,13 +120,61 @@ def s3gen_mel(wav_24k: Tensor) -> Tensor:
     return torch.log(torch.clamp(mel, min=1e-5))[0].T
 
 
+# Kaldi filter bank with the options CAMPPlus uses (Kaldi's defaults at 16 kHz, no dither): 25 ms
+# frames every 10 ms that end inside the signal, DC removed, pre-emphasis 0.97, Povey window,
+# zero-padded to a 512-point FFT, power spectrum, 80 triangular mel bins on Kaldi's mel scale
+# from 20 Hz to Nyquist, natural log floored at float32 epsilon.
+FBANK_FRAME = 400
+FBANK_SHIFT = 160
+FBANK_FFT = 512
+FBANK_PREEMPHASIS = 0.97
+FBANK_LOW_HZ = 20.0
+
+
+def _kaldi_mel(hz: float) -> float:
+    return 1127.0 * math.log(1.0 + hz / 700.0)
+
+
+@lru_cache(maxsize=8)
+def _fbank_weights(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Povey window (frame,) and mel weights (FFT/2 + 1, bins); the Nyquist bin has weight 0.
+
+    Band edges are spaced evenly in mel between 20 Hz and Nyquist (scalars in float64, bands in
+    float32, as Kaldi's tables are computed).
+    """
+    window = torch.hann_window(FBANK_FRAME, periodic=False, dtype=torch.float32).pow(0.85)
+    mel_low = _kaldi_mel(FBANK_LOW_HZ)
+    step = (_kaldi_mel(S3_SR / 2) - mel_low) / (FBANK_BINS + 1)
+    band = torch.arange(FBANK_BINS, dtype=torch.float32)[:, None]  # (bins, 1)
+    left, centre, right = (mel_low + (band + k) * step for k in (0.0, 1.0, 2.0))
+    bin_hz = S3_SR / FBANK_FFT * torch.arange(FBANK_FFT // 2, dtype=torch.float32)  # (FFT/2,)
+    bin_mel = 1127.0 * (1.0 + bin_hz / 700.0).log()
+    rising, falling = (bin_mel - left) / (centre - left), (right - bin_mel) / (right - centre)
+    weights = torch.clamp(torch.minimum(rising, falling), min=0.0)  # (bins, FFT/2)
+    weights = torch.nn.functional.pad(weights, (0, 1))  # (bins, FFT/2 + 1)
+    return window.to(device=device, dtype=dtype), weights.T.contiguous().to(device=device, dtype=dtype)
+
+
+def kaldi_fbank(wav_16k: Tensor) -> Tensor:
+    """Kaldi log mel filter bank (turbo-spec 5.2). (..., N) at 16 kHz, N >= 400 -> (..., frames, 80)."""
+    window, weights = _fbank_weights(wav_16k.device, wav_16k.dtype)
+    frames = wav_16k.unfold(-1, FBANK_FRAME, FBANK_SHIFT)  # (..., 1 + (N - 400) // 160, 400)
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # the first sample repeats
+    frames = (frames - FBANK_PREEMPHASIS * previous) * window
+    frames = torch.nn.functional.pad(frames, (0, FBANK_FFT - FBANK_FRAME))
+    power = torch.fft.rfft(frames).abs().pow(2.0)  # (..., frames, FFT/2 + 1)
+    eps = torch.tensor(torch.finfo(torch.float32).eps, device=wav_16k.device, dtype=wav_16k.dtype)
+    return torch.maximum(power @ weights, eps).log()
+
+
 def kaldi_fbank_cmn(wav_16k: Tensor) -> Tensor:
     """CAMPPlus input: Kaldi log filter bank with per-utterance mean removed (turbo-spec 5.2).
 
-    (N,) at 16 kHz, N >= 400 -> (1 + (N - 400) // 160, 80).
+    (..., N) at 16 kHz, N >= 400 -> (..., 1 + (N - 400) // 160, 80).
     """
-    fbank = kaldi.fbank(wav_16k[None], num_mel_bins=FBANK_BINS)
-    return fbank - fbank.mean(dim=0, keepdim=True)
+    fbank = kaldi_fbank(wav_16k)
+    return fbank - fbank.mean(dim=-2, keepdim=True)
 
 
 @lru_cache(maxsize=4)

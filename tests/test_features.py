@@ -66,3 +66,24 @@ def test_voice_encoder_mel_is_linear_power():
     assert mel.shape == (1 + 16_000 // 160, 40) and mel.dtype == np.float32
     louder = features.voice_encoder_mel(2 * wav, 40)
     np.testing.assert_allclose(louder, 4 * mel, rtol=1e-5, atol=1e-6)  # power, no log
+
+
+def test_resampler_and_fbank_batch_rows_equal_each_row_alone():
+    rows = torch.stack([torch.from_numpy(tone(f, 1.0, 24_000)) for f in (220.0, 440.0, 880.0)])
+    batched = features.sinc_resample_24k_to_16k(rows)
+    assert batched.shape == (3, 16_000)
+    for row, out in zip(rows, batched, strict=True):
+        torch.testing.assert_close(out, features.sinc_resample_24k_to_16k(row), atol=1e-6, rtol=0)
+    fbank = features.kaldi_fbank(batched)
+    assert fbank.shape == (3, 1 + (16_000 - 400) // 160, 80)
+    for row, out in zip(batched, fbank, strict=True):
+        torch.testing.assert_close(out, features.kaldi_fbank(row), atol=1e-5, rtol=0)
+
+
+def test_resampler_and_fbank_follow_the_input_dtype():
+    wav = torch.from_numpy(tone(440.0, 0.5, 24_000)).double()
+    resampled = features.sinc_resample_24k_to_16k(wav)
+    assert resampled.dtype == torch.float64
+    fbank = features.kaldi_fbank(resampled)
+    assert fbank.dtype == torch.float64
+    torch.testing.assert_close(fbank.float(), features.kaldi_fbank(resampled.float()), atol=1e-4, rtol=1e-4)

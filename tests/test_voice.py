@@ -8,8 +8,8 @@ import numpy as np
 import pyloudnorm
 import pytest
 import torch
-from chatterbox.conditioning import VoiceConditionals
 
+from chatterbox.conditioning import VoiceConditionals
 from chatterbox.errors import (
     AudioTooLongError,
     InvalidAudioError,
