@@ -11,8 +11,10 @@ then cannot resolve string annotations (a `request: Request` parameter became a 
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -20,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -65,6 +67,12 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def lost_replica(error: BaseException) -> bool:
+    """Whether a replica on the request's path died: the stitcher's own death, or (as Serve reports it)
+    a RayServeException caused by the death of a model replica whose audio the stitcher awaited."""
+    return isinstance(error, RayActorError) or isinstance(error.__cause__, RayActorError)
+
+
 def validation_error(error: ValidationError) -> SynthesisError:
     """The first pydantic error as `invalid_parameter` (or `missing_parameter`) naming its field."""
     first = error.errors()[0]
@@ -106,6 +114,7 @@ class Ingress:
         self._stitching = stitching
         self._limits = limits
         self._model_info: ModelInfo | None = None
+        self._active_requests = 0
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -118,7 +127,10 @@ class Ingress:
             result = await self.synthesize(synthesis)
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
-            return error_response(error.status, error.code, error.message, field)
+            response = error_response(error.status, error.code, error.message, field)
+            if error.status in (429, 503):  # refused for now, not for good: say when to come back
+                response.headers["Retry-After"] = str(self._limits.retry_after_s)
+            return response
         except Exception:
             logger.exception("unexpected error in POST /v1/tts")
             return error_response(500, "internal_error", "internal error; see the server log")
@@ -130,6 +142,25 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        with self._admitted():
+            return await self._synthesize(request)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Holds one of `limits.max_active_requests` slots; without a free one, refuses at once: waiting
+        behind that many requests would take longer than a client should wait."""
+        limit = self._limits.max_active_requests
+        if limit is not None and self._active_requests >= limit:
+            raise SynthesisError(
+                503, "overloaded", f"the service is busy ({limit} requests in progress); retry later"
+            )
+        self._active_requests += 1
+        try:
+            yield
+        finally:
+            self._active_requests -= 1
+
+    async def _synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
                 413,
@@ -163,6 +194,12 @@ class Ingress:
             if isinstance(cause, TTSInputError):
                 raise input_error(cause) from None
             raise SynthesisError(503, "out_of_memory", str(cause)) from None
+        except Exception as error:
+            if not lost_replica(error):
+                raise
+            raise SynthesisError(
+                503, "replica_unavailable", "a replica failed while serving this request; retry it"
+            ) from None
 
     async def _get_model_info(self) -> ModelInfo:
         if self._model_info is None:
