@@ -196,26 +196,29 @@ def test_autoscaling_adds_a_model_replica_under_load_and_removes_it_after(ops_ap
         }
     )
     assert app.running_replicas() == 1
-    timeline: list[tuple[float, int]] = []
+    timeline = [(0.0, 1)]  # (seconds since the load started, running model replicas) at each change
 
     def replicas_reach(count: int) -> Callable[[], bool]:
         def check() -> bool:
-            timeline.append((round(time.monotonic() - start, 1), app.running_replicas()))
-            return timeline[-1][1] == count
+            running = app.running_replicas()
+            if running != timeline[-1][1]:
+                timeline.append((round(time.monotonic() - start, 1), running))
+            return running == count
 
         return check
 
     start = time.monotonic()
     with ClosedLoad(app.url, clients=8) as load:
         scale_up_s = wait_for(replicas_reach(2), timeout_s=60)
-        # Both replicas serve: the new one has run batches of its own.
-        wait_for(lambda: load.completed >= 8, timeout_s=30)
+        # Some more requests on two replicas; none may fail while the deployment scales.
+        scaled_up_at = load.completed
+        wait_for(lambda: load.completed >= scaled_up_at + 8, timeout_s=30)
     scale_down_s = wait_for(replicas_reach(1), timeout_s=90)
     print(f"\nautoscaling: up after {scale_up_s:.1f} s, down {scale_down_s:.1f} s after the load stopped")
-    print(f"replicas over time (s, running): {sorted(set(timeline))}")
+    print(f"running model replicas over time (s, count): {timeline}")
     print(f"load outcomes: {dict(load.outcomes)}")
     assert set(load.outcomes) == {"audio"}, load.outcomes
-    assert app.is_healthy()
+    wait_for(app.is_healthy, timeout_s=10)  # the status leaves DOWNSCALING at Serve's next update
 
 
 def test_redeploy_under_load_drops_no_request_in_flight(ops_app):
@@ -228,13 +231,15 @@ def test_redeploy_under_load_drops_no_request_in_flight(ops_app):
         before = load.completed
         # A new user_config; without a deployment `version`, each serve.run is also a new code version,
         # so Serve replaces every replica (ingress, model, stitcher) while requests are in flight.
+        redeploy_start = time.monotonic()
         app.deploy(shutdown=shutdown, max_batch_size=6)
-        replaced_s = wait_for(lambda: app.model_replica_actors().isdisjoint(original), timeout_s=60)
+        redeploy_s = time.monotonic() - redeploy_start
+        assert app.model_replica_actors().isdisjoint(original)
         during_redeploy = load.completed - before
         wait_for(lambda: load.completed >= before + during_redeploy + 6, timeout_s=60)
     print(
-        f"\nredeploy under load: {dict(load.outcomes)} ({during_redeploy} while redeploying, model replica "
-        f"replaced {replaced_s:.1f} s after serve.run returned), max latency {max(load.latencies):.1f} s"
+        f"\nredeploy under load: {dict(load.outcomes)}, {during_redeploy} of them completed during the "
+        f"{redeploy_s:.1f} s serve.run; max latency {max(load.latencies):.1f} s"
     )
     assert set(load.outcomes) == {"audio"}, load.outcomes
     assert app.is_healthy()
@@ -249,11 +254,15 @@ def test_a_model_replica_killed_mid_load_loses_no_request_silently(ops_app):
         wait_for(lambda: load.completed >= 6, timeout_s=60)
         before_kill = load.completed
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        killed_at = time.monotonic()
-        # Serve notices the death at its next health check and starts a replacement.
-        wait_for(lambda: victim not in app.model_replica_actors() and app.running_replicas() == 2, 30)
-        wait_for(app.is_healthy, timeout_s=30)
-        recovered_s = time.monotonic() - killed_at
+        # Healthy again: Serve noticed the death and a replacement replica is running beside the survivor.
+        recovered_s = wait_for(
+            lambda: (
+                len(app.model_replica_actors() - replicas) == 1
+                and app.model_status().replica_states == {ReplicaState.RUNNING: 2}
+                and app.is_healthy()
+            ),
+            timeout_s=30,
+        )
         after_recovery = load.completed
         wait_for(lambda: load.completed >= after_recovery + 6, timeout_s=60)
     print(
