@@ -10,10 +10,12 @@ then cannot resolve string annotations (a `request: Request` parameter became a 
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -71,6 +73,14 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def replica_lost(cause: BaseException) -> bool:
+    """Whether a replica on the request's path is broken or died: the stitcher's own death, or (as
+    Serve reports it) a RayServeException caused by the death of a model replica."""
+    return isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError) or isinstance(
+        cause.__cause__, RayActorError
+    )
+
+
 def model_error(error: Exception) -> SynthesisError:
     """What a client hears when its chunks or their stitching failed: the input error of a chunk the
     engine refused, else 503 (retryable): a replica broken or gone, memory, or a bug we log."""
@@ -79,8 +89,10 @@ def model_error(error: Exception) -> SynthesisError:
         return input_error(cause)
     if isinstance(cause, ChunkOutOfMemoryError):
         return SynthesisError(503, "out_of_memory", str(cause))
-    if isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError):
-        return SynthesisError(503, "model_unavailable", f"a model replica failed: {cause}; retry")
+    if replica_lost(cause):
+        return SynthesisError(
+            503, "replica_unavailable", f"a replica failed while serving this request: {cause}; retry"
+        )
     logger.error("synthesis failed", exc_info=cause)
     return SynthesisError(503, "synthesis_failed", "synthesis failed; retry, or see the server log")
 
@@ -178,6 +190,7 @@ class Ingress:
         self._limits = limits
         self._max_chunks_in_flight = max_chunks_in_flight
         self._model_info: ModelInfo | None = None
+        self._active_requests = 0
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -207,7 +220,10 @@ class Ingress:
             result = await self.synthesize(synthesis)
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
-            return error_response(error.status, error.code, error.message, field)
+            response = error_response(error.status, error.code, error.message, field)
+            if error.status in (429, 503):  # refused for now, not for good: say when to come back
+                response.headers["Retry-After"] = str(self._limits.retry_after_s)
+            return response
         except Exception:
             logger.exception("unexpected error in POST /v1/tts")
             return error_response(500, "internal_error", "internal error; see the server log")
@@ -219,6 +235,25 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        with self._admitted():
+            return await self._synthesize(request)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Holds one of `limits.max_active_requests` slots; without a free one, refuses at once: waiting
+        behind that many requests would take longer than a client should wait."""
+        limit = self._limits.max_active_requests
+        if limit is not None and self._active_requests >= limit:
+            raise SynthesisError(
+                503, "overloaded", f"the service is busy ({limit} requests in progress); retry later"
+            )
+        self._active_requests += 1
+        try:
+            yield
+        finally:
+            self._active_requests -= 1
+
+    async def _synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
