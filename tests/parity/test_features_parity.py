@@ -5,6 +5,8 @@ The error bound is 1e-5: absolute on resampled samples (peak 0.5) and on log fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -27,20 +29,21 @@ def _signals(lengths: tuple[int, ...], sample_rate: int) -> dict[str, torch.Tens
     return {f"wav_{n}": source[i * 7_919 : i * 7_919 + n].clone() for i, n in enumerate(lengths)}
 
 
-def _assert_within(errors: dict[str, float]) -> None:
-    print("max |error| per input:", errors)
+def _assert_matches_reference(task: str, inputs: dict[str, torch.Tensor], ours: Callable) -> None:
+    """``ours`` on every input equals the oracle's ``task`` within TOLERANCE (shape and dtype too)."""
+    expected, _ = run_reference(task, inputs)
+    errors = {}
+    for key, wav in inputs.items():
+        out = ours(wav)
+        assert out.shape == expected[key].shape and out.dtype == torch.float32
+        errors[key] = float((out - expected[key]).abs().max())
+    print(f"{task}: max |error| per input:", errors)
     assert all(error < TOLERANCE for error in errors.values()), errors  # NaN fails too
 
 
 def test_sinc_resampler_equals_torchaudio():
     inputs = _signals(RESAMPLE_LENGTHS, 24_000)
-    expected, _ = run_reference("features.resample", inputs)
-    errors = {}
-    for key, wav in inputs.items():
-        ours = features.sinc_resample_24k_to_16k(wav)
-        assert ours.shape == expected[key].shape and ours.dtype == torch.float32
-        errors[key] = float((ours - expected[key]).abs().max())
-    _assert_within(errors)
+    _assert_matches_reference("features.resample", inputs, features.sinc_resample_24k_to_16k)
     # Batched rows equal each row alone.
     batch = torch.stack([inputs["wav_240000"], inputs["wav_240000"].flip(0)])
     torch.testing.assert_close(
@@ -52,11 +55,4 @@ def test_sinc_resampler_equals_torchaudio():
 
 
 def test_kaldi_fbank_equals_torchaudio():
-    inputs = _signals(FBANK_LENGTHS, 16_000)
-    expected, _ = run_reference("features.fbank", inputs)
-    errors = {}
-    for key, wav in inputs.items():
-        ours = features.kaldi_fbank(wav)
-        assert ours.shape == expected[key].shape and ours.dtype == torch.float32
-        errors[key] = float((ours - expected[key]).abs().max())
-    _assert_within(errors)
+    _assert_matches_reference("features.fbank", _signals(FBANK_LENGTHS, 16_000), features.kaldi_fbank)
