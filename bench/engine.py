@@ -39,6 +39,7 @@ from bench.common import DTYPES, add_reference_args, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.hub import t3_weights_file
+from chatterbox.sampling import SamplingParams
 from chatterbox.testing import SIZES, make_checkpoint, t3_state_dict
 from tests.reference.oracle import reference_available, run_reference
 
@@ -68,7 +69,9 @@ def checkpoint_dir(size: str, base: Path | None, tmp: Path) -> Path:
 
 def make_requests(n: int, tokens: int) -> list[TTSRequest]:
     return [
-        TTSRequest(TEXTS[i % len(TEXTS)], seed=i, max_new_tokens=tokens - 1)  # + 1 from the prefill
+        TTSRequest(
+            TEXTS[i % len(TEXTS)], sampling=SamplingParams(seed=i, max_new_tokens=tokens - 1)
+        )  # + 1 from the prefill
         for i in range(n)
     ]
 

@@ -31,6 +31,7 @@ import torch
 from ray import serve
 
 from chatterbox.engine import TTSRequest
+from chatterbox.sampling import SamplingParams
 from chatterbox.watermark import apply_watermark
 from serve_app.app import build_app
 from serve_app.audio import encode_audio, ms_to_samples, stitch
@@ -85,7 +86,8 @@ def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
     pauses = [ms_to_samples(pause.get(c.break_after, 0.0), tts.sample_rate) for c in chunks[:-1]]
     crossfade = ms_to_samples(args.stitching.crossfade_ms, tts.sample_rate)
     requests = [
-        TTSRequest(text=c.text, seed=i, max_new_tokens=args.max_new_tokens) for i, c in enumerate(chunks)
+        TTSRequest(text=c.text, sampling=SamplingParams(seed=i, max_new_tokens=args.max_new_tokens))
+        for i, c in enumerate(chunks)
     ]
     times, audio_s = [], 0.0
     for run in range(runs + 1):  # the first run warms up

@@ -4,7 +4,7 @@ Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
 
     tts = TurboTTS.from_pretrained()                       # or local_dir=..., device=..., dtype=...
     voice = tts.prepare_voice(open("ref.wav", "rb").read())
-    wavs = tts.generate([TTSRequest("Hello there.", voice=voice, seed=1)])
+    wavs = tts.generate([TTSRequest("Hello there.", voice=voice, sampling=SamplingParams(seed=1))])
 
 A request's audio depends only on its own text, voice, settings and seed, never on what else
 shares its batch.
@@ -15,23 +15,19 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from chatterbox.conditioning import VoiceConditioner
-from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
-    MAX_NEW_TOKENS,
-    S3GEN_SR,
-    TURBO_REPO_ID,
-)
+from chatterbox.constants import S3GEN_SR, TURBO_REPO_ID
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.hub import resolve_checkpoint, t3_weights_file
 from chatterbox.s3gen import S3Gen, S3GenRequest
-from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3 import T3, T3Request
 from chatterbox.text import TextTokenizer, normalize_text
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio, reference_from_array
 from chatterbox.watermark import apply_watermark
@@ -43,16 +39,15 @@ S3GEN_FILE_PREFIXES = ("tokenizer.", "speaker_encoder.", "flow.", "mel2wav.")
 
 @dataclass(frozen=True)
 class TTSRequest:
-    """One utterance to synthesise. ``voice=None`` uses the checkpoint's built-in voice."""
+    """One utterance to synthesise. ``voice=None`` uses the checkpoint's built-in voice.
+
+    ``sampling.seed`` seeds the whole request: T3's sampling and S3Gen's noise draw streams
+    derived from it (``derive_seed``).
+    """
 
     text: str
     voice: Voice | None = None
-    seed: int | None = None
-    temperature: float = 0.8
-    top_k: int = 1000
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # at most MAX_NEW_TOKENS, as upstream
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -63,31 +58,12 @@ def derive_seed(seed: int, stream: str) -> int:
 
 @dataclass(frozen=True)
 class _Job:
-    """A validated request with its seed, voice and text tokens fixed."""
+    """A request with its seed, voice and text tokens fixed."""
 
     request: TTSRequest
     seed: int
     voice: Voice
     text_tokens: torch.Tensor
-
-
-def _validate_settings(request: TTSRequest, index: int) -> None:
-    """Reject bad sampling settings with the field named, before any model work."""
-    checks = (
-        ("temperature", request.temperature > 0, "must be > 0"),
-        ("top_k", request.top_k >= 1, "must be >= 1"),
-        ("top_p", 0 < request.top_p <= 1, "must be in (0, 1]"),
-        ("repetition_penalty", request.repetition_penalty > 0, "must be > 0"),
-        (
-            "max_new_tokens",
-            1 <= request.max_new_tokens <= MAX_NEW_TOKENS,
-            f"must be in [1, {MAX_NEW_TOKENS}]",
-        ),
-        ("seed", request.seed is None or 0 <= request.seed < 2**63, "must be in [0, 2**63)"),
-    )
-    for field, ok, rule in checks:
-        if not ok:
-            raise TTSInputError(f"request {index}: {field} {rule}, got {getattr(request, field)!r}", field)
 
 
 class TurboTTS:
@@ -216,14 +192,14 @@ class TurboTTS:
     # ------------------------------------------------------------------------------- synthesis
 
     def _jobs(self, requests: Sequence[TTSRequest]) -> list[_Job]:
-        """Validate every request and fix its seed and voice before any model work."""
+        """Tokenise every request's text and fix its seed and voice before any model work."""
         jobs = []
-        for i, request in enumerate(requests):
-            _validate_settings(request, i)
+        for request in requests:
+            seed = request.sampling.seed
             jobs.append(
                 _Job(
                     request=request,
-                    seed=request.seed if request.seed is not None else secrets.randbits(63),
+                    seed=seed if seed is not None else secrets.randbits(63),
                     voice=request.voice.to(self.device) if request.voice is not None else self.default_voice,
                     text_tokens=torch.tensor(self.text_tokens(request.text), dtype=torch.long),
                 )
@@ -236,14 +212,7 @@ class TurboTTS:
                 text_tokens=job.text_tokens,
                 speaker_emb=job.voice.conditionals.speaker_emb,
                 prompt_speech_tokens=job.voice.conditionals.t3_prompt_tokens,
-                sampling=SamplingParams(
-                    temperature=job.request.temperature,
-                    top_k=job.request.top_k,
-                    top_p=job.request.top_p,
-                    repetition_penalty=job.request.repetition_penalty,
-                    max_new_tokens=job.request.max_new_tokens,
-                    seed=derive_seed(job.seed, "t3"),
-                ),
+                sampling=replace(job.request.sampling, seed=derive_seed(job.seed, "t3")),
             )
             for job in jobs
         ]
@@ -278,7 +247,7 @@ class TurboTTS:
         """Float32 mono 24 kHz audio for each request, all requests in one T3 and one S3Gen batch.
 
         A request's audio is 960 samples per speech token plus 3 tokens of trailing silence.
-        ``ignore_stop_token`` makes every request run to ``max_new_tokens`` (for benchmarks).
+        ``ignore_stop_token`` makes every request run to its ``max_new_tokens`` (for benchmarks).
         """
         if not requests:
             return []

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from chatterbox.constants import STOP_SPEECH_TOKEN
 from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
+from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3Request
 from chatterbox.weights import read_safetensors
 from tests.audio_samples import encode, speechlike
@@ -42,7 +43,9 @@ def _compare_with_upstream(ckpt_dir: Path, tmp_path: Path) -> tuple[TurboTTS, TT
 
     tts = TurboTTS.from_pretrained(local_dir=ckpt_dir, device="cpu", dtype=torch.float32)
     voice = tts.prepare_voice(reference_clip.read_bytes())
-    request = TTSRequest(TEXT, voice=voice, seed=SEED, max_new_tokens=MAX_NEW_TOKENS, **SAMPLING)
+    request = TTSRequest(
+        TEXT, voice=voice, sampling=SamplingParams(seed=SEED, max_new_tokens=MAX_NEW_TOKENS, **SAMPLING)
+    )
     tokens = tts.speech_tokens([request])[0]
     ours = tts.generate([request], watermark=False)[0]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3 import T3, T3Request
 from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity

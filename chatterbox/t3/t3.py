@@ -19,58 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
     SPEECH_VOCAB_SIZE,
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
     T3_PROMPT_TOKENS,
     T3_SPEECH_VOCAB_SIZE,
 )
-from chatterbox.gpt2 import GPT2, GPT2Config, KVCache, linear_layout
-from chatterbox.sampling import process_logits, sample, seed_keys
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3.gpt2 import GPT2, GPT2Config, KVCache, linear_layout
+from chatterbox.t3.sampler import process_logits, sample, seed_keys
 from chatterbox.weights import CheckpointError, load_strict, read_safetensors, require_keys, subdict
 
-MAX_SEED = 2**63
 SYNC_EVERY = 8  # decode steps between the one host sync that asks "has any row finished?"
 COMPACT_FRACTION = 0.25  # pack the batch once this share of live rows has finished
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings; defaults are the reference's ``generate`` defaults.
-
-    ``max_new_tokens`` counts decode steps as the reference's ``max_gen_len`` does: a request
-    samples at most ``max_new_tokens + 1`` tokens (one from the prefill).
-    """
-
-    temperature: float = 0.8
-    top_k: int = 1000
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None  # None -> a fresh random seed per generate call
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0 or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(
-                f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}"
-            )
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens <= 0
-        ):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED
-        ):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass
