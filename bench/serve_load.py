@@ -30,14 +30,14 @@ import ray
 import torch
 from ray import serve
 
-from chatterbox.engine import TTSRequest
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.watermark import apply_watermark
 from serve_app.app import build_app
 from serve_app.audio import encode_audio, ms_to_samples, stitch
 from serve_app.chunking import split_text
-from serve_app.config import AppArgs, ModelSource
-from serve_app.model import load_tts
+from serve_app.config import AppArgs
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
@@ -79,8 +79,8 @@ def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
     torch.set_num_threads(replica_torch_threads(args.model_num_cpus))
-    source = ModelSource.from_args(args, device=device)
-    tts = load_tts(source, device)
+    checkpoint = resolve_model(args.model, args.revision, args.tiny_cache_dir)
+    tts = TurboTTS.from_checkpoint(checkpoint, device, getattr(torch, args.dtype) if args.dtype else None)
     chunks = split_text(TEXT, args.chunking.max_chunk_chars, tts.max_text_tokens)
     pause = {"sentence": args.stitching.sentence_pause_ms, "paragraph": args.stitching.paragraph_pause_ms}
     pauses = [ms_to_samples(pause.get(c.break_after, 0.0), tts.sample_rate) for c in chunks[:-1]]

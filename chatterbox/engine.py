@@ -24,7 +24,7 @@ import torch
 from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import S3GEN_SR, TURBO_REPO_ID
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
-from chatterbox.hub import resolve_checkpoint, t3_weights_file
+from chatterbox.hub import Checkpoint, hub_checkpoint, local_checkpoint, t3_weights_file
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
@@ -105,19 +105,20 @@ class TurboTTS:
         ``device`` defaults to CUDA when available; ``dtype`` to bf16 on CUDA (T3 and the flow;
         the vocoder stays fp32) and fp32 on CPU.
         """
-        ckpt_dir = resolve_checkpoint(repo_id, revision=revision, local_dir=local_dir)
-        model_id = f"{ckpt_dir.resolve()}" if local_dir is not None else f"{repo_id}@{ckpt_dir.name}"
-        return cls.from_dir(ckpt_dir, device=device, dtype=dtype, model_id=model_id)
+        checkpoint = (
+            local_checkpoint(local_dir) if local_dir is not None else hub_checkpoint(repo_id, revision)
+        )
+        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
 
     @classmethod
-    def from_dir(
+    def from_checkpoint(
         cls,
-        ckpt_dir: str | Path,
+        checkpoint: Checkpoint,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        model_id: str | None = None,
     ) -> TurboTTS:
-        ckpt_dir = Path(ckpt_dir)
+        """Load a resolved checkpoint, e.g. ``hub.resolve_model("tiny")`` (a Serve model source)."""
+        ckpt_dir = checkpoint.path
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -138,9 +139,7 @@ class TurboTTS:
                 f"tokenizer has {tokenizer.vocab_size} ids, T3's text embedding {t3.config.text_vocab} rows"
             )
         default_voice = Voice.from_builtin(ckpt_dir / "conds.pt")
-        return cls(
-            t3, s3gen, conditioner, tokenizer, default_voice, model_id or str(ckpt_dir.resolve()), device
-        )
+        return cls(t3, s3gen, conditioner, tokenizer, default_voice, checkpoint.model_id, device)
 
     # ----------------------------------------------------------------------------------- voices
 

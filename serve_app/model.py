@@ -25,7 +25,7 @@ import torch
 
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
-from chatterbox.testing import make_checkpoint
+from chatterbox.fixtures import make_checkpoint
 from chatterbox.voice import Voice
 from serve_app.batcher import Batcher
 from serve_app.config import TINY_MODEL, AppArgs, BatchingConfig, ModelSource, replica_device

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from chatterbox.fixtures import FULL, t3_state_dict
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request, gpt2
 from chatterbox.t3.gpt2 import NANO, TURBO, GPT2Config
 from chatterbox.t3.sampler import process_logits, sample, seed_keys
-from chatterbox.testing import FULL, t3_state_dict
 from chatterbox.weights import CheckpointError, read_safetensors, subdict
 from tests.t3_weight_edits import stop_only_after_start
 
