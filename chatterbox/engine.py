@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import S3GEN_SR, TURBO_REPO_ID
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.hub import Checkpoint, hub_checkpoint, local_checkpoint, t3_weights_file
@@ -30,6 +29,7 @@ from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
 from chatterbox.text import TextTokenizer, normalize_text
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio, reference_from_array
+from chatterbox.voice.conditioning import VoiceConditioner
 from chatterbox.watermark import apply_watermark
 from chatterbox.weights import CheckpointError, read_safetensors
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox.campplus import CAMPPlusConfig
-from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import SPEECH_VOCAB_SIZE
-from chatterbox.features import tokenizer_log_mel
-from chatterbox.speech_tokenizer import FSQ_SHRINK, FSQuantizer, SpeechTokenizerConfig
-from chatterbox.voice_encoder import VoiceEncoderConfig, partial_starts
+from chatterbox.voice.campplus import CAMPPlusConfig
+from chatterbox.voice.conditioning import VoiceConditioner
+from chatterbox.voice.features import tokenizer_log_mel
+from chatterbox.voice.speech_tokenizer import FSQ_SHRINK, FSQuantizer, SpeechTokenizerConfig
+from chatterbox.voice.voice_encoder import VoiceEncoderConfig, partial_starts
 from chatterbox.weights import CheckpointError, read_safetensors
 
 SR = 24_000

@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import S3GEN_SR
+from chatterbox.voice.conditioning import VoiceConditioner
 from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatterbox import features
+from chatterbox.voice import features
 from tests.audio_samples import speechlike
 from tests.reference.oracle import run_reference
 

@@ -13,38 +13,27 @@ run per reference (CAMPPlus is not mask-aware; for the tokenizer see ``condition
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chatterbox.campplus import CAMPPlus
 from chatterbox.constants import (
     S3GEN_PROMPT_SAMPLES_24K,
     SAMPLES_PER_TOKEN_24K,
     T3_PROMPT_SAMPLES_16K,
     T3_PROMPT_TOKENS,
 )
-from chatterbox.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_resample_24k_to_16k
-from chatterbox.speech_tokenizer import SpeechTokenizer
-from chatterbox.voice_encoder import VoiceEncoder
+from chatterbox.voice.campplus import CAMPPlus
+from chatterbox.voice.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_resample_24k_to_16k
+from chatterbox.voice.speech_tokenizer import SpeechTokenizer
+from chatterbox.voice.voice import VoiceConditionals
+from chatterbox.voice.voice_encoder import VoiceEncoder
 from chatterbox.weights import read_safetensors, subdict
 
 MEL_FRAMES_PER_TOKEN = 2  # S3Gen mel runs at 50 Hz, speech tokens at 25 Hz
 MIN_REFERENCE_SAMPLES_24K = 2 * SAMPLES_PER_TOKEN_24K  # 80 ms: enough for every front end and CAMPPlus
-
-
-@dataclass
-class VoiceConditionals:
-    """Everything a voice contributes to synthesis; computed once per voice and cached."""
-
-    speaker_emb: Tensor  # (S,) float32 voice-encoder embedding (T3 speaker input; S = 256)
-    t3_prompt_tokens: Tensor  # (P_t3,) int64, P_t3 <= 375: first 15 s of the reference
-    prompt_tokens: Tensor  # (P,) int64 S3Gen prompt tokens: first 10 s
-    prompt_feat: Tensor  # (T_mel, 80) float32 S3Gen mel of the first 10 s at 24 kHz
-    embedding: Tensor  # (192,) float32 CAMPPlus x-vector
 
 
 def _validated_reference(wav: np.ndarray, index: int) -> np.ndarray:

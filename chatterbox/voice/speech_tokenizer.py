@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatterbox.constants import SPEECH_VOCAB_SIZE
-from chatterbox.features import tokenizer_log_mel
+from chatterbox.voice.features import tokenizer_log_mel
 from chatterbox.weights import HEAD_DIM, CheckpointError, count_indexed, load_strict, require_keys
 
 FSQ_LEVELS = 3
