@@ -13,13 +13,13 @@ run per reference (CAMPPlus is not mask-aware; for the tokenizer see ``condition
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from chatterbox.constants import (
+    S3GEN_MEL_FRAMES_PER_TOKEN,
     S3GEN_PROMPT_SAMPLES_24K,
     SAMPLES_PER_TOKEN_24K,
     T3_PROMPT_SAMPLES_16K,
@@ -30,9 +30,8 @@ from chatterbox.voice.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_
 from chatterbox.voice.speech_tokenizer import SpeechTokenizer
 from chatterbox.voice.voice import VoiceConditionals
 from chatterbox.voice.voice_encoder import VoiceEncoder
-from chatterbox.weights import read_safetensors, subdict
+from chatterbox.weights import subdict
 
-MEL_FRAMES_PER_TOKEN = 2  # S3Gen mel runs at 50 Hz, speech tokens at 25 Hz
 MIN_REFERENCE_SAMPLES_24K = 2 * SAMPLES_PER_TOKEN_24K  # 80 ms: enough for every front end and CAMPPlus
 
 
@@ -76,13 +75,6 @@ class VoiceConditioner(nn.Module):
             VoiceEncoder.from_state_dict(ve_state_dict),
         )
 
-    @classmethod
-    def from_files(
-        cls, s3gen_path: str | Path, ve_path: str | Path, device: str | torch.device = "cpu"
-    ) -> VoiceConditioner:
-        s3gen_sd = read_safetensors(s3gen_path, prefixes=("tokenizer.", "speaker_encoder."))
-        return cls.from_state_dicts(s3gen_sd, read_safetensors(ve_path)).to(device)
-
     @property
     def device(self) -> torch.device:
         return self.speech_tokenizer.device
@@ -114,7 +106,7 @@ class VoiceConditioner(nn.Module):
             prompt_tokens, _ = self.speech_tokenizer.tokenize([prompt_16k])
             prompt_feat = s3gen_mel(prompt_24k)
             # The flow expects 2 mel frames per prompt token; the reference only ever drops tokens.
-            n_prompt = min(prompt_tokens.shape[1], prompt_feat.shape[0] // MEL_FRAMES_PER_TOKEN)
+            n_prompt = min(prompt_tokens.shape[1], prompt_feat.shape[0] // S3GEN_MEL_FRAMES_PER_TOKEN)
             conditionals.append(
                 VoiceConditionals(
                     speaker_emb=speaker_emb,
