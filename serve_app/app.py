@@ -33,7 +33,12 @@ def build_app(args: AppArgs) -> Application:
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
     return serve.deployment(Ingress, **Ingress.get_deployment_options(args)).bind(
-        model, stitcher, args.chunking, args.stitching, args.limits
+        model,
+        stitcher,
+        args.chunking,
+        args.stitching,
+        args.limits,
+        args.chunks_in_flight(on_gpu=num_gpus > 0),
     )
 
 

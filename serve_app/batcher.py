@@ -6,13 +6,17 @@ that arrive meanwhile go to later batches. Under steady load requests arrive one
 batches froze at one request's chunks: measured on CPU with 32 concurrent 3-chunk requests, batches
 of 3 while about 90 chunks waited in the replica. Here the runner takes the waiting items only once
 the previous batch has finished, so everything that arrived during a batch can join the next one.
+
+Batches take items round-robin over their owners (user requests), not in arrival order: a short
+request that arrives behind a long one joins the next batch instead of waiting for all of the long
+one's chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -22,42 +26,66 @@ Out = TypeVar("Out")
 class Batcher(Generic[Item, Out]):
     """`await batcher.submit(item)` gives the outcome `run` returned for that item.
 
-    `run(items)` gets at most `max_batch_size` items in arrival order and returns one outcome per
-    item; only one `run` is in flight at a time. A batch that is not full waits `wait_s` for more
-    items first. If `run` raises, every item of that batch gets the exception as its outcome. An
-    item whose caller was cancelled (its client went away) before its batch formed is dropped.
+    `run(items)` gets at most `max_batch_size` items, one per owner in turn (`owner(item)`; each
+    owner's items in arrival order), and returns one outcome per item; only one `run` is in flight
+    at a time. A batch that is not full waits `wait_s` for more items first. If `run` raises, every
+    item of that batch gets the exception as its outcome. An item whose caller was cancelled (its
+    client went away) before its batch formed is dropped and counted in `dropped`.
     """
 
     def __init__(
-        self, run: Callable[[list[Item]], Awaitable[list[Out]]], max_batch_size: int, wait_s: float
+        self,
+        run: Callable[[list[Item]], Awaitable[list[Out]]],
+        owner: Callable[[Item], Hashable],
+        max_batch_size: int,
+        wait_s: float,
     ) -> None:
         self._run = run
+        self._owner = owner
         self.max_batch_size = max_batch_size  # both may change between batches (reconfigure)
         self.wait_s = wait_s
-        self._waiting: deque[tuple[Item, asyncio.Future[Out | Exception]]] = deque()
+        self.dropped = 0
+        # Waiting items by owner; the first owner gives the next item, then goes to the back.
+        self._waiting: OrderedDict[Hashable, deque[tuple[Item, asyncio.Future[Out | Exception]]]] = (
+            OrderedDict()
+        )
         self._arrived = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> Out | Exception:
         future: asyncio.Future[Out | Exception] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.setdefault(self._owner(item), deque()).append((item, future))
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run_batches())
         return await future
+
+    def _num_waiting(self) -> int:
+        return sum(len(items) for items in self._waiting.values())
+
+    def _take_batch(self) -> list[tuple[Item, asyncio.Future[Out | Exception]]]:
+        batch = []
+        while self._waiting and len(batch) < self.max_batch_size:
+            owner, items = next(iter(self._waiting.items()))
+            item, future = items.popleft()
+            if items:
+                self._waiting.move_to_end(owner)
+            else:
+                del self._waiting[owner]
+            if future.cancelled():
+                self.dropped += 1
+            else:
+                batch.append((item, future))
+        return batch
 
     async def _run_batches(self) -> None:
         while True:
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if len(self._waiting) < self.max_batch_size and self.wait_s > 0:
+            if self._num_waiting() < self.max_batch_size and self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
-            batch = []
-            while self._waiting and len(batch) < self.max_batch_size:
-                item, future = self._waiting.popleft()
-                if not future.cancelled():
-                    batch.append((item, future))
+            batch = self._take_batch()
             if not batch:
                 continue
             try:

@@ -1,7 +1,7 @@
 """Ingress deployment: the HTTP API and the handle API of the TTS service.
 
 A request reads top to bottom: validate, split the text into chunks, decode the reference audio
-once, send every chunk to the model deployment at once, hand the pending results to the stitcher.
+once, send the chunks to the model deployment (a few at a time), hand their results to the stitcher.
 Every refusal is a `SynthesisError`, answered over HTTP as 4xx JSON `{"error": {...}}`.
 
 No `from __future__ import annotations` here: Serve re-creates the route methods for FastAPI, which
@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import re
+import uuid
 from typing import Any
 
 import ray
@@ -20,8 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -36,6 +38,7 @@ from serve_app.schemas import (
     ErrorDetail,
     ErrorResponse,
     ModelInfo,
+    ReplicaBrokenError,
     StitchPlan,
     SynthesisError,
     SynthesisRequest,
@@ -49,6 +52,8 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 
+# How long /readyz waits for a model replica (one that is busy answers between batches).
+READINESS_TIMEOUT_S = 5.0
 # HTTP status of each engine input-error code; a code not listed here is a 422.
 _INPUT_ERROR_STATUS = {"text_too_long": 413}
 # Handle-API field names that HTTP clients know under another name.
@@ -64,6 +69,29 @@ def root_cause(error: BaseException) -> BaseException:
     while isinstance(error, RayTaskError) and error.cause is not None:
         error = error.cause
     return error
+
+
+def model_error(error: Exception) -> SynthesisError:
+    """What a client hears when its chunks or their stitching failed: the input error of a chunk the
+    engine refused, else 503 (retryable): a replica broken or gone, memory, or a bug we log."""
+    cause = root_cause(error)
+    if isinstance(cause, TTSInputError):
+        return input_error(cause)
+    if isinstance(cause, ChunkOutOfMemoryError):
+        return SynthesisError(503, "out_of_memory", str(cause))
+    if isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError):
+        return SynthesisError(503, "model_unavailable", f"a model replica failed: {cause}; retry")
+    logger.error("synthesis failed", exc_info=cause)
+    return SynthesisError(503, "synthesis_failed", "synthesis failed; retry, or see the server log")
+
+
+async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> None:
+    """Wait until a call in `running` finishes and remove it; raise its error if it failed."""
+    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in finished:
+        del running[waiter]
+    for waiter in finished:
+        waiter.result()
 
 
 def validation_error(error: ValidationError) -> SynthesisError:
@@ -141,17 +169,36 @@ class Ingress:
         chunking: ChunkingConfig,
         stitching: StitchingConfig,
         limits: LimitsConfig,
+        max_chunks_in_flight: int,
     ) -> None:
         self._model = model
         self._stitcher = stitcher
         self._chunking = chunking
         self._stitching = stitching
         self._limits = limits
+        self._max_chunks_in_flight = max_chunks_in_flight
         self._model_info: ModelInfo | None = None
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
+        """Liveness: this ingress answers (asks nothing of the model)."""
         return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: a model replica answered within READINESS_TIMEOUT_S and is not broken."""
+        response = self._model.ready.remote()
+        try:
+            await asyncio.wait_for(response, READINESS_TIMEOUT_S)
+        except Exception as error:
+            response.cancel()
+            cause = root_cause(error)
+            logger.warning("not ready: %r", cause)
+            message = f"no model replica answered within {READINESS_TIMEOUT_S} s"
+            if not isinstance(cause, asyncio.TimeoutError):
+                message = f"model replica not ready: {cause}"
+            return error_response(503, "not_ready", message)
+        return JSONResponse({"status": "ready"})
 
     @api.post("/v1/tts", response_model=TTSHttpResponse, responses={"4XX": {"model": ErrorResponse}})
     async def tts(self, request: Request) -> JSONResponse:
@@ -172,6 +219,7 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
                 413,
@@ -184,8 +232,10 @@ class Ingress:
         if not chunks:
             raise SynthesisError(422, "empty_text", "text is empty", "text")
         voice = await self._resolve_voice(request.reference_audio)
+        request_id = uuid.uuid4().hex
         jobs = [
             ChunkJob(
+                request_id=request_id,
                 text=chunk.text,
                 voice=voice,
                 seed=None if request.seed is None else request.seed + i,
@@ -196,15 +246,37 @@ class Ingress:
             )
             for i, chunk in enumerate(chunks)
         ]
-        chunk_audio = [self._model.synthesize_chunk.remote(job) for job in jobs]
         plan = self._stitch_plan(chunks, info.sample_rate, request.format)
         try:
+            chunk_audio = await self._synthesize_chunks(jobs)
             return await self._stitcher.stitch.remote(plan, *chunk_audio)
-        except (TTSInputError, ChunkOutOfMemoryError) as error:
-            cause = root_cause(error)
-            if isinstance(cause, TTSInputError):
-                raise input_error(cause) from None
-            raise SynthesisError(503, "out_of_memory", str(cause)) from None
+        except Exception as error:
+            raise model_error(error) from None
+
+    async def _synthesize_chunks(self, jobs: list[ChunkJob]) -> list[DeploymentResponse]:
+        """The finished model calls of `jobs`, in order.
+
+        At most `max_chunks_in_flight` calls of one request run at once, the next sent as an earlier
+        one finishes, so a long text does not fill every replica's queue ahead of later requests.
+        When one call fails or this request is cancelled (its client went away), the calls still
+        running are cancelled: awaiting a response and being cancelled does not cancel its call.
+        """
+        responses: list[DeploymentResponse] = []
+        running: dict[asyncio.Future, DeploymentResponse] = {}
+        try:
+            for job in jobs:
+                if len(running) >= self._max_chunks_in_flight:
+                    await _first_finished(running)
+                response = self._model.synthesize_chunk.remote(job)
+                responses.append(response)
+                running[asyncio.ensure_future(response)] = response
+            while running:
+                await _first_finished(running)
+        finally:
+            for waiter, response in running.items():
+                response.cancel()
+                waiter.cancel()
+        return responses
 
     async def _get_model_info(self) -> ModelInfo:
         if self._model_info is None:
@@ -230,7 +302,6 @@ class Ingress:
             http_request = TTSHttpRequest.model_validate(payload)
         except ValidationError as error:
             raise validation_error(error) from None
-        check_text(http_request.text)
         reference = None
         if http_request.reference_audio_base64 is not None:
             try:

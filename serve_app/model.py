@@ -4,11 +4,16 @@ Every chunk is one `synthesize_chunk` call; a `Batcher` gathers calls from every
 `TurboTTS.generate` batch, formed each time the model is free. Voices are prepared once per replica
 and kept in an LRU keyed by the reference's content hash. Audio comes back unwatermarked: the
 stitcher watermarks the joined audio once.
+
+A failure in a batch stays with the chunks that cause it (`run_bisecting`); the rest of the batch
+gets its audio. A CUDA error leaves the context unusable: the replica then refuses every chunk and
+fails its health check, so Serve replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -22,6 +27,8 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 import torch
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
@@ -29,7 +36,7 @@ from chatterbox.fixtures import make_checkpoint
 from chatterbox.voice import Voice
 from serve_app.batcher import Batcher
 from serve_app.config import TINY_MODEL, AppArgs, BatchingConfig, ModelSource, replica_device
-from serve_app.schemas import ChunkJob, ChunkOutOfMemoryError, ModelInfo
+from serve_app.schemas import ChunkJob, ChunkOutOfMemoryError, ModelInfo, ReplicaBrokenError
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,36 +44,62 @@ Item = TypeVar("Item")
 Out = TypeVar("Out")
 
 
-def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) -> list[Out | Exception]:
-    """`fn(items)`, halving the batch on CUDA out-of-memory or a bad input until only culprits fail.
+def is_cuda_error(error: BaseException) -> bool:
+    """An accelerator error after which the CUDA context is unusable (out-of-memory is not one)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
 
-    Returns one outcome per item: fn's result, the item's TTSInputError, or ChunkOutOfMemoryError
-    when an item does not fit even alone. Any other exception propagates.
+
+def _detached(error: Exception) -> Exception:
+    """error without its traceback or chained exceptions, whose frames would keep tensors alive."""
+    error.__context__ = error.__cause__ = None
+    return error.with_traceback(None)
+
+
+def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) -> list[Out | Exception]:
+    """`fn(items)`, split up on failure until only the items that cause it fail.
+
+    Returns one outcome per item: fn's result, or the exception that item alone raises
+    (ChunkOutOfMemoryError when it does not fit in accelerator memory even alone). Out-of-memory
+    and bad input halve the batch; any other error retries the items one by one. Only a CUDA error
+    propagates: the context is unusable, so no retry can succeed.
     """
+    if not items:
+        return []
     try:
         return list(fn(items))
-    except (torch.cuda.OutOfMemoryError, TTSInputError) as error:
-        out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
-        if out_of_memory and torch.cuda.is_available():
+    except torch.cuda.OutOfMemoryError:
+        failure: Exception | None = None  # out of memory; keep nothing that holds the failed attempt
+    except TTSInputError as error:
+        failure = _detached(error)
+    except Exception as error:
+        if is_cuda_error(error):
+            raise
+        logger.warning("a batch of %d items failed", len(items), exc_info=True)
+        failure = _detached(error)
+    # Out of the handler: the exception, its traceback and the frames holding the failed attempt's
+    # activations and KV cache are gone (gc for reference cycles), so the retry has that memory.
+    half = len(items) // 2
+    if failure is None:
+        gc.collect()
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(items) == 1:
-            if out_of_memory:
-                return [
-                    ChunkOutOfMemoryError(
-                        "a chunk does not fit in accelerator memory even alone; lower "
-                        "chunking.max_chunk_chars or give each model replica more memory"
-                    )
-                ]
-            return [error]
-        half = len(items) // 2
-        if out_of_memory:
-            logger.warning(
-                "CUDA out of memory at batch size %d; retrying as %d + %d",
-                len(items),
-                half,
-                len(items) - half,
-            )
-        return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
+            return [
+                ChunkOutOfMemoryError(
+                    "a chunk does not fit in accelerator memory even alone; lower "
+                    "chunking.max_chunk_chars or give each model replica more memory"
+                )
+            ]
+        logger.warning(
+            "CUDA out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
+        )
+    elif len(items) == 1:
+        return [failure]
+    elif not isinstance(failure, TTSInputError):
+        return [outcome for item in items for outcome in run_bisecting(fn, [item])]
+    return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
 
 
 def ensure_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
@@ -76,7 +109,11 @@ def ensure_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
-    make_checkpoint(scratch, size="tiny", seed=seed)
+    try:
+        make_checkpoint(scratch, size="tiny", seed=seed)
+    except BaseException:  # a half-written checkpoint must not linger (nor ever be renamed into place)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     try:
         os.rename(scratch, target)
     except OSError:  # another replica finished first
@@ -98,14 +135,29 @@ def load_tts(source: ModelSource, device: str) -> TurboTTS:
     )
 
 
+def replica_max_ongoing_requests() -> int | None:
+    """The running replica's `max_ongoing_requests` (None outside a Serve replica).
+
+    Read from the replica context, not passed in at build time, so that a config file's override of
+    the deployment's `max_ongoing_requests` counts too (Ray 2.60 exposes it only privately).
+    """
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:
+        return None
+    return context._deployment_config.max_ongoing_requests
+
+
 @dataclass(frozen=True)
 class ReplicaStats:
-    """Counters of one replica since it started."""
+    """Counters of one replica since it started, and its current batch size."""
 
     batches_run: int
     items_run: int
+    items_cancelled: int  # dropped before their batch formed: their request was cancelled
     max_batch_size_seen: int
     voices_prepared: int
+    max_batch_size: int
 
 
 class TurboModel:
@@ -135,7 +187,12 @@ class TurboModel:
         self._voices: OrderedDict[str, Voice] = OrderedDict()
         self._voice_cache_size = voice_cache_size
         batching = BatchingConfig()  # reconfigure() applies the deployment's user_config
-        self._batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
+        self._batcher: Batcher[ChunkJob, np.ndarray] = Batcher(
+            self._run_batch,
+            owner=lambda job: job.request_id,
+            max_batch_size=batching.max_batch_size,
+            wait_s=batching.batch_wait_timeout_s,
+        )
         self._broken: str | None = None
         self._batches_run = 0
         self._items_run = 0
@@ -144,12 +201,25 @@ class TurboModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
-        self._batcher.max_batch_size = batching.max_batch_size
+        batch_size = batching.max_batch_size
+        # The replica never holds more chunk calls than this, so a larger batch could never fill
+        # (Serve updates the limit after calling reconfigure: a change of both at once sees the old one).
+        limit = replica_max_ongoing_requests()
+        if limit is not None and batch_size > limit:
+            logger.warning(
+                "max_batch_size %d exceeds max_ongoing_requests %d; using %d", batch_size, limit, limit
+            )
+            batch_size = limit
+        self._batcher.max_batch_size = batch_size
         self._batcher.wait_s = batching.batch_wait_timeout_s
 
     def check_health(self) -> None:
         if self._broken is not None:
-            raise RuntimeError(f"TurboModel replica is broken: {self._broken}")
+            raise ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}")
+
+    async def ready(self) -> None:
+        """Answers when this replica can serve; raises ReplicaBrokenError when it cannot."""
+        self.check_health()
 
     async def info(self) -> ModelInfo:
         return ModelInfo(sample_rate=self._tts.sample_rate, max_text_tokens=self._tts.max_text_tokens)
@@ -158,12 +228,15 @@ class TurboModel:
         return ReplicaStats(
             batches_run=self._batches_run,
             items_run=self._items_run,
+            items_cancelled=self._batcher.dropped,
             max_batch_size_seen=self._max_batch_size_seen,
             voices_prepared=self._voices_prepared,
+            max_batch_size=self._batcher.max_batch_size,
         )
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
         """(T,) float32 audio at the model's sample rate, unwatermarked."""
+        self.check_health()  # fail fast instead of queueing on a replica that can run nothing
         outcome = await self._batcher.submit(job)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -175,7 +248,7 @@ class TurboModel:
         self._items_run += len(jobs)
         self._max_batch_size_seen = max(self._max_batch_size_seen, len(jobs))
         voices = await self._resolve_voices(jobs)
-        runnable = [i for i, v in enumerate(voices) if not isinstance(v, BaseException)]
+        runnable = [i for i, v in enumerate(voices) if isinstance(v, Voice)]
         requests = [
             TTSRequest(
                 text=jobs[i].text,
@@ -189,14 +262,21 @@ class TurboModel:
             )
             for i in runnable
         ]
-        try:
-            audio = await asyncio.to_thread(run_bisecting, self._generate, requests)
-        except RuntimeError as error:
-            if "CUDA error" in str(error):  # the context is unusable: let Serve replace this replica
-                self._broken = str(error)
-            raise
+        audio = await self._run_on_model(self._generate, requests)
         audio_by_job = dict(zip(runnable, audio, strict=True))
         return [audio_by_job.get(i, voice) for i, voice in enumerate(voices)]  # voice: its error
+
+    async def _run_on_model(
+        self, fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]
+    ) -> list[Out | Exception]:
+        """run_bisecting(fn, items) off the event loop; a CUDA error breaks this replica for good."""
+        if self._broken is None:
+            try:
+                return await asyncio.to_thread(run_bisecting, fn, items)
+            except Exception as error:  # only a CUDA error leaves run_bisecting
+                logger.exception("CUDA error; this replica is broken and will be replaced")
+                self._broken = str(error)
+        return [ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}") for _ in items]
 
     def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
         return self._tts.generate(requests, watermark=False)
@@ -217,7 +297,7 @@ class TurboModel:
         if missing:
             fetched = await asyncio.gather(*missing.values(), return_exceptions=True)
             refs = [r for r in fetched if not isinstance(r, BaseException)]
-            prepared = iter(await asyncio.to_thread(run_bisecting, self._tts.prepare_voices, refs))
+            prepared = iter(await self._run_on_model(self._tts.prepare_voices, refs))
             for voice_id, ref in zip(missing, fetched, strict=True):
                 voice = ref if isinstance(ref, BaseException) else next(prepared)
                 resolved[voice_id] = voice

@@ -95,6 +95,10 @@ class ChunkOutOfMemoryError(RuntimeError):
     """A single chunk did not fit in accelerator memory even alone (raised by a model replica)."""
 
 
+class ReplicaBrokenError(RuntimeError):
+    """A model replica hit a CUDA error and serves nothing more; Serve's health check replaces it."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the ingress needs to know about the model replicas."""
@@ -116,6 +120,7 @@ class VoiceRef:
 class ChunkJob:
     """One model call: a chunk of text with its voice and sampling options."""
 
+    request_id: str  # the user request it belongs to: replicas batch requests round-robin
     text: str
     voice: VoiceRef | None  # None: the checkpoint's built-in voice
     seed: int | None

@@ -1,21 +1,29 @@
 """The Serve graph end to end on a real local Ray: HTTP, handle API, batching, voices, errors."""
 
+import asyncio
 import base64
 import io
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+import ray
 import soundfile as sf
 from ray import serve
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import RequestCancelledError
 
 from chatterbox.errors import TTSInputError
+from chatterbox.voice import decode_reference_audio
 from serve_app.audio import ms_to_samples
 from serve_app.chunking import split_text
-from serve_app.ingress import input_error, root_cause
-from serve_app.schemas import ChunkJob, StitchPlan, SynthesisError, SynthesisRequest
+from serve_app.ingress import Ingress, input_error, model_error, root_cause
+from serve_app.model import ReplicaStats
+from serve_app.schemas import ChunkJob, StitchPlan, SynthesisError, SynthesisRequest, VoiceRef
 from tests.serve.conftest import APP_NAME, voice_wav
 
 SR = 24_000
@@ -149,9 +157,137 @@ def test_reference_voice_is_prepared_once_per_replica(serve_app):
     assert after.voices_prepared - before.voices_prepared == 1
 
 
-def test_healthz(serve_app):
+def test_healthz_and_readyz(serve_app):
     response = httpx.get(f"{serve_app.url}/healthz", timeout=10)
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    response = httpx.get(f"{serve_app.url}/readyz", timeout=10)
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+# 40 one-sentence paragraphs: 40 chunks, five full batches of the test replica.
+LONG_TEXT = "\n\n".join(f"Line {i} of a long script." for i in range(40))
+
+
+def wait_for_items_run(serve_app, more_than: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while serve_app.model.stats.remote().result().items_run <= more_than:
+        assert time.monotonic() < deadline, "the replica ran nothing"
+        time.sleep(0.05)
+
+
+def stats_after_probes(serve_app) -> tuple[ReplicaStats, ReplicaStats]:
+    """Replica stats after one one-chunk request, and after a second one. Anything still queued or
+    sent before the first probe would run beside or before the second."""
+    snapshots = []
+    for i in range(2):
+        response = post(serve_app, {"text": f"Probe {i}.", "format": "pcm"})
+        assert response.status_code == 200, response.text
+        snapshots.append(serve_app.model.stats.remote().result())
+    return snapshots[0], snapshots[1]
+
+
+def test_a_short_request_behind_a_long_one_finishes_first(serve_app):
+    before = serve_app.model.stats.remote().result()
+    long = serve_app.ingress.synthesize.remote(SynthesisRequest(text=LONG_TEXT, format="pcm"))
+    wait_for_items_run(serve_app, before.items_run)  # the long request's first batch is running
+    short = post(serve_app, {"text": "A short one.", "format": "pcm"})
+    assert short.status_code == 200, short.text
+    with pytest.raises(TimeoutError):  # the long request is still running
+        long.result(timeout_s=0)
+
+    # Cancelling it (as its caller going away does) cancels its chunk calls: it runs no more batches.
+    long.cancel()
+    with pytest.raises((RequestCancelledError, TaskCancelledError)):
+        long.result()
+    first, second = stats_after_probes(serve_app)
+    assert (second.items_run - first.items_run, second.batches_run - first.batches_run) == (1, 1)
+    long_items = second.items_run - before.items_run - 3  # the short request and the two probes
+    assert long_items <= 3 * serve_app.args.max_batch_size < 40
+
+
+def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
+    cap = serve_app.args.chunks_in_flight(on_gpu=False)
+    before = serve_app.model.stats.remote().result()
+    with pytest.raises(httpx.ReadTimeout):
+        post(serve_app, {"text": LONG_TEXT, "format": "pcm"}, timeout=2.0)
+    gone = serve_app.model.stats.remote().result()
+    first, second = stats_after_probes(serve_app)
+    assert (second.items_run - first.items_run, second.batches_run - first.batches_run) == (1, 1)
+
+    def reached(since: ReplicaStats) -> int:
+        """The long request's chunks that reached the replica (run or dropped) since `since`."""
+        probes = 2
+        return second.items_run - since.items_run - probes + second.items_cancelled - since.items_cancelled
+
+    assert reached(before) >= 1
+    # Once its client went, only the chunks it had in flight (at most its cap of 40) ran or were dropped.
+    assert reached(gone) <= cap
+
+
+def chunk_job(text: str, voice: VoiceRef | None, request_id: str | None = None) -> ChunkJob:
+    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "repetition_penalty": 1.2}
+    return ChunkJob(request_id=request_id or text, text=text, voice=voice, seed=1, **settings)
+
+
+def broken_voice() -> VoiceRef:
+    """Not a ReferenceAudio: preparing it raises AttributeError, an error of no expected type."""
+    return VoiceRef(voice_id=f"not-a-reference-{time.monotonic()}", audio=ray.put("not a reference"))
+
+
+def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
+    good_reference = decode_reference_audio(voice_wav(7.0))
+    good_voice = VoiceRef(voice_id=good_reference.id, audio=ray.put(good_reference))
+    jobs = [
+        chunk_job("Built-in.", None),
+        chunk_job("Broken voice.", broken_voice()),
+        chunk_job("Cloned voice.", good_voice),
+    ]
+    before = serve_app.model.stats.remote().result()
+    responses = [serve_app.model.synthesize_chunk.remote(j) for j in jobs]
+    audio = [responses[0].result(), responses[2].result()]
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 and len(a) > 0 for a in audio)
+    with pytest.raises(AttributeError) as raised:
+        responses[1].result()
+    after = serve_app.model.stats.remote().result()
+    assert (after.batches_run - before.batches_run, after.items_run - before.items_run) == (1, 3)
+    assert after.voices_prepared - before.voices_prepared == 1
+    error = model_error(raised.value)  # what the ingress answers the owner of the broken job
+    assert (error.status, error.code) == (503, "synthesis_failed")
+
+
+def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
+    # The ingress's chunk fan-out, run here against the real model deployment: one bad chunk first,
+    # then 19 good ones, in batches of 2 so that the failure arrives while others still wait.
+    cap = serve_app.args.max_batch_size
+    ingress = SimpleNamespace(_model=serve_app.model, _max_chunks_in_flight=cap)
+    jobs = [chunk_job("Broken voice.", broken_voice(), "one-request")]
+    jobs += [chunk_job(f"Chunk {i}.", None, "one-request") for i in range(1, 20)]
+    batching = serve_app.args.batching
+    in_pairs = batching.model_copy(update={"max_batch_size": 2})
+    serve_app.model.reconfigure.remote(in_pairs.model_dump()).result()
+    try:
+        before = serve_app.model.stats.remote().result()
+        with pytest.raises(AttributeError):
+            asyncio.run(Ingress._synthesize_chunks(ingress, jobs))
+        first, second = stats_after_probes(serve_app)
+    finally:
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
+    ran = first.items_run - before.items_run - 1  # less the first probe
+    dropped = second.items_cancelled - before.items_cancelled
+    assert ran + dropped == cap  # the chunks after the first `cap` were never sent
+    assert ran <= 4 and dropped >= cap - 4  # the bad chunk's batch, and one formed before the cancel
+
+
+def test_reconfigure_never_raises_the_batch_size_above_max_ongoing_requests(serve_app):
+    limit = 2 * serve_app.args.max_batch_size  # the deployment's max_ongoing_requests
+    batching = serve_app.args.batching
+    try:
+        for asked, applied in [(4 * limit, limit), (3, 3)]:
+            user_config = batching.model_copy(update={"max_batch_size": asked}).model_dump()
+            serve_app.model.reconfigure.remote(user_config).result()
+            assert serve_app.model.stats.remote().result().max_batch_size == applied
+    finally:
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
 
 
 def b64(data: bytes) -> str:
@@ -243,12 +379,17 @@ def test_handle_api_raises_synthesis_errors(serve_app):
     with pytest.raises(SynthesisError) as raised:
         serve_app.ingress.synthesize.remote(SynthesisRequest(text="")).result()
     assert raised.value.code == "empty_text"
+    # The handle API refuses unspeakable characters as HTTP does.
+    with pytest.raises(SynthesisError) as raised:
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text="Hi \x00 there.")).result()
+    assert (raised.value.status, raised.value.code, raised.value.field) == (422, "invalid_parameter", "text")
 
 
 def test_a_chunk_the_engine_refuses_reaches_the_ingress_as_its_input_error(serve_app):
     # The ingress validates everything it can, so on CPU no request makes the engine refuse a chunk;
     # build the ingress's model -> stitcher hop by hand with a setting only the engine checks.
-    job = ChunkJob("Hi.", voice=None, seed=1, temperature=0.8, top_p=0.95, top_k=0, repetition_penalty=1.2)
+    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.2}
+    job = ChunkJob(request_id="engine-refusal", text="Hi.", voice=None, seed=1, **settings)
     plan = StitchPlan(chunk_texts=["Hi."], pauses=[], crossfade=0, sample_rate=SR, format="pcm")
     stitcher = serve.get_deployment_handle("Stitcher", APP_NAME)
     with pytest.raises(TTSInputError) as raised:  # what the ingress catches
