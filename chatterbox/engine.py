@@ -161,12 +161,13 @@ class TurboTTS:
         """Conditionals of several clips, batched where that is exact."""
         conditionals = self.conditioner.condition([ref.wav_24k for ref in references])
         return [
-            Voice(self._voice_id(ref), cond).to(self.device)
+            Voice(self.voice_id(ref.id), cond).to(self.device)
             for ref, cond in zip(references, conditionals, strict=True)
         ]
 
-    def _voice_id(self, reference: ReferenceAudio) -> str:
-        return hashlib.sha256(f"{reference.id}:{self.model_id}".encode()).hexdigest()
+    def voice_id(self, reference_id: str) -> str:
+        """The id of the voice this model prepares from the reference ``reference_id`` names."""
+        return hashlib.sha256(f"{reference_id}:{self.model_id}".encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------- text
 
