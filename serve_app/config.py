@@ -87,6 +87,11 @@ class LimitsConfig(_Strict):
     # or below it would refuse every voice.
     max_reference_seconds: float = Field(MAX_REFERENCE_SECONDS, gt=MIN_REFERENCE_SECONDS)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
+    # Requests one ingress replica works on at once; beyond it, 503 `overloaded` at once, in our JSON
+    # shape. Below `ingress.max_ongoing_requests`, so a request reaches this check before Serve queues
+    # it (Serve's own refusal is plain text). None: no check of our own.
+    max_active_requests: int | None = Field(None, ge=1)
+    retry_after_s: int = Field(2, ge=1)  # the Retry-After header of every 503 and 429
 
 
 class FrontDeploymentConfig(_Strict):
@@ -178,6 +183,17 @@ class AppArgs(_Strict):
             raise ValueError(
                 f"model_max_ongoing_requests ({self.model_max_ongoing_requests}) must be at least "
                 f"max_batch_size ({self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_admission(self) -> AppArgs:
+        active = self.limits.max_active_requests
+        if active is not None and active >= self.ingress.max_ongoing_requests:
+            raise ValueError(
+                f"limits.max_active_requests ({active}) must be below ingress.max_ongoing_requests "
+                f"({self.ingress.max_ongoing_requests}): Serve would queue requests before the ingress "
+                "could refuse them"
             )
         return self
 

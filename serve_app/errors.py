@@ -29,8 +29,9 @@ ERROR_STATUS: dict[str, int] = {
     "unsupported_media_type": 415,
     "internal_error": 500,
     "out_of_memory": 503,
-    "model_unavailable": 503,
+    "replica_unavailable": 503,
     "synthesis_failed": 503,
+    "overloaded": 503,
     "not_ready": 503,
 }
 INPUT_ERROR_STATUS = 422
@@ -88,6 +89,14 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def replica_lost(cause: BaseException) -> bool:
+    """Whether a replica on the request's path is broken or died: the stitcher's own death, or (as
+    Serve reports it) a RayServeException caused by the death of a model replica."""
+    return isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError) or isinstance(
+        cause.__cause__, RayActorError
+    )
+
+
 def model_error(error: Exception) -> SynthesisError:
     """What a client hears when its chunks or their stitching failed: the input error of a chunk the
     engine refused, else 503 (retryable): a replica broken or gone, memory, or a bug we log."""
@@ -96,8 +105,10 @@ def model_error(error: Exception) -> SynthesisError:
         return input_error(cause)
     if isinstance(cause, ChunkOutOfMemoryError):
         return SynthesisError("out_of_memory", str(cause))
-    if isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError):
-        return SynthesisError("model_unavailable", f"a model replica failed: {cause}; retry")
+    if replica_lost(cause):
+        return SynthesisError(
+            "replica_unavailable", f"a replica failed while serving this request: {cause}; retry"
+        )
     logger.error("synthesis failed", exc_info=cause)
     return SynthesisError("synthesis_failed", "synthesis failed; retry, or see the server log")
 

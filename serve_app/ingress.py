@@ -10,10 +10,12 @@ then cannot resolve string annotations (a `request: Request` parameter became a 
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -141,6 +143,7 @@ class Ingress:
         self._max_new_tokens = max_new_tokens
         self._max_chunks_in_flight = max_chunks_in_flight
         self._model_info: ModelInfo | None = None
+        self._active_requests = 0
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -170,7 +173,10 @@ class Ingress:
             result = await self.synthesize(synthesis)
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
-            return error_response(SynthesisError(error.code, error.message, field))
+            response = error_response(SynthesisError(error.code, error.message, field))
+            if error.status in (429, 503):  # refused for now, not for good: say when to come back
+                response.headers["Retry-After"] = str(self._limits.retry_after_s)
+            return response
         except Exception:
             logger.exception("unexpected error in POST /v1/tts")
             return error_response(SynthesisError("internal_error", "internal error; see the server log"))
@@ -182,6 +188,25 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        with self._admitted():
+            return await self._synthesize(request)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Holds one of `limits.max_active_requests` slots; without a free one, refuses at once: waiting
+        behind that many requests would take longer than a client should wait."""
+        limit = self._limits.max_active_requests
+        if limit is not None and self._active_requests >= limit:
+            raise SynthesisError(
+                "overloaded", f"the service is busy ({limit} requests in progress); retry later"
+            )
+        self._active_requests += 1
+        try:
+            yield
+        finally:
+            self._active_requests -= 1
+
+    async def _synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(

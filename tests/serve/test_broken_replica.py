@@ -58,4 +58,4 @@ def test_a_cuda_error_breaks_the_replica(serve_app):
         model.check_health()
     assert (stats.batches_run, stats.items_run) == (2, 3)  # the chunk after the fault never queued
     error = model_error(in_batch[1])  # what the ingress answers the innocent chunk's client
-    assert (error.status, error.code) == (503, "model_unavailable")
+    assert (error.status, error.code) == (503, "replica_unavailable")
