@@ -38,8 +38,9 @@ from safetensors.torch import save_file
 from bench.common import DTYPES, add_reference_args, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.hub import t3_weights_file
-from chatterbox.testing import SIZES, make_checkpoint, t3_state_dict
+from chatterbox.fixtures import SIZES, make_checkpoint, t3_state_dict
+from chatterbox.hub import local_checkpoint, t3_weights_file
+from chatterbox.sampling import SamplingParams
 from tests.reference.oracle import reference_available, run_reference
 
 TEXTS = (
@@ -68,7 +69,9 @@ def checkpoint_dir(size: str, base: Path | None, tmp: Path) -> Path:
 
 def make_requests(n: int, tokens: int) -> list[TTSRequest]:
     return [
-        TTSRequest(TEXTS[i % len(TEXTS)], seed=i, max_new_tokens=tokens - 1)  # + 1 from the prefill
+        TTSRequest(
+            TEXTS[i % len(TEXTS)], sampling=SamplingParams(seed=i, max_new_tokens=tokens - 1)
+        )  # + 1 from the prefill
         for i in range(n)
     ]
 
@@ -122,7 +125,9 @@ def main() -> None:
             audio = sum(ref["samples"]) / S3GEN_SR
             rows.append(("upstream, 1 by 1", 1, len(baseline), sum(ref["seconds"]), None, audio))
 
-        tts = TurboTTS.from_dir(ckpt_dir, device=args.device, dtype=DTYPES[args.dtype])
+        tts = TurboTTS.from_checkpoint(
+            local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
+        )
         timed_generate(tts, baseline[:1], args.device)  # warm-up (also loads the watermarker)
         generate_s = watermark_s = audio = 0.0
         for request in baseline:

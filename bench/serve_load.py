@@ -30,13 +30,14 @@ import ray
 import torch
 from ray import serve
 
-from chatterbox.engine import TTSRequest
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.hub import resolve_model
+from chatterbox.sampling import SamplingParams
 from chatterbox.watermark import apply_watermark
 from serve_app.app import build_app
-from serve_app.audio import encode_audio, ms_to_samples, stitch
+from serve_app.audio import encode_audio, stitch, stitch_plan
 from serve_app.chunking import split_text
-from serve_app.config import AppArgs, ModelSource
-from serve_app.model import load_tts
+from serve_app.config import AppArgs
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
@@ -78,14 +79,13 @@ def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
     torch.set_num_threads(replica_torch_threads(args.model_num_cpus))
-    source = ModelSource.from_args(args, device=device)
-    tts = load_tts(source, device)
+    checkpoint = resolve_model(args.model, args.revision, args.tiny_cache_dir)
+    tts = TurboTTS.from_checkpoint(checkpoint, device, getattr(torch, args.dtype) if args.dtype else None)
     chunks = split_text(TEXT, args.chunking.max_chunk_chars, tts.max_text_tokens)
-    pause = {"sentence": args.stitching.sentence_pause_ms, "paragraph": args.stitching.paragraph_pause_ms}
-    pauses = [ms_to_samples(pause.get(c.break_after, 0.0), tts.sample_rate) for c in chunks[:-1]]
-    crossfade = ms_to_samples(args.stitching.crossfade_ms, tts.sample_rate)
+    plan = stitch_plan(chunks, args.stitching, tts.sample_rate, "wav")
     requests = [
-        TTSRequest(text=c.text, seed=i, max_new_tokens=args.max_new_tokens) for i, c in enumerate(chunks)
+        TTSRequest(text=c.text, sampling=SamplingParams(seed=i, max_new_tokens=args.max_new_tokens))
+        for i, c in enumerate(chunks)
     ]
     times, audio_s = [], 0.0
     for run in range(runs + 1):  # the first run warms up
@@ -93,10 +93,10 @@ def time_direct(args: AppArgs, runs: int) -> tuple[float, float]:
         wavs = []
         for first in range(0, len(requests), args.max_batch_size):
             wavs += tts.generate(requests[first : first + args.max_batch_size], watermark=False)
-        wav = stitch(wavs, pauses, crossfade)
+        wav = stitch(wavs, plan.pauses, plan.crossfade)
         if args.watermark:
             wav = apply_watermark(wav, tts.sample_rate)
-        encode_audio(wav, tts.sample_rate, "wav")
+        encode_audio(wav, tts.sample_rate, plan.format)
         if device == "cuda":
             torch.cuda.synchronize()
         if run > 0:

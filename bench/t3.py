@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 
 from bench.common import DTYPES, add_reference_args
 from chatterbox.constants import TOKEN_HZ
-from chatterbox.t3 import T3, SamplingParams, T3Request
-from chatterbox.testing import SIZES, t3_state_dict
+from chatterbox.fixtures import SIZES, t3_state_dict
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3 import T3, T3Request
 from tests.reference.oracle import reference_available, run_reference
 
 

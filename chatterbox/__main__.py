@@ -9,8 +9,11 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, TURBO_REPO_ID
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
 from chatterbox.errors import ModelNotAvailableError, TTSInputError
+from chatterbox.sampling import SAMPLING_BOUNDS, SamplingParams
+
+MAX_NEW_TOKENS_BOUNDS = SAMPLING_BOUNDS["max_new_tokens"]
 
 
 def _synthesize(args: argparse.Namespace) -> None:
@@ -27,8 +30,9 @@ def _synthesize(args: argparse.Namespace) -> None:
         TTSRequest(
             text,
             voice=voice,
-            seed=None if args.seed is None else args.seed + i,
-            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingParams(
+                seed=None if args.seed is None else args.seed + i, max_new_tokens=args.max_new_tokens
+            ),
         )
         for i, text in enumerate(texts)
     ]
@@ -60,8 +64,10 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 
 def _max_new_tokens(value: str) -> int:
     """``--max-new-tokens``, checked while parsing so that a bad one fails before the model loads."""
-    if not value.isdigit() or not 1 <= int(value) <= MAX_NEW_TOKENS:
-        raise argparse.ArgumentTypeError(f"must be an integer in [1, {MAX_NEW_TOKENS}], got {value!r}")
+    if not value.isdigit() or not MAX_NEW_TOKENS_BOUNDS.contains(int(value)):
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in {MAX_NEW_TOKENS_BOUNDS.interval()}, got {value!r}"
+        )
     return int(value)
 
 
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens",
         type=_max_new_tokens,
         default=DEFAULT_MAX_NEW_TOKENS,
-        help=f"speech tokens at most (25 per second), 1 to {MAX_NEW_TOKENS}",
+        help=f"speech tokens at most (25 per second), in {MAX_NEW_TOKENS_BOUNDS.interval()}",
     )
     synth.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     synth.add_argument("--batch-size", type=int, default=16, help="utterances per batch for --text-file")

@@ -4,6 +4,9 @@ S3GEN_SR = 24_000  # output audio and S3Gen mel sample rate
 S3_SR = 16_000  # speech tokenizer, voice encoder and CAMPPlus sample rate
 TOKEN_HZ = 25  # speech tokens per second
 SAMPLES_PER_TOKEN_24K = S3GEN_SR // TOKEN_HZ  # 960
+S3GEN_MEL_BINS = 80  # channels of S3Gen's mel: the voice's prompt features, the flow's output
+S3GEN_MEL_FRAMES_PER_TOKEN = 2  # S3Gen's mel runs at 50 Hz, speech tokens at 25 Hz
+HEAD_DIM = 64  # every attention in Turbo (T3, speech tokenizer, flow) uses 64-wide heads
 
 SPEECH_VOCAB_SIZE = 6561  # valid speech codes (3^8); ids >= this never reach S3Gen
 START_SPEECH_TOKEN = 6561
@@ -43,4 +46,3 @@ PARALINGUISTIC_TAGS = (
 )
 
 TURBO_REPO_ID = "ResembleAI/chatterbox-turbo"
-NANO_REPO_ID = "ResembleAI/chatterbox-nano"

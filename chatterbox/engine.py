@@ -4,7 +4,7 @@ Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
 
     tts = TurboTTS.from_pretrained()                       # or local_dir=..., device=..., dtype=...
     voice = tts.prepare_voice(open("ref.wav", "rb").read())
-    wavs = tts.generate([TTSRequest("Hello there.", voice=voice, seed=1)])
+    wavs = tts.generate([TTSRequest("Hello there.", voice=voice, sampling=SamplingParams(seed=1))])
 
 A request's audio depends only on its own text, voice, settings and seed, never on what else
 shares its batch.
@@ -15,25 +15,21 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from chatterbox.conditioning import VoiceConditioner
-from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
-    MAX_NEW_TOKENS,
-    S3GEN_SR,
-    TURBO_REPO_ID,
-)
+from chatterbox.constants import S3GEN_SR, TURBO_REPO_ID
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
-from chatterbox.hub import resolve_checkpoint, t3_weights_file
+from chatterbox.hub import Checkpoint, hub_checkpoint, local_checkpoint, t3_weights_file
 from chatterbox.s3gen import S3Gen, S3GenRequest
-from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3 import T3, T3Request
 from chatterbox.text import TextTokenizer, normalize_text
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio, reference_from_array
+from chatterbox.voice.conditioning import VoiceConditioner
 from chatterbox.watermark import apply_watermark
 from chatterbox.weights import CheckpointError, read_safetensors
 
@@ -43,16 +39,15 @@ S3GEN_FILE_PREFIXES = ("tokenizer.", "speaker_encoder.", "flow.", "mel2wav.")
 
 @dataclass(frozen=True)
 class TTSRequest:
-    """One utterance to synthesise. ``voice=None`` uses the checkpoint's built-in voice."""
+    """One utterance to synthesise. ``voice=None`` uses the checkpoint's built-in voice.
+
+    ``sampling.seed`` seeds the whole request: T3's sampling and S3Gen's noise draw streams
+    derived from it (``derive_seed``).
+    """
 
     text: str
     voice: Voice | None = None
-    seed: int | None = None
-    temperature: float = 0.8
-    top_k: int = 1000
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # at most MAX_NEW_TOKENS, as upstream
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -63,31 +58,12 @@ def derive_seed(seed: int, stream: str) -> int:
 
 @dataclass(frozen=True)
 class _Job:
-    """A validated request with its seed, voice and text tokens fixed."""
+    """A request with its seed, voice and text tokens fixed."""
 
     request: TTSRequest
     seed: int
     voice: Voice
     text_tokens: torch.Tensor
-
-
-def _validate_settings(request: TTSRequest, index: int) -> None:
-    """Reject bad sampling settings with the field named, before any model work."""
-    checks = (
-        ("temperature", request.temperature > 0, "must be > 0"),
-        ("top_k", request.top_k >= 1, "must be >= 1"),
-        ("top_p", 0 < request.top_p <= 1, "must be in (0, 1]"),
-        ("repetition_penalty", request.repetition_penalty > 0, "must be > 0"),
-        (
-            "max_new_tokens",
-            1 <= request.max_new_tokens <= MAX_NEW_TOKENS,
-            f"must be in [1, {MAX_NEW_TOKENS}]",
-        ),
-        ("seed", request.seed is None or 0 <= request.seed < 2**63, "must be in [0, 2**63)"),
-    )
-    for field, ok, rule in checks:
-        if not ok:
-            raise TTSInputError(f"request {index}: {field} {rule}, got {getattr(request, field)!r}", field)
 
 
 class TurboTTS:
@@ -129,19 +105,20 @@ class TurboTTS:
         ``device`` defaults to CUDA when available; ``dtype`` to bf16 on CUDA (T3 and the flow;
         the vocoder stays fp32) and fp32 on CPU.
         """
-        ckpt_dir = resolve_checkpoint(repo_id, revision=revision, local_dir=local_dir)
-        model_id = f"{ckpt_dir.resolve()}" if local_dir is not None else f"{repo_id}@{ckpt_dir.name}"
-        return cls.from_dir(ckpt_dir, device=device, dtype=dtype, model_id=model_id)
+        checkpoint = (
+            local_checkpoint(local_dir) if local_dir is not None else hub_checkpoint(repo_id, revision)
+        )
+        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
 
     @classmethod
-    def from_dir(
+    def from_checkpoint(
         cls,
-        ckpt_dir: str | Path,
+        checkpoint: Checkpoint,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        model_id: str | None = None,
     ) -> TurboTTS:
-        ckpt_dir = Path(ckpt_dir)
+        """Load a resolved checkpoint, e.g. ``hub.resolve_model("tiny")`` (a Serve model source)."""
+        ckpt_dir = checkpoint.path
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -162,9 +139,7 @@ class TurboTTS:
                 f"tokenizer has {tokenizer.vocab_size} ids, T3's text embedding {t3.config.text_vocab} rows"
             )
         default_voice = Voice.from_builtin(ckpt_dir / "conds.pt")
-        return cls(
-            t3, s3gen, conditioner, tokenizer, default_voice, model_id or str(ckpt_dir.resolve()), device
-        )
+        return cls(t3, s3gen, conditioner, tokenizer, default_voice, checkpoint.model_id, device)
 
     # ----------------------------------------------------------------------------------- voices
 
@@ -186,12 +161,13 @@ class TurboTTS:
         """Conditionals of several clips, batched where that is exact."""
         conditionals = self.conditioner.condition([ref.wav_24k for ref in references])
         return [
-            Voice(self._voice_id(ref), cond).to(self.device)
+            Voice(self.voice_id(ref.id), cond).to(self.device)
             for ref, cond in zip(references, conditionals, strict=True)
         ]
 
-    def _voice_id(self, reference: ReferenceAudio) -> str:
-        return hashlib.sha256(f"{reference.id}:{self.model_id}".encode()).hexdigest()
+    def voice_id(self, reference_id: str) -> str:
+        """The id of the voice this model prepares from the reference ``reference_id`` names."""
+        return hashlib.sha256(f"{reference_id}:{self.model_id}".encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------- text
 
@@ -216,14 +192,14 @@ class TurboTTS:
     # ------------------------------------------------------------------------------- synthesis
 
     def _jobs(self, requests: Sequence[TTSRequest]) -> list[_Job]:
-        """Validate every request and fix its seed and voice before any model work."""
+        """Tokenise every request's text and fix its seed and voice before any model work."""
         jobs = []
-        for i, request in enumerate(requests):
-            _validate_settings(request, i)
+        for request in requests:
+            seed = request.sampling.seed
             jobs.append(
                 _Job(
                     request=request,
-                    seed=request.seed if request.seed is not None else secrets.randbits(63),
+                    seed=seed if seed is not None else secrets.randbits(63),
                     voice=request.voice.to(self.device) if request.voice is not None else self.default_voice,
                     text_tokens=torch.tensor(self.text_tokens(request.text), dtype=torch.long),
                 )
@@ -236,14 +212,7 @@ class TurboTTS:
                 text_tokens=job.text_tokens,
                 speaker_emb=job.voice.conditionals.speaker_emb,
                 prompt_speech_tokens=job.voice.conditionals.t3_prompt_tokens,
-                sampling=SamplingParams(
-                    temperature=job.request.temperature,
-                    top_k=job.request.top_k,
-                    top_p=job.request.top_p,
-                    repetition_penalty=job.request.repetition_penalty,
-                    max_new_tokens=job.request.max_new_tokens,
-                    seed=derive_seed(job.seed, "t3"),
-                ),
+                sampling=replace(job.request.sampling, seed=derive_seed(job.seed, "t3")),
             )
             for job in jobs
         ]
@@ -278,7 +247,7 @@ class TurboTTS:
         """Float32 mono 24 kHz audio for each request, all requests in one T3 and one S3Gen batch.
 
         A request's audio is 960 samples per speech token plus 3 tokens of trailing silence.
-        ``ignore_stop_token`` makes every request run to ``max_new_tokens`` (for benchmarks).
+        ``ignore_stop_token`` makes every request run to its ``max_new_tokens`` (for benchmarks).
         """
         if not requests:
             return []

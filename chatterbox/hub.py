@@ -1,7 +1,12 @@
-"""Finding checkpoint directories: a local directory, the Hugging Face cache, or a download."""
+"""Finding checkpoint directories: the built-in tiny checkpoint, a local directory, the Hugging Face
+cache, or a download."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -12,6 +17,16 @@ from chatterbox.errors import ModelNotAvailableError
 # What upstream downloads (it skips the non-meanflow s3gen.safetensors only by not loading it).
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.pt", "*.model"]
 REQUIRED_FILES = ("s3gen_meanflow.safetensors", "ve.safetensors", "vocab.json", "merges.txt")
+TINY_MODEL = "tiny"  # a seeded random checkpoint built locally (offline trial; it speaks noise)
+DEFAULT_TINY_CACHE_DIR = "~/.cache/chatterbox-serve"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory and the id naming its weights (part of every voice id)."""
+
+    path: Path
+    model_id: str
 
 
 def t3_weights_file(ckpt_dir: Path) -> Path:
@@ -75,3 +90,54 @@ def download(
             + f" ({type(exc).__name__}: {exc})"
         ) from exc
     return _check_complete(Path(path), f"download of {repo_id}")
+
+
+def local_checkpoint(local_dir: str | Path) -> Checkpoint:
+    """A checkpoint directory on disk, named by its resolved path."""
+    path = resolve_checkpoint(local_dir=Path(local_dir).expanduser())
+    return Checkpoint(path, str(path.resolve()))
+
+
+def hub_checkpoint(repo_id: str = TURBO_REPO_ID, revision: str | None = None) -> Checkpoint:
+    """A hub repo's checkpoint (cached or downloaded), named by repo and snapshot revision."""
+    path = resolve_checkpoint(repo_id, revision=revision)
+    return Checkpoint(path, f"{repo_id}@{path.name}")
+
+
+def cached_tiny_checkpoint(cache_dir: str | Path = DEFAULT_TINY_CACHE_DIR, seed: int = 0) -> Path:
+    """The seeded tiny checkpoint under ``cache_dir``, built once.
+
+    Building happens in a scratch directory renamed into place, so processes racing to build it
+    (Serve replicas starting together) never see a half-written checkpoint, and a failed build
+    leaves nothing behind.
+    """
+    from chatterbox.fixtures import make_checkpoint  # torch-heavy: only when the tiny model is asked for
+
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / f"turbo-tiny-seed{seed}"
+    if target.is_dir():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    try:
+        make_checkpoint(scratch, size="tiny", seed=seed)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process finished first: its checkpoint is the same seeded one.
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # already gone after a successful rename
+    return target
+
+
+def resolve_model(
+    model: str, revision: str | None = None, tiny_cache_dir: str | Path = DEFAULT_TINY_CACHE_DIR
+) -> Checkpoint:
+    """The checkpoint a model source names: ``"tiny"``, an existing local directory, else a hub repo id."""
+    if model == TINY_MODEL:
+        return local_checkpoint(cached_tiny_checkpoint(tiny_cache_dir))
+    if Path(model).expanduser().is_dir():
+        return local_checkpoint(model)
+    return hub_checkpoint(model, revision)

@@ -1,94 +1,101 @@
-"""Per-row logits processing and seeded sampling, as pure tensor functions (turbo-spec 3.4).
+"""Per-request sampling settings: their defaults, their bounds and their validation, defined once.
 
-Processors follow the reference order and HF semantics, each with its own per-row setting:
-temperature -> top-k -> top-p -> repetition penalty. Sampling is Gumbel-max over counter-based
-noise: each row's noise is a hash of (its seed, its step, the vocabulary index), computed on the
-device, so a seeded row draws the same tokens whether it runs alone or in any batch, and no
-device-to-host sync is needed.
+The engine (``TTSRequest``), T3 (``T3Request``) and the Serve graph all carry a ``SamplingParams``;
+the HTTP schemas build their fields from ``SAMPLING_BOUNDS`` and the defaults of ``SamplingParams``
+(``SamplingParams().top_p``), so a value the HTTP API accepts is a value the engine accepts.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
 
-MASK32 = 0xFFFFFFFF
-_HASH_MULTIPLIER = 0x45D9F3B  # < 2**31, so products of 32-bit values stay inside int64
-_STEP_SALT = 0x9E3779B9
-_INDEX_SALT = 0x7F4A7C15
-NOISE_BITS = 23  # random bits per uniform draw: float32 holds (k + 0.5) / 2**23 exactly
+from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+from chatterbox.errors import TTSInputError
 
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values in [0, 2**32)."""
-    x = ((x ^ (x >> 16)) * _HASH_MULTIPLIER) & MASK32
-    x = ((x ^ (x >> 16)) * _HASH_MULTIPLIER) & MASK32
-    return x ^ (x >> 16)
+MAX_SEED = 2**63  # seeds are 63-bit: derived stream seeds and the noise keys assume it
 
 
-def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 seeds in [0, 2**63) -> (B,) 32-bit row keys."""
-    return mix32(mix32(seeds & MASK32) ^ (seeds >> 32))
+@dataclass(frozen=True)
+class Bounds:
+    """The accepted range of one setting, named as pydantic's ``Field`` takes it (gt, ge, le, lt)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def interval(self) -> str:
+        """The range in interval notation, e.g. ``(0, 5]``."""
+        low = f"({_bound_text(self.gt)}" if self.gt is not None else f"[{_bound_text(self.ge)}"
+        high = f"{_bound_text(self.le)}]" if self.le is not None else f"{_bound_text(self.lt)})"
+        return f"{low}, {high}"
+
+    def field_kwargs(self) -> dict[str, float]:
+        """The bounds that are set, as keyword arguments (``Field(default, **bounds.field_kwargs())``)."""
+        named = {"gt": self.gt, "ge": self.ge, "le": self.le, "lt": self.lt}
+        return {name: value for name, value in named.items() if value is not None}
 
 
-def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise (B, vocab) float32, a pure function of (key, step, vocabulary index).
+# Upper bounds on temperature, top_k and repetition_penalty are sanity limits of the service
+# (beyond them sampling is noise or a single token); the lower bounds are what the maths needs.
+SAMPLING_BOUNDS: dict[str, Bounds] = {
+    "temperature": Bounds(gt=0, le=5),
+    "top_k": Bounds(ge=1, le=100_000),
+    "top_p": Bounds(gt=0, le=1),
+    "repetition_penalty": Bounds(ge=1, le=10),
+    "max_new_tokens": Bounds(ge=1, le=MAX_NEW_TOKENS),
+    "seed": Bounds(ge=0, lt=MAX_SEED),
+}
+INTEGER_SETTINGS = frozenset({"top_k", "max_new_tokens", "seed"})
 
-    keys (B,) 32-bit row keys; steps (B,) int64, how many tokens the row has sampled so far.
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples its speech tokens; defaults are the reference's ``generate`` defaults.
+
+    Construction validates every setting and raises ``TTSInputError`` naming the field.
+    ``max_new_tokens`` counts decode steps as the reference's ``max_gen_len`` does: a request
+    samples at most ``max_new_tokens + 1`` tokens (one from the prefill).
     """
-    step_keys = mix32(keys ^ mix32((steps + _STEP_SALT) & MASK32))  # (B,)
-    index_keys = mix32(torch.arange(vocab, device=keys.device) + _INDEX_SALT)  # (V,)
-    bits = mix32(step_keys[:, None] ^ index_keys[None, :]) >> (32 - NOISE_BITS)  # (B, V)
-    return gumbel_from_bits(bits)
+
+    temperature: float = 0.8
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None  # None -> a fresh random seed per generate call
+
+    def __post_init__(self) -> None:
+        for name, bounds in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            integer = name in INTEGER_SETTINGS
+            if not _is_number(value, integer) or not bounds.contains(value):
+                kind = "an integer" if integer else "a number"
+                optional = "None or " if name == "seed" else ""
+                raise TTSInputError(
+                    f"{name} must be {optional}{kind} in {bounds.interval()}, got {value!r}", name
+                )
 
 
-def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise from ``NOISE_BITS``-bit integers; always finite, in about [-2.8, 16.6].
-
-    ``(bits + 0.5) / 2**23`` is exact in float32 and strictly inside (0, 1). (With 24 bits the
-    largest value rounds to 1.0, the noise becomes +inf, and a filtered -inf score turns into a
-    NaN that argmax picks: a token top-k had removed.)
-    """
-    uniform = (bits.float() + 0.5) / 2**NOISE_BITS
-    return -torch.log(-torch.log(uniform))
+def _bound_text(value: float | None) -> str:
+    return "2**63" if value == MAX_SEED else f"{value:g}"
 
 
-def process_logits(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    repetition_penalty: torch.Tensor,
-    candidates: int,
-) -> torch.Tensor:
-    """Apply temperature, top-k, top-p and repetition penalty per row; filtered entries become -inf.
-
-    logits (B, V) float32; seen (B, V) bool, the ids the repetition penalty applies to;
-    temperature, top_p, repetition_penalty (B,) float32; top_k (B,) int64 >= 1; candidates: a
-    host-side bound on top_k (the batch's largest), so only that many scores per row are sorted.
-    A top_p of 1 disables top-p for that row, as HF skips the processor then. (Only if the k-th
-    score is tied beyond ``candidates`` places would the tied extras miss top-p's normalisation.)
-    """
-    scores = logits / temperature[:, None]
-    top_scores, top_ids = scores.topk(min(candidates, scores.shape[-1]), dim=-1)  # descending
-    k = top_k.clamp(max=top_scores.shape[-1])[:, None]
-    kth_score = top_scores.gather(1, k - 1)
-    remove_top = top_scores < kth_score  # ties with the k-th score are kept, as in HF
-    # Top-p over the top-k survivors, as HF computes it: cumulative softmax in ascending order,
-    # drop where it is <= 1 - p, always keep the most likely token.
-    ascending = top_scores.masked_fill(remove_top, float("-inf")).flip(-1)
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    remove_ascending = cumulative <= (1 - top_p)[:, None]
-    remove_ascending[:, -1] = False
-    remove_ascending &= (top_p < 1)[:, None]
-    remove = (scores < kth_score).scatter_(1, top_ids, remove_top | remove_ascending.flip(-1))
-    scores = scores.masked_fill(remove, float("-inf"))
-    # HF repetition penalty: once per distinct seen id, shrinking positive and growing negative scores.
-    penalty = repetition_penalty[:, None]
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen, penalised, scores)
-
-
-def sample(scores: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Draw one id per row from softmax(scores) by Gumbel-max: (B, V) -> (B,) int64."""
-    return (scores + gumbel_noise(keys, steps, scores.shape[-1])).argmax(dim=-1)
+def _is_number(value: object, integer: bool) -> bool:
+    """An int (never a bool) for integer settings; a finite int or float otherwise."""
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -12,26 +12,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-
-HEAD_DIM = 64  # every attention in Turbo uses 64-wide heads
 
 
 class CheckpointError(ValueError):
     """A checkpoint file does not match the module it is loaded into."""
 
 
-def read_safetensors(path: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; with ``prefixes``, only (and only reading) those keys."""
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if prefixes is None:
-        return load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}  # noqa: SIM118
+    return load_file(str(path))
 
 
 def require_keys(state_dict: Mapping[str, torch.Tensor], keys: tuple[str, ...], what: str) -> None:

@@ -29,7 +29,7 @@ def build_app(args: AppArgs) -> Application:
     source = ModelSource.from_args(args)
     num_gpus = replica_num_gpus(args, visible_gpus())
     model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
-        source, args.voice_cache_size, args.max_new_tokens
+        source, args.voice_cache_size
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
     return serve.deployment(Ingress, **Ingress.get_deployment_options(args)).bind(
@@ -38,6 +38,7 @@ def build_app(args: AppArgs) -> Application:
         args.chunking,
         args.stitching,
         args.limits,
+        args.max_new_tokens,
         args.chunks_in_flight(on_gpu=num_gpus > 0),
     )
 

@@ -1,5 +1,7 @@
 """Join chunk audio and encode it. Pure functions on float32 mono arrays; no Ray, no model.
 
+The stitch plan (`stitch_plan`) turns a text's chunks into the pauses and crossfade between them.
+
 Joining: chunk i+1 starts `pause_i - crossfade_i` samples after chunk i ends, where
 `crossfade_i = min(crossfade, len(chunk_i), len(chunk_i+1))`. Chunk i's last `crossfade_i` samples
 fade out and chunk i+1's first `crossfade_i` fade in (complementary linear ramps), and overlapping
@@ -12,10 +14,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import soundfile as sf
+
+from serve_app.chunking import TextChunk
+from serve_app.config import StitchingConfig
 
 AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container
 # (libsndfile container, subtype) per format; pcm is written by hand (no header).
@@ -29,6 +35,32 @@ _SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {
 
 def ms_to_samples(ms: float, sample_rate: int) -> int:
     return round(ms * sample_rate / 1000)
+
+
+@dataclass(frozen=True)
+class StitchPlan:
+    """How the stitcher joins the chunk audio it receives (in this order)."""
+
+    chunk_texts: list[str]
+    pauses: list[int]  # samples after every chunk but the last
+    crossfade: int  # samples
+    sample_rate: int
+    format: AudioFormat
+
+
+def stitch_plan(
+    chunks: Sequence[TextChunk], stitching: StitchingConfig, sample_rate: int, audio_format: AudioFormat
+) -> StitchPlan:
+    """The plan of a text's chunks: a pause after each by how it ends (paragraph, sentence, or none
+    mid-sentence) and one crossfade, in samples."""
+    pause_ms = {"paragraph": stitching.paragraph_pause_ms, "sentence": stitching.sentence_pause_ms}
+    return StitchPlan(
+        chunk_texts=[c.text for c in chunks],
+        pauses=[ms_to_samples(pause_ms.get(c.break_after, 0.0), sample_rate) for c in chunks[:-1]],
+        crossfade=ms_to_samples(stitching.crossfade_ms, sample_rate),
+        sample_rate=sample_rate,
+        format=audio_format,
+    )
 
 
 def chunk_starts(lengths: Sequence[int], pauses: Sequence[int], crossfade: int) -> tuple[list[int], int]:

@@ -19,8 +19,8 @@ from chatterbox.constants import (
     MIN_REFERENCE_SECONDS,
     TURBO_REPO_ID,
 )
+from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
 
-TINY_MODEL = "tiny"  # `model=tiny`: a seeded random checkpoint built locally (offline; it speaks noise)
 # On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
 # little there, while a batch full of them holds a short request back for all of it. Tiny CPU
 # profile, one-chunk request 0.3 s behind a 7-chunk one, over its latency alone (loaded 2-core
@@ -142,10 +142,11 @@ def front_deployment_options(
 class AppArgs(_Strict):
     """Everything `build_app` needs; every field has a production default."""
 
-    # Model source: "tiny", an existing local checkpoint directory, or a Hugging Face repo id.
+    # Model source (chatterbox.hub.resolve_model): "tiny" (a seeded random checkpoint built locally:
+    # an offline trial that speaks noise), an existing local checkpoint directory, or a hub repo id.
     model: str = TURBO_REPO_ID
     revision: str | None = None
-    tiny_cache_dir: str = "~/.cache/chatterbox-serve"
+    tiny_cache_dir: str = DEFAULT_TINY_CACHE_DIR
     # "auto": request `num_gpus` per replica when Ray (or, before Ray starts, torch) sees a GPU, and
     # run on CUDA when Ray assigned the replica one. Name "cuda" on clusters that add GPU nodes on
     # demand: none is visible when the application is built.

@@ -16,6 +16,7 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -23,31 +24,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
-from serve_app.audio import ms_to_samples
-from serve_app.chunking import TextChunk, split_text
+from serve_app.audio import stitch_plan
+from serve_app.chunking import split_text
 from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingConfig, front_deployment_options
+from serve_app.errors import (
+    SynthesisError,
+    error_response,
+    input_error,
+    model_error,
+    root_cause,
+    validation_error,
+)
 from serve_app.schemas import (
     ChunkJob,
-    ChunkOutOfMemoryError,
-    ErrorDetail,
     ErrorResponse,
     ModelInfo,
-    ReplicaBrokenError,
-    StitchPlan,
-    SynthesisError,
+    SharedReference,
     SynthesisRequest,
     SynthesisResult,
     TTSHttpRequest,
     TTSHttpResponse,
-    VoiceRef,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -56,45 +58,8 @@ api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 
 # How long /readyz waits for a model replica (one that is busy answers between batches).
 READINESS_TIMEOUT_S = 5.0
-# HTTP status of each engine input-error code; a code not listed here is a 422.
-_INPUT_ERROR_STATUS = {"text_too_long": 413}
 # Handle-API field names that HTTP clients know under another name.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
-
-
-def input_error(error: TTSInputError) -> SynthesisError:
-    return SynthesisError(_INPUT_ERROR_STATUS.get(error.code, 422), error.code, str(error), error.field)
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception a replica raised, out of Ray's wrappers (one per hop: model -> stitcher -> here)."""
-    while isinstance(error, RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
-
-
-def replica_lost(cause: BaseException) -> bool:
-    """Whether a replica on the request's path is broken or died: the stitcher's own death, or (as
-    Serve reports it) a RayServeException caused by the death of a model replica."""
-    return isinstance(cause, ReplicaBrokenError | RayActorError | RequestCancelledError) or isinstance(
-        cause.__cause__, RayActorError
-    )
-
-
-def model_error(error: Exception) -> SynthesisError:
-    """What a client hears when its chunks or their stitching failed: the input error of a chunk the
-    engine refused, else 503 (retryable): a replica broken or gone, memory, or a bug we log."""
-    cause = root_cause(error)
-    if isinstance(cause, TTSInputError):
-        return input_error(cause)
-    if isinstance(cause, ChunkOutOfMemoryError):
-        return SynthesisError(503, "out_of_memory", str(cause))
-    if replica_lost(cause):
-        return SynthesisError(
-            503, "replica_unavailable", f"a replica failed while serving this request: {cause}; retry"
-        )
-    logger.error("synthesis failed", exc_info=cause)
-    return SynthesisError(503, "synthesis_failed", "synthesis failed; retry, or see the server log")
 
 
 async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> None:
@@ -106,23 +71,10 @@ async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> 
         waiter.result()
 
 
-def validation_error(error: ValidationError) -> SynthesisError:
-    """The first pydantic error as `invalid_parameter` (or `missing_parameter`) naming its field."""
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
-    code = "missing_parameter" if first["type"] == "missing" else "invalid_parameter"
-    return SynthesisError(422, code, f"{field or 'body'}: {first['msg']}", field)
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, counted as it arrives: past ``limit`` bytes it is refused at once, whether a
     Content-Length announced it or not (chunked), instead of being buffered whole first."""
-    too_large = SynthesisError(413, "request_too_large", f"request body exceeds {limit} bytes")
+    too_large = SynthesisError("request_too_large", f"request body exceeds {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -133,7 +85,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             if len(body) > limit:
                 raise too_large
     except ClientDisconnect:
-        raise SynthesisError(400, "client_disconnected", "the client closed the request mid-body") from None
+        raise SynthesisError("client_disconnected", "the client closed the request mid-body") from None
     return bytes(body)
 
 
@@ -152,7 +104,6 @@ def check_text(text: str) -> None:
     found = _FORBIDDEN_TEXT.search(text)
     if found:
         raise SynthesisError(
-            422,
             "invalid_parameter",
             f"text: character U+{ord(found.group()):04X} at index {found.start()} is not allowed "
             "(control characters other than tab and newlines, and lone surrogates)",
@@ -164,7 +115,7 @@ def check_text(text: str) -> None:
 async def http_exception(request: Request, error: HTTPException) -> JSONResponse:
     """FastAPI's own errors (unknown route, wrong method) in our error shape."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return error_response(error.status_code, code, str(error.detail))
+    return error_response(SynthesisError(code, str(error.detail)), status=error.status_code)
 
 
 @serve.ingress(api)
@@ -181,6 +132,7 @@ class Ingress:
         chunking: ChunkingConfig,
         stitching: StitchingConfig,
         limits: LimitsConfig,
+        max_new_tokens: int,
         max_chunks_in_flight: int,
     ) -> None:
         self._model = model
@@ -188,6 +140,7 @@ class Ingress:
         self._chunking = chunking
         self._stitching = stitching
         self._limits = limits
+        self._max_new_tokens = max_new_tokens
         self._max_chunks_in_flight = max_chunks_in_flight
         self._model_info: ModelInfo | None = None
         self._active_requests = 0
@@ -210,7 +163,7 @@ class Ingress:
             message = f"no model replica answered within {READINESS_TIMEOUT_S} s"
             if not isinstance(cause, asyncio.TimeoutError):
                 message = f"model replica not ready: {cause}"
-            return error_response(503, "not_ready", message)
+            return error_response(SynthesisError("not_ready", message))
         return JSONResponse({"status": "ready"})
 
     @api.post("/v1/tts", response_model=TTSHttpResponse, responses={"4XX": {"model": ErrorResponse}})
@@ -220,13 +173,13 @@ class Ingress:
             result = await self.synthesize(synthesis)
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
-            response = error_response(error.status, error.code, error.message, field)
+            response = error_response(SynthesisError(error.code, error.message, field))
             if error.status in (429, 503):  # refused for now, not for good: say when to come back
                 response.headers["Retry-After"] = str(self._limits.retry_after_s)
             return response
         except Exception:
             logger.exception("unexpected error in POST /v1/tts")
-            return error_response(500, "internal_error", "internal error; see the server log")
+            return error_response(SynthesisError("internal_error", "internal error; see the server log"))
         response = TTSHttpResponse(
             audio_base64=base64.b64encode(result.audio).decode("ascii"),
             **result.model_dump(exclude={"audio"}),
@@ -245,7 +198,7 @@ class Ingress:
         limit = self._limits.max_active_requests
         if limit is not None and self._active_requests >= limit:
             raise SynthesisError(
-                503, "overloaded", f"the service is busy ({limit} requests in progress); retry later"
+                "overloaded", f"the service is busy ({limit} requests in progress); retry later"
             )
         self._active_requests += 1
         try:
@@ -257,7 +210,6 @@ class Ingress:
         check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
-                413,
                 "text_too_long",
                 f"text has {len(request.text)} characters; the limit is {self._limits.max_text_chars}",
                 "text",
@@ -265,23 +217,23 @@ class Ingress:
         info = await self._get_model_info()
         chunks = split_text(request.text, self._chunking.max_chunk_chars, info.max_text_tokens)
         if not chunks:
-            raise SynthesisError(422, "empty_text", "text is empty", "text")
-        voice = await self._resolve_voice(request.reference_audio)
+            raise SynthesisError("empty_text", "text is empty", "text")
+        try:
+            sampling = request.sampling(self._max_new_tokens)
+        except TTSInputError as error:
+            raise input_error(error) from None
+        voice = await self._shared_reference(request.reference_audio)
         request_id = uuid.uuid4().hex
         jobs = [
             ChunkJob(
                 request_id=request_id,
                 text=chunk.text,
                 voice=voice,
-                seed=None if request.seed is None else request.seed + i,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty,
+                sampling=sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i),
             )
             for i, chunk in enumerate(chunks)
         ]
-        plan = self._stitch_plan(chunks, info.sample_rate, request.format)
+        plan = stitch_plan(chunks, self._stitching, info.sample_rate, request.format)
         try:
             chunk_audio = await self._synthesize_chunks(jobs)
             return await self._stitcher.stitch.remote(plan, *chunk_audio)
@@ -322,7 +274,6 @@ class Ingress:
         media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
             raise SynthesisError(
-                415,
                 "unsupported_media_type",
                 f"the body must be JSON (Content-Type: application/json), not {media_type}",
             )
@@ -330,9 +281,9 @@ class Ingress:
         try:
             payload = json.loads(body, parse_constant=_reject_json_constant)
         except ValueError as error:  # also bad UTF-8 and integers of over 4300 digits
-            raise SynthesisError(400, "invalid_json", f"request body is not valid JSON: {error}") from None
+            raise SynthesisError("invalid_json", f"request body is not valid JSON: {error}") from None
         except RecursionError:
-            raise SynthesisError(400, "invalid_json", "request body is nested too deeply") from None
+            raise SynthesisError("invalid_json", "request body is nested too deeply") from None
         try:
             http_request = TTSHttpRequest.model_validate(payload)
         except ValidationError as error:
@@ -343,7 +294,6 @@ class Ingress:
                 reference = base64.b64decode(http_request.reference_audio_base64, validate=True)
             except ValueError as error:  # binascii.Error, or characters outside ASCII
                 raise SynthesisError(
-                    400,
                     "invalid_base64",
                     f"reference_audio_base64 is not valid base64: {error}",
                     "reference_audio_base64",
@@ -351,32 +301,19 @@ class Ingress:
         params = http_request.model_dump(exclude={"reference_audio_base64"})
         return SynthesisRequest(**params, reference_audio=reference)
 
-    async def _resolve_voice(self, reference_audio: bytes | None) -> VoiceRef | None:
+    async def _shared_reference(self, reference_audio: bytes | None) -> SharedReference | None:
         """Decode and check the reference once; replicas receive only an object reference to it."""
         if reference_audio is None:
             return None
         limit = self._limits.max_reference_bytes
         if len(reference_audio) > limit:
             raise SynthesisError(
-                413, "reference_too_large", f"reference audio exceeds {limit} bytes", "reference_audio"
+                "reference_too_large", f"reference audio exceeds {limit} bytes", "reference_audio"
             )
         try:
             reference = await asyncio.to_thread(
                 decode_reference_audio, reference_audio, self._limits.max_reference_seconds
             )
         except TTSInputError as error:
-            raise SynthesisError(422, error.code, str(error), "reference_audio") from None
-        return VoiceRef(voice_id=reference.id, audio=ray.put(reference))
-
-    def _stitch_plan(self, chunks: list[TextChunk], sample_rate: int, audio_format: str) -> StitchPlan:
-        pause_ms = {
-            "paragraph": self._stitching.paragraph_pause_ms,
-            "sentence": self._stitching.sentence_pause_ms,
-        }
-        return StitchPlan(
-            chunk_texts=[c.text for c in chunks],
-            pauses=[ms_to_samples(pause_ms.get(c.break_after, 0.0), sample_rate) for c in chunks[:-1]],
-            crossfade=ms_to_samples(self._stitching.crossfade_ms, sample_rate),
-            sample_rate=sample_rate,
-            format=audio_format,
-        )
+            raise input_error(error) from None
+        return SharedReference(reference_id=reference.id, audio=ray.put(reference))

@@ -2,7 +2,7 @@
 
 Every chunk is one `synthesize_chunk` call; a `Batcher` gathers calls from every request into one
 `TurboTTS.generate` batch, formed each time the model is free. Voices are prepared once per replica
-and kept in an LRU keyed by the reference's content hash. Audio comes back unwatermarked: the
+and kept in its `VoiceCache`. Audio comes back unwatermarked: the
 stitcher watermarks the joined audio once.
 
 A failure in a batch stays with the chunks that cause it (`run_bisecting`); the rest of the batch
@@ -15,13 +15,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import shutil
-import tempfile
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -32,11 +27,13 @@ from ray.serve.exceptions import RayServeException
 
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
-from chatterbox.testing import make_checkpoint
+from chatterbox.hub import resolve_model
 from chatterbox.voice import Voice
 from serve_app.batcher import Batcher
-from serve_app.config import TINY_MODEL, AppArgs, BatchingConfig, ModelSource, replica_device
-from serve_app.schemas import ChunkJob, ChunkOutOfMemoryError, ModelInfo, ReplicaBrokenError
+from serve_app.config import AppArgs, BatchingConfig, ModelSource, replica_device
+from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
+from serve_app.schemas import ChunkJob, ModelInfo
+from serve_app.voice_cache import VoiceCache
 
 logger = logging.getLogger("ray.serve")
 
@@ -102,39 +99,6 @@ def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) 
     return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
 
 
-def ensure_tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
-    """The seeded tiny checkpoint under cache_dir, built once (atomically: replicas may race)."""
-    target = cache_dir / f"turbo-tiny-seed{seed}"
-    if target.is_dir():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
-    try:
-        make_checkpoint(scratch, size="tiny", seed=seed)
-    except BaseException:  # a half-written checkpoint must not linger (nor ever be renamed into place)
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    try:
-        os.rename(scratch, target)
-    except OSError:  # another replica finished first
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def load_tts(source: ModelSource, device: str) -> TurboTTS:
-    """TurboTTS from "tiny", a local checkpoint directory, or a Hugging Face repo id."""
-    dtype = getattr(torch, source.dtype) if source.dtype else None
-    if source.model == TINY_MODEL:
-        local_dir = ensure_tiny_checkpoint(Path(source.tiny_cache_dir).expanduser())
-        return TurboTTS.from_pretrained(local_dir=local_dir, device=device, dtype=dtype)
-    if Path(source.model).expanduser().is_dir():
-        local_dir = Path(source.model).expanduser()
-        return TurboTTS.from_pretrained(local_dir=local_dir, device=device, dtype=dtype)
-    return TurboTTS.from_pretrained(
-        repo_id=source.model, revision=source.revision, device=device, dtype=dtype
-    )
-
-
 def replica_max_ongoing_requests() -> int | None:
     """The running replica's `max_ongoing_requests` (None outside a Serve replica).
 
@@ -180,12 +144,18 @@ class TurboModel:
             **args.shutdown.model_dump(),
         }
 
-    async def __init__(self, source: ModelSource, voice_cache_size: int, max_new_tokens: int) -> None:
+    async def __init__(self, source: ModelSource, voice_cache_size: int) -> None:
         device = replica_device(source.device, ray.get_gpu_ids())
-        self._tts = await asyncio.to_thread(load_tts, source, device)
-        self._max_new_tokens = max_new_tokens
-        self._voices: OrderedDict[str, Voice] = OrderedDict()
-        self._voice_cache_size = voice_cache_size
+        checkpoint = await asyncio.to_thread(
+            resolve_model, source.model, source.revision, source.tiny_cache_dir
+        )
+        dtype = getattr(torch, source.dtype) if source.dtype else None
+        self._tts = await asyncio.to_thread(TurboTTS.from_checkpoint, checkpoint, device, dtype)
+        self._voices = VoiceCache(
+            voice_cache_size,
+            voice_id=self._tts.voice_id,
+            prepare=lambda clips: self._run_on_model(self._tts.prepare_voices, clips),
+        )
         batching = BatchingConfig()  # reconfigure() applies the deployment's user_config
         self._batcher: Batcher[ChunkJob, np.ndarray] = Batcher(
             self._run_batch,
@@ -197,7 +167,6 @@ class TurboModel:
         self._batches_run = 0
         self._items_run = 0
         self._max_batch_size_seen = 0
-        self._voices_prepared = 0
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         batching = BatchingConfig.model_validate(user_config)
@@ -230,7 +199,7 @@ class TurboModel:
             items_run=self._items_run,
             items_cancelled=self._batcher.dropped,
             max_batch_size_seen=self._max_batch_size_seen,
-            voices_prepared=self._voices_prepared,
+            voices_prepared=self._voices.prepared,
             max_batch_size=self._batcher.max_batch_size,
         )
 
@@ -247,21 +216,11 @@ class TurboModel:
         self._batches_run += 1
         self._items_run += len(jobs)
         self._max_batch_size_seen = max(self._max_batch_size_seen, len(jobs))
-        voices = await self._resolve_voices(jobs)
+        shared = iter(await self._voices.resolve([job.voice for job in jobs if job.voice is not None]))
+        default = self._tts.default_voice
+        voices = [default if job.voice is None else next(shared) for job in jobs]
         runnable = [i for i, v in enumerate(voices) if isinstance(v, Voice)]
-        requests = [
-            TTSRequest(
-                text=jobs[i].text,
-                voice=voices[i],
-                seed=jobs[i].seed,
-                temperature=jobs[i].temperature,
-                top_k=jobs[i].top_k,
-                top_p=jobs[i].top_p,
-                repetition_penalty=jobs[i].repetition_penalty,
-                max_new_tokens=self._max_new_tokens,
-            )
-            for i in runnable
-        ]
+        requests = [TTSRequest(jobs[i].text, voices[i], jobs[i].sampling) for i in runnable]
         audio = await self._run_on_model(self._generate, requests)
         audio_by_job = dict(zip(runnable, audio, strict=True))
         return [audio_by_job.get(i, voice) for i, voice in enumerate(voices)]  # voice: its error
@@ -280,34 +239,3 @@ class TurboModel:
 
     def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
         return self._tts.generate(requests, watermark=False)
-
-    async def _resolve_voices(self, jobs: list[ChunkJob]) -> list[Voice | BaseException]:
-        """The voice of every job: built-in, cached, or prepared now (each new reference once)."""
-        resolved: dict[str, Voice | BaseException] = {}
-        missing = {}
-        for job in jobs:
-            if job.voice is None or job.voice.voice_id in resolved:
-                continue
-            cached = self._voices.get(job.voice.voice_id)
-            if cached is not None:
-                self._voices.move_to_end(job.voice.voice_id)
-                resolved[job.voice.voice_id] = cached
-            else:
-                missing[job.voice.voice_id] = job.voice.audio
-        if missing:
-            fetched = await asyncio.gather(*missing.values(), return_exceptions=True)
-            refs = [r for r in fetched if not isinstance(r, BaseException)]
-            prepared = iter(await self._run_on_model(self._tts.prepare_voices, refs))
-            for voice_id, ref in zip(missing, fetched, strict=True):
-                voice = ref if isinstance(ref, BaseException) else next(prepared)
-                resolved[voice_id] = voice
-                if isinstance(voice, Voice):
-                    self._remember(voice_id, voice)
-        default = self._tts.default_voice
-        return [default if job.voice is None else resolved[job.voice.voice_id] for job in jobs]
-
-    def _remember(self, voice_id: str, voice: Voice) -> None:
-        self._voices[voice_id] = voice
-        self._voices_prepared += 1
-        while len(self._voices) > self._voice_cache_size:
-            self._voices.popitem(last=False)

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
 from serve_app.audio import AudioFormat
 
 
+def _sampling_field(name: str, bounds: Bounds | None = None) -> Any:
+    """A sampling setting as an API field: the engine's default, and its bounds unless given."""
+    bounds = bounds or SAMPLING_BOUNDS[name]
+    return Field(getattr(SamplingParams(), name), **bounds.field_kwargs())
+
+
+# What a request chooses of its sampling; max_new_tokens is the deployment's.
+_REQUEST_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"max_new_tokens"}
+# Narrower than the engine's seed bound, so that chunk i's seed (seed + i) is always a valid one.
+MAX_REQUEST_SEED = 2**31
+
+
 class SynthesisParams(BaseModel):
-    """Options shared by the HTTP and handle APIs (sampling defaults are the model's)."""
+    """Options shared by the HTTP and handle APIs (sampling defaults and bounds are the engine's)."""
 
     model_config = ConfigDict(extra="forbid")
 
     text: str
     format: AudioFormat = "wav"
-    seed: int | None = Field(None, ge=0, lt=2**31)  # chunk i is generated with seed + i
-    temperature: float = Field(0.8, gt=0.0, le=5.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(1000, ge=1, le=100_000)
-    repetition_penalty: float = Field(1.2, ge=1.0, le=10.0)
+    seed: int | None = _sampling_field("seed", replace(SAMPLING_BOUNDS["seed"], lt=MAX_REQUEST_SEED))
+    temperature: float = _sampling_field("temperature")
+    top_p: float = _sampling_field("top_p")
+    top_k: int = _sampling_field("top_k")
+    repetition_penalty: float = _sampling_field("repetition_penalty")
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        """The request's sampling settings (the seed is its first chunk's); raises TTSInputError
+        naming a bad one (a handle caller may have set an attribute past validation)."""
+        settings = self.model_dump(include=_REQUEST_SAMPLING_FIELDS)
+        return SamplingParams(**settings, max_new_tokens=max_new_tokens)
 
 
 class SynthesisRequest(SynthesisParams):
@@ -74,31 +94,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class SynthesisError(Exception):
-    """A request the service refuses or cannot serve; the HTTP status goes with it.
-
-    Handle callers receive it as raised (Ray wraps it but keeps isinstance and the attributes).
-    """
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(status, code, message, field)  # args rebuild the error after pickling
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
-
-
-class ChunkOutOfMemoryError(RuntimeError):
-    """A single chunk did not fit in accelerator memory even alone (raised by a model replica)."""
-
-
-class ReplicaBrokenError(RuntimeError):
-    """A model replica hit a CUDA error and serves nothing more; Serve's health check replaces it."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the ingress needs to know about the model replicas."""
@@ -108,34 +103,19 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class VoiceRef:
-    """A decoded reference, put in the object store once per request; replicas fetch it only on a
+class SharedReference:
+    """A request's decoded reference clip, put in the object store once; replicas fetch it only on a
     voice-cache miss, so a 20-chunk request moves the audio at most once per replica."""
 
-    voice_id: str
+    reference_id: str  # ReferenceAudio.id: with the model's id, it names the voice (TurboTTS.voice_id)
     audio: ray.ObjectRef  # -> chatterbox.voice.ReferenceAudio
 
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """One model call: a chunk of text with its voice and sampling options."""
+    """One model call: a chunk of text with its voice and sampling settings."""
 
     request_id: str  # the user request it belongs to: replicas batch requests round-robin
     text: str
-    voice: VoiceRef | None  # None: the checkpoint's built-in voice
-    seed: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-
-
-@dataclass(frozen=True)
-class StitchPlan:
-    """How the stitcher joins the chunk audio it receives (in this order)."""
-
-    chunk_texts: list[str]
-    pauses: list[int]  # samples after every chunk but the last
-    crossfade: int  # samples
-    sample_rate: int
-    format: AudioFormat
+    voice: SharedReference | None  # None: the checkpoint's built-in voice
+    sampling: SamplingParams  # the request's, with seed + i as chunk i's seed

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.audio import chunk_starts, encode_audio, stitch
+from serve_app.audio import StitchPlan, chunk_starts, encode_audio, stitch
 from serve_app.config import AppArgs, front_deployment_options
-from serve_app.schemas import ChunkInfo, StitchPlan, SynthesisResult
+from serve_app.schemas import ChunkInfo, SynthesisResult
 
 
 class Stitcher:

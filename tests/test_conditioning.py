@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox.campplus import CAMPPlusConfig
-from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import SPEECH_VOCAB_SIZE
-from chatterbox.features import tokenizer_log_mel
-from chatterbox.speech_tokenizer import FSQ_SHRINK, FSQuantizer, SpeechTokenizerConfig
-from chatterbox.voice_encoder import VoiceEncoderConfig, partial_starts
+from chatterbox.voice.campplus import CAMPPlusConfig
+from chatterbox.voice.conditioning import VoiceConditioner
+from chatterbox.voice.features import tokenizer_log_mel
+from chatterbox.voice.speech_tokenizer import FSQ_SHRINK, FSQuantizer, SpeechTokenizerConfig
+from chatterbox.voice.voice_encoder import VoiceEncoderConfig, partial_starts
 from chatterbox.weights import CheckpointError, read_safetensors
+from tests.model_probes import conditioner_from_files
 
 SR = 24_000
 
@@ -36,7 +37,7 @@ def reference(seconds: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def conditioner(tiny_checkpoint: Path) -> VoiceConditioner:
-    return VoiceConditioner.from_files(
+    return conditioner_from_files(
         tiny_checkpoint / "s3gen_meanflow.safetensors", tiny_checkpoint / "ve.safetensors"
     )
 
@@ -223,4 +224,4 @@ def test_loading_is_strict(tiny_checkpoint):
     with pytest.raises(CheckpointError, match=r"unexpected \['head.extra'\]"):
         VoiceConditioner.from_state_dicts(extra, ve)
     with pytest.raises(CheckpointError, match="not found"):
-        VoiceConditioner.from_files(tiny_checkpoint / "nope.safetensors", tiny_checkpoint / "ve.safetensors")
+        conditioner_from_files(tiny_checkpoint / "nope.safetensors", tiny_checkpoint / "ve.safetensors")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox import features
+from chatterbox.voice import features
 
 
 def tone(freq: float, seconds: float, sr: int) -> np.ndarray:

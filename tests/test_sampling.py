@@ -1,120 +1,60 @@
-"""Logits processors against a per-row transcription of HF's semantics; seeded Gumbel sampling."""
+"""SamplingParams: one set of defaults and bounds, validated at construction with the field named."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from chatterbox.sampling import NOISE_BITS, gumbel_from_bits, gumbel_noise, process_logits, sample, seed_keys
-
-
-def _hf_row(
-    scores: torch.Tensor, seen_ids: list[int], temperature: float, top_k: int, top_p: float, penalty: float
-) -> torch.Tensor:
-    """One row through HF's Temperature -> TopK -> TopP -> RepetitionPenalty, skipped when inactive."""
-    scores = scores[None].clone()
-    if temperature != 1.0:
-        scores = scores / temperature
-    k = min(top_k, scores.shape[-1])
-    scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_ids = torch.sort(scores, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[..., -1:] = False
-        scores = scores.masked_fill(remove.scatter(1, sorted_ids, remove), float("-inf"))
-    if penalty != 1.0:
-        ids = torch.tensor([seen_ids])
-        picked = torch.gather(scores, 1, ids)
-        scores = scores.scatter(1, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
-    return scores[0]
+from chatterbox.errors import TTSInputError
+from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
 
 
-def test_processors_match_hf_semantics_row_by_row():  # every row's k covers the tie
-    g = torch.Generator().manual_seed(0)
-    B, V = 6, 300
-    logits = torch.randn(B, V, generator=g) * 3
-    logits[2, :40] = logits[2].max() + 1  # a tie across the top-k boundary is kept, as in HF
-    settings = [
-        (0.8, 1000, 0.95, 1.2),
-        (1.0, 5, 1.0, 1.0),
-        (0.7, 10, 1.0, 1.5),
-        (1.5, 300, 0.3, 0.9),
-        (0.3, 1, 0.95, 1.2),
-        (2.0, 50, 0.99, 3.0),
-    ]
-    seen_ids = [[1, 1, 5], [0], [0, 2, 299], [17, 4], [8], list(range(0, 300, 3))]
-    seen = torch.zeros(B, V, dtype=torch.bool)
-    for row, ids in enumerate(seen_ids):
-        seen[row, ids] = True
-    temperature, top_k, top_p, penalty = (torch.tensor(col) for col in zip(*settings, strict=True))
-    ours = process_logits(logits, seen, temperature.float(), top_k, top_p.float(), penalty.float(), V)
-    for row in range(B):
-        expected = _hf_row(logits[row], seen_ids[row], *settings[row])
-        assert torch.equal(ours[row].isinf(), expected.isinf()), row
-        torch.testing.assert_close(ours[row], expected, rtol=1e-6, atol=1e-6)
-    assert (ours[2] > float("-inf")).sum() == 40  # all tied entries survive top_k=10
-    assert (ours[4] > float("-inf")).sum() == 1
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        ({"temperature": 0.0}, "temperature", r"temperature must be a number in \(0, 5\], got 0.0"),
+        ({"temperature": float("nan")}, "temperature", "temperature must be a number"),
+        ({"temperature": float("inf")}, "temperature", "temperature must be a number"),
+        ({"temperature": 5.5}, "temperature", r"in \(0, 5\], got 5.5"),
+        ({"top_k": 0}, "top_k", r"top_k must be an integer in \[1, 100000\], got 0"),
+        ({"top_k": 2.5}, "top_k", "top_k must be an integer"),
+        ({"top_k": True}, "top_k", "top_k must be an integer"),
+        ({"top_p": 0.0}, "top_p", r"top_p must be a number in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, "top_p", r"top_p must be a number in \(0, 1\]"),
+        ({"repetition_penalty": 0.5}, "repetition_penalty", r"must be a number in \[1, 10\], got 0.5"),
+        ({"max_new_tokens": 0}, "max_new_tokens", r"max_new_tokens must be an integer in \[1, 1000\], got 0"),
+        ({"max_new_tokens": 1001}, "max_new_tokens", r"in \[1, 1000\], got 1001"),
+        ({"seed": -1}, "seed", r"seed must be None or an integer in \[0, 2\*\*63\), got -1"),
+        ({"seed": 2**63}, "seed", r"seed must be None or an integer"),
+        ({"seed": "7"}, "seed", r"got '7'"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(kwargs: dict, field: str, message: str):
+    with pytest.raises(TTSInputError, match=message) as info:
+        SamplingParams(**kwargs)
+    assert info.value.field == field
+    assert info.value.code == "invalid_parameter"
 
 
-def test_sorting_only_the_largest_top_k_changes_nothing():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 6563, generator=g) * 2
-    seen = torch.rand(4, 6563, generator=g) < 0.01
-    top_k = torch.tensor([1000, 3, 250, 1])
-    params = (torch.tensor([0.8, 1.0, 0.5, 1.3]), top_k, torch.tensor([0.95, 1.0, 0.5, 0.9]))
-    penalty = torch.tensor([1.2, 1.0, 2.0, 1.2])
-    full = process_logits(logits, seen, *params, penalty, 6563)
-    assert torch.equal(process_logits(logits, seen, *params, penalty, 1000), full)
-    for row in range(4):
-        settings = (float(params[0][row]), int(top_k[row]), float(params[2][row]), float(penalty[row]))
-        expected = _hf_row(logits[row], seen[row].nonzero()[:, 0].tolist(), *settings)
-        torch.testing.assert_close(full[row], expected, rtol=1e-6, atol=1e-6)
+def test_defaults_are_the_reference_generate_defaults_and_bounds_admit_the_edges():
+    assert SamplingParams() == SamplingParams(
+        temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2, max_new_tokens=1000, seed=None
+    )
+    edges = SamplingParams(
+        temperature=5, top_k=100_000, top_p=1.0, repetition_penalty=1, max_new_tokens=1, seed=2**63 - 1
+    )
+    assert edges.seed == 2**63 - 1
 
 
-def test_gumbel_noise_is_a_function_of_key_step_and_index_only():
-    keys = seed_keys(torch.tensor([0, 1, 2**62 + 3, 0]))
-    steps = torch.tensor([5, 5, 5, 6])
-    noise = gumbel_noise(keys, steps, 500)
-    alone = torch.cat([gumbel_noise(keys[i : i + 1], steps[i : i + 1], 500) for i in range(4)])
-    assert torch.equal(noise, alone)
-    assert noise.isfinite().all()
-    assert len({tuple(row.tolist()) for row in noise}) == 4  # seed and step both change the draw
-    assert len(set(seed_keys(torch.arange(1000)).tolist())) == 1000
+def test_every_field_has_bounds_that_its_default_satisfies():
+    defaults = SamplingParams()
+    assert set(SAMPLING_BOUNDS) == set(vars(defaults))
+    for name, bounds in SAMPLING_BOUNDS.items():
+        value = getattr(defaults, name)
+        assert value is None or bounds.contains(value), name
 
 
-def test_sampling_frequencies_follow_softmax():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    scores = probs.log()[None].expand(4000, -1)  # one row per draw, each its own seed
-    draws = sample(scores, seed_keys(torch.arange(4000)), torch.full((4000,), 3))
-    freq = torch.bincount(draws, minlength=5).float() / 4000
-    assert freq[4] == 0  # a -inf score is never drawn
-    assert (freq - probs).abs().max() < 0.03
-    # and over steps of one seed
-    steps = torch.arange(4000)
-    draws = sample(scores, seed_keys(torch.full((4000,), 42)), steps)
-    assert ((torch.bincount(draws, minlength=5).float() / 4000) - probs).abs().max() < 0.03
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1])
-def test_sample_keeps_the_only_finite_score(seed: int):
-    scores = torch.full((1, 6563), float("-inf"))
-    scores[0, 4321] = -50.0
-    assert sample(scores, seed_keys(torch.tensor([seed])), torch.tensor([0])).item() == 4321
-
-
-def test_gumbel_noise_is_finite_for_every_bit_pattern_edge():
-    """The largest draw once rounded to 1.0 in float32, giving +inf noise and -inf + inf = NaN,
-    which argmax picked: a token that top-k had filtered out."""
-    edges = torch.tensor([0, 1, 2**NOISE_BITS - 2, 2**NOISE_BITS - 1])
-    noise = gumbel_from_bits(edges)
-    assert torch.isfinite(noise).all()
-    assert noise.max() < 17 and noise.min() > -3
-
-
-def test_greedy_ignores_the_seed():
-    scores = torch.full((1, 6563), float("-inf"))
-    scores[0, 845] = 1.0
-    keys = seed_keys(torch.tensor([seed for seed in range(0, 2**63 - 1, 2**55)]))
-    for step in range(64):
-        steps = torch.full((keys.numel(),), step)
-        assert (sample(scores.expand(keys.numel(), -1), keys, steps) == 845).all()
+def test_bounds_read_as_pydantic_field_keywords_and_as_an_interval():
+    assert SAMPLING_BOUNDS["temperature"].field_kwargs() == {"gt": 0, "le": 5}
+    assert SAMPLING_BOUNDS["seed"].field_kwargs() == {"ge": 0, "lt": 2**63}
+    assert SAMPLING_BOUNDS["top_p"].interval() == "(0, 1]"
+    assert Bounds(ge=1, lt=3).contains(1) and not Bounds(ge=1, lt=3).contains(3)

@@ -16,7 +16,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from chatterbox.conditioning import VoiceConditionals
 from chatterbox.errors import (
     AudioTooLongError,
     InvalidAudioError,
@@ -25,7 +24,7 @@ from chatterbox.errors import (
     TTSInputError,
     VoiceTooShortError,
 )
-from chatterbox.voice import Voice, decode_reference_audio, reference_from_array
+from chatterbox.voice import Voice, VoiceConditionals, decode_reference_audio, reference_from_array
 from tests.audio_samples import encode, speechlike
 from tests.flac_bomb import flac_bomb
 

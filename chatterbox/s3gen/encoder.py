@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatterbox.weights import HEAD_DIM, count_indexed
+from chatterbox.constants import HEAD_DIM, S3GEN_MEL_FRAMES_PER_TOKEN
+from chatterbox.weights import count_indexed
 
 PRE_LOOKAHEAD_TOKENS = 3
-UPSAMPLE = 2  # mel frames per speech token
 
 
 @dataclass
@@ -155,12 +155,12 @@ class UpsampleConv(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(width, width, 2 * UPSAMPLE + 1)
+        self.conv = nn.Conv1d(width, width, 2 * S3GEN_MEL_FRAMES_PER_TOKEN + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, 2T, D)."""
-        h = x.transpose(1, 2).repeat_interleave(UPSAMPLE, dim=2)
-        return self.conv(F.pad(h, (2 * UPSAMPLE, 0))).transpose(1, 2)
+        h = x.transpose(1, 2).repeat_interleave(S3GEN_MEL_FRAMES_PER_TOKEN, dim=2)
+        return self.conv(F.pad(h, (2 * S3GEN_MEL_FRAMES_PER_TOKEN, 0))).transpose(1, 2)
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -192,7 +192,7 @@ class UpsampleConformerEncoder(nn.Module):
             x = layer(x, key_padding, pos_emb)
 
         x = self.up_layer(x)
-        key_padding = key_padding.repeat_interleave(UPSAMPLE, dim=-1)
+        key_padding = key_padding.repeat_interleave(S3GEN_MEL_FRAMES_PER_TOKEN, dim=-1)
         x, pos_emb = self.up_embed(x)
         for layer in self.up_encoders:
             x = layer(x, key_padding, pos_emb)

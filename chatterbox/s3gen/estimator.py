@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatterbox.weights import HEAD_DIM, count_indexed
+from chatterbox.constants import HEAD_DIM, S3GEN_MEL_BINS
+from chatterbox.weights import count_indexed
 
-MEL_BINS = 80
 MASKED_SCORE = -1.0e10  # additive attention bias on padded keys (the reference's value)
 
 
@@ -189,7 +189,7 @@ class ConditionalDecoder(nn.Module):
             [nn.ModuleList([CausalResnetBlock(2 * c, c, td), transformers(), CausalConv1d(c, c, 3)])]
         )
         self.final_block = CausalBlock(c, c)
-        self.final_proj = nn.Conv1d(c, MEL_BINS, 1)
+        self.final_proj = nn.Conv1d(c, S3GEN_MEL_BINS, 1)
 
     def embed_times(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Mean-flow interval [t, r] (each (N,)) -> (N, time_dim) in the module's dtype."""

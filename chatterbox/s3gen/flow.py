@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatterbox.s3gen.encoder import UPSAMPLE, EncoderConfig, UpsampleConformerEncoder
-from chatterbox.s3gen.estimator import MEL_BINS, ConditionalDecoder, EstimatorConfig
+from chatterbox.constants import S3GEN_MEL_BINS, S3GEN_MEL_FRAMES_PER_TOKEN
+from chatterbox.s3gen.encoder import EncoderConfig, UpsampleConformerEncoder
+from chatterbox.s3gen.estimator import ConditionalDecoder, EstimatorConfig
 from chatterbox.weights import subdict
 
 MEAN_FLOW_STEPS = 2
@@ -71,9 +72,9 @@ class Flow(nn.Module):
         self.config = config
         width = config.encoder.width
         self.input_embedding = nn.Embedding(config.vocab_size, width)
-        self.spk_embed_affine_layer = nn.Linear(config.xvector_dim, MEL_BINS)
+        self.spk_embed_affine_layer = nn.Linear(config.xvector_dim, S3GEN_MEL_BINS)
         self.encoder = UpsampleConformerEncoder(config.encoder)
-        self.encoder_proj = nn.Linear(width, MEL_BINS)
+        self.encoder_proj = nn.Linear(width, S3GEN_MEL_BINS)
         self.decoder = MeanFlowSampler(ConditionalDecoder(config.estimator))
 
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -100,5 +101,5 @@ class Flow(nn.Module):
         spks = self.spk_embed_affine_layer(F.normalize(xvectors.to(dtype), dim=1))
         mu = self.encoder_proj(self.encode(tokens, lengths)).transpose(1, 2)
         frames = torch.arange(mu.shape[-1], device=mu.device)
-        mask = (frames < UPSAMPLE * lengths[:, None]).unsqueeze(1).to(dtype)  # (B, 1, 2L)
+        mask = (frames < S3GEN_MEL_FRAMES_PER_TOKEN * lengths[:, None]).unsqueeze(1).to(dtype)  # (B, 1, 2L)
         return self.decoder(noise.to(dtype), mask, mu, spks, cond.to(dtype))

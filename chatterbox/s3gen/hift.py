@@ -21,8 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from chatterbox.constants import S3GEN_SR
-from chatterbox.s3gen.estimator import MEL_BINS
+from chatterbox.constants import S3GEN_MEL_BINS, S3GEN_SR
 
 HARMONICS = 9  # fundamental + 8 overtones
 UPSAMPLE_RATES = (8, 5, 3)
@@ -32,6 +31,9 @@ SOURCE_RESBLOCK_KERNELS = (7, 7, 11)
 DILATIONS = (1, 3, 5)
 N_FFT = 16
 HOP = 4
+SOURCE_CHANNELS = N_FFT + 2  # real and imaginary parts of the source's 9-bin STFT
+# The source STFT (hop 4, 120 frames per mel frame) is brought to each stage's rate.
+SOURCE_DOWNS = ((30, 15, 7), (6, 3, 1), (1, 1, 0))  # (kernel, stride, padding) per upsampling stage
 SAMPLES_PER_FRAME = math.prod(UPSAMPLE_RATES) * HOP  # 480
 SINE_AMP = 0.1
 NOISE_STD = 0.003
@@ -112,7 +114,7 @@ class F0Predictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
-            layers += [wn_conv(MEL_BINS if i == 0 else channels, channels, 3), nn.ELU()]
+            layers += [wn_conv(S3GEN_MEL_BINS if i == 0 else channels, channels, 3), nn.ELU()]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, 1)
 
@@ -149,24 +151,20 @@ class HiFT(nn.Module):
         widths = [c >> (i + 1) for i in range(len(UPSAMPLE_RATES))]  # 256, 128, 64
         self.f0_predictor = F0Predictor(config.f0_channels)
         self.m_source = SourceModule()
-        self.conv_pre = wn_conv(MEL_BINS, c, 7)
+        self.conv_pre = wn_conv(S3GEN_MEL_BINS, c, 7)
         self.ups = nn.ModuleList(
             weight_norm(nn.ConvTranspose1d(c >> i, widths[i], k, u, padding=(k - u) // 2))
             for i, (u, k) in enumerate(zip(UPSAMPLE_RATES, UPSAMPLE_KERNELS, strict=True))
         )
-        # The source STFT (hop 4, 120 frames per mel frame) is brought to each stage's rate.
         self.source_downs = nn.ModuleList(
-            [
-                nn.Conv1d(N_FFT + 2, widths[0], 30, 15, padding=7),
-                nn.Conv1d(N_FFT + 2, widths[1], 6, 3, padding=1),
-                nn.Conv1d(N_FFT + 2, widths[2], 1),
-            ]
+            nn.Conv1d(SOURCE_CHANNELS, w, kernel, stride, padding=padding)
+            for w, (kernel, stride, padding) in zip(widths, SOURCE_DOWNS, strict=True)
         )
         self.source_resblocks = nn.ModuleList(
             ResBlock(w, k) for w, k in zip(widths, SOURCE_RESBLOCK_KERNELS, strict=True)
         )
         self.resblocks = nn.ModuleList(ResBlock(w, k) for w in widths for k in RESBLOCK_KERNELS)
-        self.conv_post = wn_conv(widths[-1], N_FFT + 2, 7)
+        self.conv_post = wn_conv(widths[-1], SOURCE_CHANNELS, 7)
         self.register_buffer("window", stft_window(), persistent=False)
 
     def fold_weight_norm(self) -> None:

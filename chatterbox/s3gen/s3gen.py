@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from chatterbox.constants import (
+    S3GEN_MEL_BINS,
+    S3GEN_MEL_FRAMES_PER_TOKEN,
     S3GEN_SILENCE_TOKEN,
     S3GEN_SILENCE_TOKENS_APPENDED,
     S3GEN_SR,
     SPEECH_VOCAB_SIZE,
 )
-from chatterbox.s3gen.encoder import UPSAMPLE
-from chatterbox.s3gen.estimator import MEL_BINS
 from chatterbox.s3gen.flow import Flow, FlowConfig
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, HiFT, HiFTConfig, draw_source_noise
 from chatterbox.weights import load_strict, read_safetensors, subdict
@@ -64,16 +64,19 @@ class S3GenRequest:
                     f"{where}: {name} must be in [0, {SPEECH_VOCAB_SIZE}), got values in [{low}, {high}]"
                 )
         feat = self.prompt_feat
-        if not isinstance(feat, torch.Tensor) or feat.ndim != 2 or feat.shape[1] != MEL_BINS:
+        if not isinstance(feat, torch.Tensor) or feat.ndim != 2 or feat.shape[1] != S3GEN_MEL_BINS:
             shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
-            raise ValueError(f"{where}: prompt_feat must be (T_mel, {MEL_BINS}), got {shape}")
+            raise ValueError(f"{where}: prompt_feat must be (T_mel, {S3GEN_MEL_BINS}), got {shape}")
         if not feat.dtype.is_floating_point:
             raise ValueError(f"{where}: prompt_feat must be a float tensor, got {feat.dtype}")
         n_prompt = self.prompt_tokens.numel()
-        if feat.shape[0] not in (UPSAMPLE * n_prompt, UPSAMPLE * n_prompt + 1):
+        if feat.shape[0] not in (
+            S3GEN_MEL_FRAMES_PER_TOKEN * n_prompt,
+            S3GEN_MEL_FRAMES_PER_TOKEN * n_prompt + 1,
+        ):
             raise ValueError(
                 f"{where}: prompt_feat has {feat.shape[0]} frames but {n_prompt} prompt tokens need "
-                f"{UPSAMPLE * n_prompt} (or {UPSAMPLE * n_prompt + 1})"
+                f"{S3GEN_MEL_FRAMES_PER_TOKEN * n_prompt} (or {S3GEN_MEL_FRAMES_PER_TOKEN * n_prompt + 1})"
             )
         emb = self.embedding
         if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != (XVECTOR_DIM,):
@@ -94,7 +97,7 @@ class S3GenRequest:
     @property
     def n_speech_frames(self) -> int:
         """Mel frames returned for this request (2N' normally, 2N' - 1 for an odd prompt mel)."""
-        return UPSAMPLE * self.n_tokens - self.prompt_feat.shape[0]
+        return S3GEN_MEL_FRAMES_PER_TOKEN * self.n_tokens - self.prompt_feat.shape[0]
 
 
 @dataclass
@@ -109,10 +112,10 @@ class S3GenNoise:
 def draw_noise(request: S3GenRequest, generator: torch.Generator) -> S3GenNoise:
     """One request's draws in the reference's order, on the generator's device (float32)."""
     device = generator.device
-    total = UPSAMPLE * request.n_tokens
-    speech = UPSAMPLE * (request.speech_tokens.numel() + S3GEN_SILENCE_TOKENS_APPENDED)
-    speech_noise = torch.randn(MEL_BINS, speech, generator=generator, device=device)
-    flow = torch.randn(MEL_BINS, total, generator=generator, device=device)
+    total = S3GEN_MEL_FRAMES_PER_TOKEN * request.n_tokens
+    speech = S3GEN_MEL_FRAMES_PER_TOKEN * (request.speech_tokens.numel() + S3GEN_SILENCE_TOKENS_APPENDED)
+    speech_noise = torch.randn(S3GEN_MEL_BINS, speech, generator=generator, device=device)
+    flow = torch.randn(S3GEN_MEL_BINS, total, generator=generator, device=device)
     flow[:, total - speech :] = speech_noise
     phases, source = draw_source_noise(request.n_speech_frames, generator)
     return S3GenNoise(flow=flow, phases=phases, source=source)
@@ -187,7 +190,7 @@ class S3Gen(nn.Module):
             raise ValueError(f"{len(noise)} noise entries for {len(requests)} requests")
         for i, (request, n) in enumerate(zip(requests, noise, strict=True)):
             expected = {
-                "flow": (MEL_BINS, UPSAMPLE * request.n_tokens),
+                "flow": (S3GEN_MEL_BINS, S3GEN_MEL_FRAMES_PER_TOKEN * request.n_tokens),
                 "phases": (HARMONICS,),
                 "source": (HARMONICS, SAMPLES_PER_FRAME * request.n_speech_frames),
             }
@@ -210,14 +213,6 @@ class S3Gen(nn.Module):
         return tokens.to(self.device), lengths.to(self.device)
 
     @torch.inference_mode()
-    def encode(self, requests: list[S3GenRequest]) -> list[torch.Tensor]:
-        """Encoder output per request, (2 * n_tokens, width) float32 on CPU (for tests)."""
-        self._check(requests, None)
-        tokens, lengths = self._tokens(requests)
-        hidden = self.flow.encode(tokens, lengths)
-        return [h[: UPSAMPLE * r.n_tokens].float().cpu() for h, r in zip(hidden, requests, strict=True)]
-
-    @torch.inference_mode()
     def mels(self, requests: list[S3GenRequest], noise: list[S3GenNoise] | None = None) -> list[torch.Tensor]:
         """Speech mel per request, (80, n_speech_frames) float32 on the model's device."""
         self._check(requests, noise)
@@ -225,15 +220,18 @@ class S3Gen(nn.Module):
 
     def _mels(self, requests: list[S3GenRequest], noise: list[S3GenNoise]) -> list[torch.Tensor]:
         tokens, lengths = self._tokens(requests)
-        B, frames = tokens.shape[0], UPSAMPLE * tokens.shape[1]
-        cond = torch.zeros(B, MEL_BINS, frames, device=self.device)
-        start = torch.zeros(B, MEL_BINS, frames, device=self.device)
+        B, frames = tokens.shape[0], S3GEN_MEL_FRAMES_PER_TOKEN * tokens.shape[1]
+        cond = torch.zeros(B, S3GEN_MEL_BINS, frames, device=self.device)
+        start = torch.zeros(B, S3GEN_MEL_BINS, frames, device=self.device)
         for i, (request, n) in enumerate(zip(requests, noise, strict=True)):
             cond[i, :, : request.prompt_feat.shape[0]] = request.prompt_feat.T.to(self.device)
             start[i, :, : n.flow.shape[1]] = n.flow.to(self.device, torch.float32)
         xvectors = torch.stack([r.embedding.to(self.device, torch.float32) for r in requests])
         mel = self.flow(tokens, lengths, cond, xvectors, start).float()
-        return [mel[i, :, r.prompt_feat.shape[0] : UPSAMPLE * r.n_tokens] for i, r in enumerate(requests)]
+        return [
+            mel[i, :, r.prompt_feat.shape[0] : S3GEN_MEL_FRAMES_PER_TOKEN * r.n_tokens]
+            for i, r in enumerate(requests)
+        ]
 
     @torch.inference_mode()
     def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:

@@ -11,8 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from chatterbox.conditioning import VoiceConditioner
 from chatterbox.constants import S3GEN_SR
+from chatterbox.voice.conditioning import VoiceConditioner
+from tests.model_probes import conditioner_from_files
 from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
@@ -80,7 +81,7 @@ def reference(full_checkpoint: Path, wav_paths: dict[str, Path]) -> dict[str, to
 
 @pytest.fixture(scope="module")
 def conditioner(full_checkpoint: Path) -> VoiceConditioner:
-    return VoiceConditioner.from_files(
+    return conditioner_from_files(
         full_checkpoint / "s3gen_meanflow.safetensors", full_checkpoint / "ve.safetensors"
     )
 

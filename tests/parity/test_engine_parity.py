@@ -11,9 +11,11 @@ from safetensors.torch import save_file
 
 from chatterbox.constants import STOP_SPEECH_TOKEN
 from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
+from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3Request
 from chatterbox.weights import read_safetensors
 from tests.audio_samples import encode, speechlike
+from tests.model_probes import teacher_forced_logits
 from tests.reference.oracle import run_reference
 from tests.t3_weight_edits import stop_only_after_start
 
@@ -42,7 +44,9 @@ def _compare_with_upstream(ckpt_dir: Path, tmp_path: Path) -> tuple[TurboTTS, TT
 
     tts = TurboTTS.from_pretrained(local_dir=ckpt_dir, device="cpu", dtype=torch.float32)
     voice = tts.prepare_voice(reference_clip.read_bytes())
-    request = TTSRequest(TEXT, voice=voice, seed=SEED, max_new_tokens=MAX_NEW_TOKENS, **SAMPLING)
+    request = TTSRequest(
+        TEXT, voice=voice, sampling=SamplingParams(seed=SEED, max_new_tokens=MAX_NEW_TOKENS, **SAMPLING)
+    )
     tokens = tts.speech_tokens([request])[0]
     ours = tts.generate([request], watermark=False)[0]
 
@@ -83,5 +87,5 @@ def test_a_first_stop_token_is_decoded_past_as_upstream_does(stop_first_checkpoi
     first = T3Request(
         torch.tensor(tts.text_tokens(TEXT)), conditionals.speaker_emb, conditionals.t3_prompt_tokens
     )
-    first_logits = tts.t3.teacher_forced_logits([first], [torch.zeros(0, dtype=torch.long)])[0][0]
+    first_logits = teacher_forced_logits(tts.t3, [first], [torch.zeros(0, dtype=torch.long)])[0][0]
     assert first_logits.argmax() == STOP_SPEECH_TOKEN

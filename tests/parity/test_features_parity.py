@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from chatterbox import features
+from chatterbox.voice import features
 from tests.audio_samples import speechlike
 from tests.reference.oracle import run_reference
 

@@ -15,6 +15,7 @@ import torch
 
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import draw_source_noise
+from tests.model_probes import s3gen_encoder_outputs
 from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
@@ -71,7 +72,7 @@ def ours(model: S3Gen, requests: list[S3GenRequest]) -> dict[str, list[torch.Ten
         ]
     return {
         "noise": [n.flow for n in noise],
-        "encoder": model.encode(requests),
+        "encoder": s3gen_encoder_outputs(model, requests),
         "mel": mels,
         "source": sources,
         "wav": model.vocode(mels, noise),

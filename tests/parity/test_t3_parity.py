@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.t3 import T3, SamplingParams, T3Request
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3 import T3, T3Request
+from tests.model_probes import teacher_forced_logits
 from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
@@ -63,7 +65,7 @@ def ours(full_checkpoint: Path, inputs: dict[str, torch.Tensor], reference: dict
         T3Request(inputs[f"{c}.text"], inputs[f"{c}.speaker_emb"], inputs[f"{c}.prompt"], greedy)
         for c in CASES
     ]
-    logits = model.teacher_forced_logits(requests, [inputs[f"{c}.forced"] for c in CASES])
+    logits = teacher_forced_logits(model, requests, [inputs[f"{c}.forced"] for c in CASES])
     tokens = model.generate(requests)
     out = {}
     for case, case_logits, case_tokens in zip(CASES, logits, tokens, strict=True):

@@ -25,6 +25,7 @@ from serve_app.config import AppArgs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "tts"
+CHUNK_MAX_NEW_TOKENS = 50  # 2 s of audio per chunk at most: random weights rarely stop
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
             model_num_cpus=0,
             max_batch_size=8,
             batch_wait_timeout_s=0.05,
-            max_new_tokens=50,  # 2 s of audio per chunk at most: random weights rarely stop
+            max_new_tokens=CHUNK_MAX_NEW_TOKENS,
             watermark=True,
             limits={
                 "max_text_chars": 5000,

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from chatterbox.engine import TTSRequest
+from chatterbox.sampling import SamplingParams
 from serve_app.config import ModelSource
-from serve_app.ingress import model_error
+from serve_app.errors import ReplicaBrokenError, model_error
 from serve_app.model import ReplicaStats, TurboModel
-from serve_app.schemas import ChunkJob, ReplicaBrokenError
+from serve_app.schemas import ChunkJob
 
 TRIGGER = "Trigger the fault."
 
@@ -29,14 +30,13 @@ class IllegalMemoryAccessModel(TurboModel):
 
 
 def job(text: str) -> ChunkJob:
-    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "repetition_penalty": 1.2}
-    return ChunkJob(request_id=text, text=text, voice=None, seed=1, **settings)
+    return ChunkJob(request_id=text, text=text, voice=None, sampling=SamplingParams(seed=1, max_new_tokens=5))
 
 
 def test_a_cuda_error_breaks_the_replica(serve_app):
     async def scenario() -> tuple[object, list, list, ReplicaStats, IllegalMemoryAccessModel]:
         model = IllegalMemoryAccessModel.__new__(IllegalMemoryAccessModel)
-        await model.__init__(ModelSource.from_args(serve_app.args), voice_cache_size=2, max_new_tokens=5)
+        await model.__init__(ModelSource.from_args(serve_app.args), voice_cache_size=2)
         healthy = await model.synthesize_chunk(job("Before the fault."))
         await model.ready()
         # One batch: the chunk that hits the fault and an innocent one beside it.

@@ -1,9 +1,8 @@
-"""TurboModel's batch splitting and retries, its tiny checkpoint build, and the options the app builder
-gives each deployment (no Ray started)."""
+"""TurboModel's batch splitting and retries, and the options the app builder gives each deployment
+(no Ray started). Building the tiny checkpoint a replica loads is tested in tests/test_hub.py."""
 
 import gc
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +12,10 @@ from ray.serve.deployment import deployment_to_schema
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from chatterbox.errors import TTSInputError
-from serve_app import model as model_module
 from serve_app.app import build_app
 from serve_app.config import AppArgs
-from serve_app.model import ensure_tiny_checkpoint, is_cuda_error, run_bisecting
-from serve_app.schemas import ChunkOutOfMemoryError
+from serve_app.errors import ChunkOutOfMemoryError
+from serve_app.model import is_cuda_error, run_bisecting
 
 
 def fits_in_memory(max_batch: int, too_big: set[str]):
@@ -159,17 +157,6 @@ def test_out_of_memory_retry_on_cuda_gets_the_failed_attempts_memory_back():
     outcomes = run_bisecting(generate, ["a", "b", "c", "d"])  # 1.2x the free memory; halves fit
     assert outcomes == [block_elements] * 4
     assert torch.cuda.memory_allocated() == baseline
-
-
-def test_a_failed_tiny_checkpoint_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def write_half_then_fail(directory: Path, size: str, seed: int) -> None:
-        (directory / "t3_turbo_v1.safetensors").write_bytes(b"half a file")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(model_module, "make_checkpoint", write_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
-        ensure_tiny_checkpoint(tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def deployments_of(args: AppArgs) -> dict:

@@ -18,13 +18,15 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
 from chatterbox.errors import TTSInputError
+from chatterbox.sampling import SamplingParams
 from chatterbox.voice import decode_reference_audio
-from serve_app.audio import ms_to_samples
+from serve_app.audio import StitchPlan, ms_to_samples
 from serve_app.chunking import split_text
-from serve_app.ingress import Ingress, input_error, model_error, root_cause
+from serve_app.errors import SynthesisError, input_error, model_error, root_cause
+from serve_app.ingress import Ingress
 from serve_app.model import ReplicaStats
-from serve_app.schemas import ChunkJob, StitchPlan, SynthesisError, SynthesisRequest, VoiceRef
-from tests.serve.conftest import APP_NAME, voice_wav
+from serve_app.schemas import ChunkJob, SharedReference, SynthesisRequest
+from tests.serve.conftest import APP_NAME, CHUNK_MAX_NEW_TOKENS, voice_wav
 
 SR = 24_000
 SENTENCES = [
@@ -224,19 +226,21 @@ def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
     assert reached(gone) <= cap
 
 
-def chunk_job(text: str, voice: VoiceRef | None, request_id: str | None = None) -> ChunkJob:
-    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "repetition_penalty": 1.2}
-    return ChunkJob(request_id=request_id or text, text=text, voice=voice, seed=1, **settings)
+def chunk_job(text: str, voice: SharedReference | None, request_id: str | None = None) -> ChunkJob:
+    sampling = SamplingParams(seed=1, max_new_tokens=CHUNK_MAX_NEW_TOKENS)
+    return ChunkJob(request_id=request_id or text, text=text, voice=voice, sampling=sampling)
 
 
-def broken_voice() -> VoiceRef:
+def broken_voice() -> SharedReference:
     """Not a ReferenceAudio: preparing it raises AttributeError, an error of no expected type."""
-    return VoiceRef(voice_id=f"not-a-reference-{time.monotonic()}", audio=ray.put("not a reference"))
+    return SharedReference(
+        reference_id=f"not-a-reference-{time.monotonic()}", audio=ray.put("not a reference")
+    )
 
 
 def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
     good_reference = decode_reference_audio(voice_wav(7.0))
-    good_voice = VoiceRef(voice_id=good_reference.id, audio=ray.put(good_reference))
+    good_voice = SharedReference(reference_id=good_reference.id, audio=ray.put(good_reference))
     jobs = [
         chunk_job("Built-in.", None),
         chunk_job("Broken voice.", broken_voice()),
@@ -386,13 +390,24 @@ def test_handle_api_raises_synthesis_errors(serve_app):
 
 
 def test_a_chunk_the_engine_refuses_reaches_the_ingress_as_its_input_error(serve_app):
-    # The ingress validates everything it can, so on CPU no request makes the engine refuse a chunk;
-    # build the ingress's model -> stitcher hop by hand with a setting only the engine checks.
-    settings = {"temperature": 0.8, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.2}
-    job = ChunkJob(request_id="engine-refusal", text="Hi.", voice=None, seed=1, **settings)
-    plan = StitchPlan(chunk_texts=["Hi."], pauses=[], crossfade=0, sample_rate=SR, format="pcm")
+    # The ingress chunks text to the model's token limit, so no request makes the engine refuse a
+    # chunk; build the ingress's model -> stitcher hop by hand with a chunk over that limit.
+    text = "Hi. " * serve_app.model.info.remote().result().max_text_tokens
+    job = chunk_job(text, None, "engine-refusal")
+    plan = StitchPlan(chunk_texts=[text], pauses=[], crossfade=0, sample_rate=SR, format="pcm")
     stitcher = serve.get_deployment_handle("Stitcher", APP_NAME)
     with pytest.raises(TTSInputError) as raised:  # what the ingress catches
         stitcher.stitch.remote(plan, serve_app.model.synthesize_chunk.remote(job)).result()
     error = input_error(root_cause(raised.value))
+    assert (error.status, error.code, error.field) == (413, "text_too_long", "text")
+
+
+def test_a_sampling_setting_set_past_validation_is_an_input_error(serve_app):
+    # A ChunkJob's SamplingParams validates itself, so a bad setting never reaches the engine; a
+    # handle caller can still assign one to its request after pydantic validated it.
+    request = SynthesisRequest(text="Hi.")
+    request.top_k = 0
+    with pytest.raises(SynthesisError) as raised:
+        serve_app.ingress.synthesize.remote(request).result()
+    error = raised.value
     assert (error.status, error.code, error.field) == (422, "invalid_parameter", "top_k")

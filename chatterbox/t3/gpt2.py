@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatterbox.weights import HEAD_DIM, CheckpointError, count_indexed
+from chatterbox.constants import HEAD_DIM
+from chatterbox.weights import CheckpointError, count_indexed
 
 # GPT-2 stores these projections as "Conv1D" weights [in, out]; nn.Linear wants [out, in].
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -41,10 +42,6 @@ class GPT2Config:
         if width % HEAD_DIM:
             raise CheckpointError(f"GPT-2 backbone: width {width} is not a multiple of {HEAD_DIM}")
         return cls(width=width, layers=count_indexed(state_dict, "h."), positions=positions)
-
-
-TURBO = GPT2Config(width=1024, layers=24)  # GPT-2 medium: 16 heads
-NANO = GPT2Config(width=768, layers=12)  # GPT-2 small: 12 heads
 
 
 def linear_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,6 +85,36 @@ class KVCache(nn.Module):
         self.batch = len(rows)
 
 
+@dataclass(frozen=True)
+class AttentionContext:
+    """Where one forward's T new positions go in the cache and what they may attend to.
+
+    Built once per forward and shared by every layer (as gpt-fast passes ``input_pos`` and a mask):
+    ``slots`` (T,) int64 are the cache slots the T positions are written to (shared by all rows);
+    attention reads the first ``kv_len`` slots under ``mask`` (B, 1, T, kv_len) bool, True = may attend.
+    """
+
+    cache: KVCache
+    slots: torch.Tensor
+    kv_len: int
+    mask: torch.Tensor
+
+    @classmethod
+    def causal(
+        cls, cache: KVCache, slots: torch.Tensor, key_valid: torch.Tensor, kv_len: int
+    ) -> AttentionContext:
+        """Causal attention over the valid keys: key_valid (B, >= kv_len) bool is False on each
+        row's left padding; kv_len may be any value above the last written slot (e.g. the whole
+        cache for a static-shape graph)."""
+        key_slots = torch.arange(kv_len, device=slots.device)
+        causal = key_slots[None, :] <= slots[:, None]  # (T, kv_len)
+        mask = key_valid[:, None, None, :kv_len] & causal  # (B, 1, T, kv_len)
+        # A padding query has no valid key; letting it see its own slot keeps softmax finite.
+        # Its output is never read, and real rows never attend to padding slots.
+        mask = mask | (key_slots[None, :] == slots[:, None])
+        return cls(cache, slots, kv_len, mask)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -95,21 +122,13 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.width, 3 * config.width)
         self.c_proj = nn.Linear(config.width, config.width)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        cache: KVCache,
-        layer: int,
-        slots: torch.Tensor,
-        kv_len: int,
-    ) -> torch.Tensor:
-        """x (B, T, W), mask (B, 1, T, kv_len) bool (True = may attend) -> (B, T, W)."""
+    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        """x (B, T, W) -> (B, T, W); writes this layer's keys and values into the context's cache."""
         B, T, W = x.shape
         q, k, v = self.c_attn(x).split(W, dim=2)
         q, k, v = (t.view(B, T, self.heads, HEAD_DIM).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        k, v = cache.update(layer, slots, k, v, kv_len)  # (B, H, kv_len, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(64)
+        k, v = context.cache.update(layer, context.slots, k, v, context.kv_len)  # (B, H, kv_len, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask)  # scale 1/sqrt(64)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, W))
 
 
@@ -131,16 +150,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.width, eps=config.eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        cache: KVCache,
-        layer: int,
-        slots: torch.Tensor,
-        kv_len: int,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, layer, slots, kv_len)
+    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), context, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -155,29 +166,14 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.width, eps=config.eps)
 
     def forward(
-        self,
-        embeds: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        key_valid: torch.Tensor,
-        cache: KVCache,
-        kv_len: int,
+        self, embeds: torch.Tensor, positions: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        """Run T new positions per row, reading and extending ``cache``.
+        """Run T new positions per row, reading and extending the context's cache.
 
-        embeds (B, T, W); positions (B, T) int64 (per-row position ids); slots (T,) int64 cache
-        slots the T positions are written to (shared by all rows); key_valid (B, >= kv_len) bool,
-        False on each row's left padding; kv_len: how many cache slots attention reads (any value
-        above the last written slot works, e.g. the whole cache for a static-shape graph).
-        Returns the final-LayerNorm hidden states (B, T, W).
+        embeds (B, T, W); positions (B, T) int64 per-row position ids. Returns the final-LayerNorm
+        hidden states (B, T, W).
         """
-        key_slots = torch.arange(kv_len, device=embeds.device)
-        causal = key_slots[None, :] <= slots[:, None]  # (T, kv_len)
-        mask = key_valid[:, None, None, :kv_len] & causal  # (B, 1, T, kv_len)
-        # A padding query has no valid key; letting it see its own slot keeps softmax finite.
-        # Its output is never read, and real rows never attend to padding slots.
-        mask = mask | (key_slots[None, :] == slots[:, None])
         x = embeds + self.wpe(positions)
         for layer, block in enumerate(self.h):
-            x = block(x, mask, cache, layer, slots, kv_len)
+            x = block(x, context, layer)
         return self.ln_f(x)

@@ -1,49 +1,39 @@
-"""Voices: decoding and validating reference audio, and the conditionals a voice is reduced to.
+"""Reference audio: decoding and validating a voice's reference clip.
 
 A reference clip (5 s or more) is decoded to mono 24 kHz and loudness-normalised to -27 LUFS, as
 upstream does, on CPU and without the model (the Serve ingress does this once per request).
-Model replicas then turn it into a ``Voice``: the conditionals of T3 and S3Gen, cached by id.
+Model replicas then turn it into a ``Voice`` (``chatterbox.voice.conditioning``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import librosa
 import numpy as np
 import pyloudnorm
 import soundfile as sf
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from chatterbox.conditioning import VoiceConditionals
 from chatterbox.constants import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS, S3GEN_SR
 from chatterbox.errors import (
     AudioTooLongError,
     InvalidAudioError,
     NonFiniteAudioError,
     SilentAudioError,
-    TTSInputError,
     VoiceTooShortError,
 )
 
 REFERENCE_LUFS = -27.0
 SILENCE_PEAK = 10 ** (-60 / 20)  # a clip whose loudest sample is below -60 dBFS carries no voice
-VOICE_FORMAT = "chatterbox-serve-voice/1"
 # What a reference file may be, checked from its header before decoding (see decode_reference_audio).
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 8
 _SF_UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's SF_COUNT_MAX: "length unknown"
 _DECODE_BLOCK_FRAMES = 262_144
-_CONDITIONAL_FIELDS = ("speaker_emb", "t3_prompt_tokens", "prompt_tokens", "prompt_feat", "embedding")
 
 
 @dataclass(frozen=True)
@@ -185,59 +175,3 @@ def _too_long(seconds: float, max_seconds: float, field: str) -> AudioTooLongErr
     return AudioTooLongError(
         f"reference audio is {seconds:.1f} s; at most {max_seconds:g} s is accepted", field
     )
-
-
-@dataclass
-class Voice:
-    """The conditionals of one reference voice, as T3 and S3Gen consume them."""
-
-    id: str
-    conditionals: VoiceConditionals
-
-    def to(self, device: torch.device | str) -> Voice:
-        moved = {name: getattr(self.conditionals, name).to(device) for name in _CONDITIONAL_FIELDS}
-        return Voice(self.id, VoiceConditionals(**moved))
-
-    def to_bytes(self) -> bytes:
-        """A self-describing safetensors blob (no pickle)."""
-        tensors = {
-            name: getattr(self.conditionals, name).detach().cpu().contiguous() for name in _CONDITIONAL_FIELDS
-        }
-        return save_safetensors(tensors, metadata={"format": VOICE_FORMAT, "id": self.id})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Voice:
-        metadata = _safetensors_metadata(data)
-        if metadata.get("format") != VOICE_FORMAT or "id" not in metadata:
-            raise TTSInputError(f"not a serialised voice (expected format {VOICE_FORMAT})", "voice")
-        tensors = load_safetensors(data)
-        if set(tensors) != set(_CONDITIONAL_FIELDS):
-            raise TTSInputError(f"serialised voice must hold exactly {sorted(_CONDITIONAL_FIELDS)}", "voice")
-        return cls(metadata["id"], VoiceConditionals(**tensors))
-
-    @classmethod
-    def from_builtin(cls, conds_path: str | Path) -> Voice:
-        """The checkpoint's built-in voice (``conds.pt``, upstream's torch format, loaded weights-only)."""
-        conds = torch.load(conds_path, map_location="cpu", weights_only=True)
-        t3, gen = conds["t3"], conds["gen"]
-        conditionals = VoiceConditionals(
-            speaker_emb=t3["speaker_emb"].reshape(-1).float(),
-            t3_prompt_tokens=t3["cond_prompt_speech_tokens"].reshape(-1).long(),
-            prompt_tokens=gen["prompt_token"].reshape(-1).long(),
-            prompt_feat=gen["prompt_feat"].reshape(-1, gen["prompt_feat"].shape[-1]).float(),
-            embedding=gen["embedding"].reshape(-1).float(),
-        )
-        digest = hashlib.sha256(Path(conds_path).read_bytes()).hexdigest()
-        return cls(f"builtin-{digest[:16]}", conditionals)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (its header: 8-byte length, then JSON)."""
-    if len(data) < 8:
-        raise TTSInputError("serialised voice is truncated", "voice")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TTSInputError("serialised voice has a corrupt header", "voice") from exc
-    return header.get("__metadata__", {}) if isinstance(header, dict) else {}

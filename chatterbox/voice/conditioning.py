@@ -13,38 +13,26 @@ run per reference (CAMPPlus is not mask-aware; for the tokenizer see ``condition
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from chatterbox.campplus import CAMPPlus
 from chatterbox.constants import (
+    S3GEN_MEL_FRAMES_PER_TOKEN,
     S3GEN_PROMPT_SAMPLES_24K,
     SAMPLES_PER_TOKEN_24K,
     T3_PROMPT_SAMPLES_16K,
     T3_PROMPT_TOKENS,
 )
-from chatterbox.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_resample_24k_to_16k
-from chatterbox.speech_tokenizer import SpeechTokenizer
-from chatterbox.voice_encoder import VoiceEncoder
-from chatterbox.weights import read_safetensors, subdict
+from chatterbox.voice.campplus import CAMPPlus
+from chatterbox.voice.features import s3gen_mel, sinc_resample_24k_to_16k, soxr_resample_24k_to_16k
+from chatterbox.voice.speech_tokenizer import SpeechTokenizer
+from chatterbox.voice.voice import VoiceConditionals
+from chatterbox.voice.voice_encoder import VoiceEncoder
+from chatterbox.weights import subdict
 
-MEL_FRAMES_PER_TOKEN = 2  # S3Gen mel runs at 50 Hz, speech tokens at 25 Hz
 MIN_REFERENCE_SAMPLES_24K = 2 * SAMPLES_PER_TOKEN_24K  # 80 ms: enough for every front end and CAMPPlus
-
-
-@dataclass
-class VoiceConditionals:
-    """Everything a voice contributes to synthesis; computed once per voice and cached."""
-
-    speaker_emb: Tensor  # (S,) float32 voice-encoder embedding (T3 speaker input; S = 256)
-    t3_prompt_tokens: Tensor  # (P_t3,) int64, P_t3 <= 375: first 15 s of the reference
-    prompt_tokens: Tensor  # (P,) int64 S3Gen prompt tokens: first 10 s
-    prompt_feat: Tensor  # (T_mel, 80) float32 S3Gen mel of the first 10 s at 24 kHz
-    embedding: Tensor  # (192,) float32 CAMPPlus x-vector
 
 
 def _validated_reference(wav: np.ndarray, index: int) -> np.ndarray:
@@ -87,13 +75,6 @@ class VoiceConditioner(nn.Module):
             VoiceEncoder.from_state_dict(ve_state_dict),
         )
 
-    @classmethod
-    def from_files(
-        cls, s3gen_path: str | Path, ve_path: str | Path, device: str | torch.device = "cpu"
-    ) -> VoiceConditioner:
-        s3gen_sd = read_safetensors(s3gen_path, prefixes=("tokenizer.", "speaker_encoder."))
-        return cls.from_state_dicts(s3gen_sd, read_safetensors(ve_path)).to(device)
-
     @property
     def device(self) -> torch.device:
         return self.speech_tokenizer.device
@@ -125,7 +106,7 @@ class VoiceConditioner(nn.Module):
             prompt_tokens, _ = self.speech_tokenizer.tokenize([prompt_16k])
             prompt_feat = s3gen_mel(prompt_24k)
             # The flow expects 2 mel frames per prompt token; the reference only ever drops tokens.
-            n_prompt = min(prompt_tokens.shape[1], prompt_feat.shape[0] // MEL_FRAMES_PER_TOKEN)
+            n_prompt = min(prompt_tokens.shape[1], prompt_feat.shape[0] // S3GEN_MEL_FRAMES_PER_TOKEN)
             conditionals.append(
                 VoiceConditionals(
                     speaker_emb=speaker_emb,

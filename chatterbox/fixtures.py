@@ -9,7 +9,7 @@ the real file format.
 - ``tiny``: the same keys (every layer) at small widths, so tests run in seconds.
 - ``nano``: ``full`` with Chatterbox Nano's GPT-2 small T3 (``t3_nano_v1.safetensors``).
 
-CLI: ``python -m chatterbox.testing make-checkpoint DIR --size tiny|nano|full --seed N``.
+CLI: ``python -m chatterbox.fixtures make-checkpoint DIR --size tiny|nano|full --seed N``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,23 @@ from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
 
 from chatterbox.constants import (
+    HEAD_DIM,
     PARALINGUISTIC_TAGS,
+    S3_SR,
+    S3GEN_MEL_BINS,
     SPEECH_VOCAB_SIZE,
     T3_SPEECH_VOCAB_SIZE,
 )
+from chatterbox.s3gen.hift import (
+    HARMONICS,
+    RESBLOCK_KERNELS,
+    SOURCE_CHANNELS,
+    SOURCE_DOWNS,
+    SOURCE_RESBLOCK_KERNELS,
+    UPSAMPLE_KERNELS,
+)
+from chatterbox.voice.features import FBANK_BINS
+from chatterbox.voice.speech_tokenizer import SpeechTokenizerConfig
 
 CHECKPOINT_FILES = (
     "t3_turbo_v1.safetensors",
@@ -46,8 +59,6 @@ CHECKPOINT_FILES = (
     "tokenizer_config.json",
 )
 ENDOFTEXT = "<|endoftext|>"
-MEL_BINS = 80  # S3Gen mel channels; fixed by the audio front end, not a model width
-TOKENIZER_MELS = 128
 
 
 @dataclass(frozen=True)
@@ -110,30 +121,20 @@ FULL = CheckpointDims(
     conds_t3_prompt_tokens=375,
     conds_gen_prompt_tokens=250,
 )
-TINY = CheckpointDims(  # the same keys (every layer) at small widths
+TINY = replace(  # the same keys (every layer) at small widths
+    FULL,
     t3_width=128,
-    t3_layers=24,
-    t3_positions=8196,
     t3_text_vocab=None,
     speaker_dim=64,
-    ve_mels=40,
-    ve_layers=3,
     tokenizer_width=128,
-    tokenizer_blocks=6,
     campplus_head_channels=8,
     campplus_init_channels=32,
     campplus_growth=8,
     campplus_bottleneck=32,
-    campplus_block_layers=(12, 24, 16),
-    xvector_dim=192,
     flow_width=128,
     flow_ffn=256,
-    flow_blocks=6,
-    flow_up_blocks=4,
     estimator_channels=64,
     estimator_heads=1,
-    estimator_transformers=4,
-    estimator_mid_blocks=12,
     hift_channels=32,
     conds_t3_prompt_tokens=100,
     conds_gen_prompt_tokens=100,
@@ -280,10 +281,13 @@ def t3_state_dict(
 
 def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     width = dims.tokenizer_width
-    mel_filters = librosa.filters.mel(sr=16000, n_fft=400, n_mels=TOKENIZER_MELS, fmin=0.0, fmax=8000.0)
+    front = SpeechTokenizerConfig()  # the front end and quantizer are fixed; only width and depth vary
+    mel_filters = librosa.filters.mel(
+        sr=S3_SR, n_fft=front.n_fft, n_mels=front.n_mels, fmin=0.0, fmax=S3_SR / 2
+    )
     sd.put("tokenizer._mel_filters", torch.from_numpy(mel_filters).float())
-    sd.put("tokenizer.window", torch.hann_window(400, periodic=True))
-    sd.conv("tokenizer.encoder.conv1", TOKENIZER_MELS, width, 3)
+    sd.put("tokenizer.window", torch.hann_window(front.n_fft, periodic=True))
+    sd.conv("tokenizer.encoder.conv1", front.n_mels, width, 3)
     sd.conv("tokenizer.encoder.conv2", width, width, 3)
     for b in range(dims.tokenizer_blocks):
         block = f"tokenizer.encoder.blocks.{b}"
@@ -291,12 +295,12 @@ def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
         sd.linear(f"{block}.attn.key", width, width, bias=False)
         sd.linear(f"{block}.attn.value", width, width)
         sd.linear(f"{block}.attn.out", width, width)
-        sd.conv(f"{block}.attn.fsmn_block", width, width, 31, bias=False, groups=width)
+        sd.conv(f"{block}.attn.fsmn_block", width, width, front.fsmn_kernel, bias=False, groups=width)
         sd.layer_norm(f"{block}.attn_ln", width)
         sd.linear(f"{block}.mlp.0", width, 4 * width)
         sd.linear(f"{block}.mlp.2", 4 * width, width)
         sd.layer_norm(f"{block}.mlp_ln", width)
-    sd.linear("tokenizer.quantizer._codebook.project_down", width, 8)
+    sd.linear("tokenizer.quantizer._codebook.project_down", width, front.fsq_dims)
 
 
 def _campplus(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
@@ -319,8 +323,8 @@ def _campplus(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
 
     xv = "speaker_encoder.xvector"
     channels = dims.campplus_init_channels
-    # Three stride-2 stages take the 80 mel bins down to 10 rows of `c` channels each.
-    sd.conv(f"{xv}.tdnn.linear", c * (MEL_BINS // 8), channels, 5, bias=False, init="kaiming")
+    # Three stride-2 stages take the 80 fbank bins down to 10 rows of `c` channels each.
+    sd.conv(f"{xv}.tdnn.linear", c * (FBANK_BINS // 8), channels, 5, bias=False, init="kaiming")
     sd.batch_norm(f"{xv}.tdnn.nonlinear.batchnorm", channels)
     growth, bottleneck = dims.campplus_growth, dims.campplus_bottleneck
     for b, n_layers in enumerate(dims.campplus_block_layers, start=1):
@@ -347,8 +351,8 @@ def _conformer_layer(sd: _StateDictBuilder, prefix: str, width: int, ffn: int) -
     for name in ("linear_q", "linear_k", "linear_v", "linear_out"):
         sd.linear(f"{attn}.{name}", width, width)
     sd.linear(f"{attn}.linear_pos", width, width, bias=False)
-    sd.weight(f"{attn}.pos_bias_u", (width // 64, 64), "xavier")
-    sd.weight(f"{attn}.pos_bias_v", (width // 64, 64), "xavier")
+    sd.weight(f"{attn}.pos_bias_u", (width // HEAD_DIM, HEAD_DIM), "xavier")
+    sd.weight(f"{attn}.pos_bias_v", (width // HEAD_DIM, HEAD_DIM), "xavier")
     sd.linear(f"{prefix}.feed_forward.w_1", width, ffn)
     sd.linear(f"{prefix}.feed_forward.w_2", ffn, width)
     sd.layer_norm(f"{prefix}.norm_ff", width)
@@ -358,7 +362,7 @@ def _conformer_layer(sd: _StateDictBuilder, prefix: str, width: int, ffn: int) -
 def _flow(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     width = dims.flow_width
     sd.weight("flow.input_embedding.weight", (SPEECH_VOCAB_SIZE, width), "embedding")
-    sd.linear("flow.spk_embed_affine_layer", dims.xvector_dim, MEL_BINS)
+    sd.linear("flow.spk_embed_affine_layer", dims.xvector_dim, S3GEN_MEL_BINS)
     enc = "flow.encoder"
     for embed in ("embed", "up_embed"):
         sd.linear(f"{enc}.{embed}.out.0", width, width)
@@ -371,7 +375,7 @@ def _flow(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     for i in range(dims.flow_up_blocks):
         _conformer_layer(sd, f"{enc}.up_encoders.{i}", width, dims.flow_ffn)
     sd.layer_norm(f"{enc}.after_norm", width)
-    sd.linear("flow.encoder_proj", width, MEL_BINS)
+    sd.linear("flow.encoder_proj", width, S3GEN_MEL_BINS)
     _estimator(sd, dims)
 
 
@@ -379,7 +383,7 @@ def _estimator(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     est = "flow.decoder.estimator"
     channels = dims.estimator_channels
     time_dim = 4 * channels
-    in_channels = 4 * MEL_BINS  # [x, mu, speaker, cond]
+    in_channels = 4 * S3GEN_MEL_BINS  # [x, mu, speaker, cond]
     sd.linear(f"{est}.time_mlp.linear_1", in_channels, time_dim, init="kaiming")
     sd.linear(f"{est}.time_mlp.linear_2", time_dim, time_dim, init="kaiming")
     # The module starts as [I | 0] (mean-flow mixer passes t, ignores r); a little noise makes r
@@ -398,7 +402,7 @@ def _estimator(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
         sd.conv(f"{prefix}.res_conv", c_in, channels, 1, init="kaiming")
 
     def transformers(prefix: str) -> None:
-        inner = 64 * dims.estimator_heads
+        inner = HEAD_DIM * dims.estimator_heads
         for t in range(dims.estimator_transformers):
             block = f"{prefix}.{t}"
             sd.layer_norm(f"{block}.norm1", channels)
@@ -419,20 +423,14 @@ def _estimator(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     transformers(f"{est}.up_blocks.0.1")
     sd.conv(f"{est}.up_blocks.0.2", channels, channels, 3, init="kaiming")
     causal_block(f"{est}.final_block", channels)
-    sd.conv(f"{est}.final_proj", channels, MEL_BINS, 1, init="kaiming")
-
-
-HIFT_UPSAMPLE_KERNELS = (16, 11, 7)
-HIFT_RESBLOCK_KERNELS = (3, 7, 11)
-HIFT_SOURCE_KERNELS = ((30, 7), (6, 7), (1, 11))  # (source_downs kernel, source resblock kernel)
-HIFT_SOURCE_CHANNELS = 18  # real and imaginary parts of 9 harmonics' 16-point STFT
+    sd.conv(f"{est}.final_proj", channels, S3GEN_MEL_BINS, 1, init="kaiming")
 
 
 def _hift(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
     hift = "mel2wav"
     channels = dims.hift_channels
-    sd.linear(f"{hift}.m_source.l_linear", 9, 1)
-    sd.weight_norm_conv(f"{hift}.conv_pre", MEL_BINS, channels, 7)
+    sd.linear(f"{hift}.m_source.l_linear", HARMONICS, 1)
+    sd.weight_norm_conv(f"{hift}.conv_pre", S3GEN_MEL_BINS, channels, 7)
 
     def resblock(prefix: str, c: int, kernel: int) -> None:
         for j in range(3):
@@ -442,20 +440,20 @@ def _hift(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
             sd.put(f"{prefix}.activations1.{j}.alpha", torch.ones(c))
             sd.put(f"{prefix}.activations2.{j}.alpha", torch.ones(c))
 
-    for i, kernel in enumerate(HIFT_UPSAMPLE_KERNELS):
+    stages = zip(UPSAMPLE_KERNELS, SOURCE_DOWNS, SOURCE_RESBLOCK_KERNELS, strict=True)
+    for i, (kernel, (down_kernel, _, _), source_kernel) in enumerate(stages):
         c_in, c_out = channels >> i, channels >> (i + 1)
         sd.weight_norm_conv(f"{hift}.ups.{i}", c_in, c_out, kernel, transposed=True)
-        down_kernel, source_kernel = HIFT_SOURCE_KERNELS[i]
-        sd.conv(f"{hift}.source_downs.{i}", HIFT_SOURCE_CHANNELS, c_out, down_kernel)
+        sd.conv(f"{hift}.source_downs.{i}", SOURCE_CHANNELS, c_out, down_kernel)
         resblock(f"{hift}.source_resblocks.{i}", c_out, source_kernel)
-    for i in range(len(HIFT_UPSAMPLE_KERNELS)):
-        for j, kernel in enumerate(HIFT_RESBLOCK_KERNELS):
-            resblock(f"{hift}.resblocks.{3 * i + j}", channels >> (i + 1), kernel)
-    last = channels >> len(HIFT_UPSAMPLE_KERNELS)
-    sd.weight_norm_conv(f"{hift}.conv_post", last, HIFT_SOURCE_CHANNELS, 7)
+    for i in range(len(UPSAMPLE_KERNELS)):
+        for j, kernel in enumerate(RESBLOCK_KERNELS):
+            resblock(f"{hift}.resblocks.{len(RESBLOCK_KERNELS) * i + j}", channels >> (i + 1), kernel)
+    last = channels >> len(UPSAMPLE_KERNELS)
+    sd.weight_norm_conv(f"{hift}.conv_post", last, SOURCE_CHANNELS, 7)
     for j in range(5):
         sd.weight_norm_conv(
-            f"{hift}.f0_predictor.condnet.{2 * j}", MEL_BINS if j == 0 else channels, channels, 3
+            f"{hift}.f0_predictor.condnet.{2 * j}", S3GEN_MEL_BINS if j == 0 else channels, channels, 3
         )
     sd.linear(f"{hift}.f0_predictor.classifier", channels, 1)
 
@@ -506,7 +504,7 @@ def builtin_conditionals(dims: CheckpointDims, seed: int) -> dict[str, dict[str,
             "prompt_token": torch.randint(0, SPEECH_VOCAB_SIZE, (1, n_gen), generator=g),
             "prompt_token_len": torch.tensor([n_gen]),
             # Natural log-mel values of speech sit roughly in [-11.5, 2].
-            "prompt_feat": (torch.randn(1, 2 * n_gen, MEL_BINS, generator=g) * 2 - 6).clamp(
+            "prompt_feat": (torch.randn(1, 2 * n_gen, S3GEN_MEL_BINS, generator=g) * 2 - 6).clamp(
                 min=math.log(1e-5)
             ),
             "prompt_feat_len": None,
@@ -655,7 +653,7 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m chatterbox.testing", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m chatterbox.fixtures", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint directory")
     make.add_argument("dir", type=Path)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chatterbox.features import FBANK_BINS, kaldi_fbank_cmn
+from chatterbox.voice.features import FBANK_BINS, kaldi_fbank_cmn
 from chatterbox.weights import CheckpointError, load_strict, require_keys
 
 BLOCK_DILATIONS = (1, 2, 2)  # of the three dense blocks; not recorded in the weights

@@ -19,58 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
     SPEECH_VOCAB_SIZE,
     START_SPEECH_TOKEN,
     STOP_SPEECH_TOKEN,
     T3_PROMPT_TOKENS,
     T3_SPEECH_VOCAB_SIZE,
 )
-from chatterbox.gpt2 import GPT2, GPT2Config, KVCache, linear_layout
-from chatterbox.sampling import process_logits, sample, seed_keys
+from chatterbox.sampling import SamplingParams
+from chatterbox.t3.gpt2 import GPT2, AttentionContext, GPT2Config, KVCache, linear_layout
+from chatterbox.t3.sampler import process_logits, sample, seed_keys
 from chatterbox.weights import CheckpointError, load_strict, read_safetensors, require_keys, subdict
 
-MAX_SEED = 2**63
 SYNC_EVERY = 8  # decode steps between the one host sync that asks "has any row finished?"
 COMPACT_FRACTION = 0.25  # pack the batch once this share of live rows has finished
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings; defaults are the reference's ``generate`` defaults.
-
-    ``max_new_tokens`` counts decode steps as the reference's ``max_gen_len`` does: a request
-    samples at most ``max_new_tokens + 1`` tokens (one from the prefill).
-    """
-
-    temperature: float = 0.8
-    top_k: int = 1000
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None  # None -> a fresh random seed per generate call
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0 or self.temperature == float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(
-                f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}"
-            )
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens <= 0
-        ):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED
-        ):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass
@@ -260,26 +221,18 @@ class T3(nn.Module):
         slots = torch.arange(prefill_len, device=device)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
         cache = KVCache(self.config.gpt2, len(requests), max_len, dtype, device)
-        hidden = self.tfmr(embeds, positions, slots, key_valid, cache, kv_len=prefill_len)
+        hidden = self.tfmr(embeds, positions, AttentionContext.causal(cache, slots, key_valid, prefill_len))
         logits = self.speech_head(hidden[:, -1].float())
         return logits, lengths, key_valid, cache, prefill_len
 
     def decode_step(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slot: torch.Tensor,
-        key_valid: torch.Tensor,
-        cache: KVCache,
-        kv_len: int,
+        self, tokens: torch.Tensor, positions: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        """Feed one token per row: tokens, positions (B,) int64, written at cache ``slot`` (1,).
+        """Feed one token per row: tokens, positions (B,) int64 at the context's one cache slot.
 
-        Attention reads the first ``kv_len`` cache slots (> slot). Returns logits (B, V) float32.
+        Returns logits (B, V) float32.
         """
-        hidden = self.tfmr(
-            self.speech_emb(tokens)[:, None], positions[:, None], slot, key_valid, cache, kv_len
-        )
+        hidden = self.tfmr(self.speech_emb(tokens)[:, None], positions[:, None], context)
         return self.speech_head(hidden[:, 0].float())
 
     # ----------------------------------------------------------------------------------------
@@ -335,7 +288,8 @@ class T3(nn.Module):
         slot = torch.tensor([prefill_len], device=device)  # cache slot of the next decode input
         for step in range(1, max_tokens):
             kv_len = prefill_len + step
-            logits = self.decode_step(state.tokens, state.positions, slot, state.key_valid, cache, kv_len)
+            context = AttentionContext.causal(cache, slot, state.key_valid, kv_len)
+            logits = self.decode_step(state.tokens, state.positions, context)
             state.positions = self._advance(state.positions)
             slot += 1
             state = self._sample_into(state, logits, out, ignore_stop_token)
@@ -391,41 +345,3 @@ class T3(nn.Module):
         state.finished = state.finished | stopped
         state.tokens = tokens
         return state
-
-    @torch.inference_mode()
-    def teacher_forced_logits(
-        self, requests: list[T3Request], speech_tokens: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Raw speech logits along given speech tokens, through the same prefill and decode steps.
-
-        speech_tokens[i] (N_i,) int64 < 6563 are fed after request i's START. Returns one
-        (N_i + 1, V) float32 CPU tensor per request: row 0 predicts the first token, row j the
-        token after speech_tokens[i][j-1]. Sampling settings are ignored.
-        """
-        if len(speech_tokens) != len(requests):
-            raise ValueError(f"{len(requests)} requests but {len(speech_tokens)} speech token sequences")
-        steps = max(t.numel() for t in speech_tokens) if requests else 0
-        for i, (r, t) in enumerate(zip(requests, speech_tokens, strict=True)):
-            self._check_request(i, r, t.numel())
-            if t.dim() != 1 or (t.numel() and (t.min() < 0 or t.max() >= self.config.speech_vocab)):
-                raise ValueError(
-                    f"speech_tokens[{i}] must be 1-D with ids in [0, {self.config.speech_vocab})"
-                )
-        if not requests:
-            return []
-        device = self.device
-        logits, positions, key_valid, cache, prefill_len = self._prefill(requests, steps)
-        forced = torch.stack(
-            [F.pad(t.to(device), (0, steps - t.numel())) for t in speech_tokens]
-        )  # (B, steps)
-        all_logits = [logits]
-        for step in range(steps):
-            slot = torch.tensor([prefill_len + step], device=device)
-            kv_len = prefill_len + step + 1
-            all_logits.append(
-                self.decode_step(
-                    forced[:, step], self._advance(positions, step), slot, key_valid, cache, kv_len
-                )
-            )
-        stacked = torch.stack(all_logits, dim=1).cpu()  # (B, steps + 1, V)
-        return [stacked[i, : t.numel() + 1] for i, t in enumerate(speech_tokens)]

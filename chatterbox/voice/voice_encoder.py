@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chatterbox.constants import S3_SR
-from chatterbox.features import VE_HOP, voice_encoder_mel
+from chatterbox.voice.features import VE_HOP, voice_encoder_mel
 from chatterbox.weights import load_strict, require_keys
 
 TRIM_TOP_DB = 20.0

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chatterbox.constants import S3_SR, S3GEN_SR
+from chatterbox.constants import S3_SR, S3GEN_MEL_BINS, S3GEN_SR
 
 TOKENIZER_HOP = 160  # 100 log-mel frames per second at 16 kHz
-S3GEN_MEL_BINS = 80
 S3GEN_N_FFT = 1920
 S3GEN_HOP = 480  # 50 mel frames per second at 24 kHz
 S3GEN_FMAX = 8000.0

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chatterbox.constants import SPEECH_VOCAB_SIZE
-from chatterbox.features import tokenizer_log_mel
-from chatterbox.weights import HEAD_DIM, CheckpointError, count_indexed, load_strict, require_keys
+from chatterbox.constants import HEAD_DIM, SPEECH_VOCAB_SIZE
+from chatterbox.voice.features import tokenizer_log_mel
+from chatterbox.weights import CheckpointError, count_indexed, load_strict, require_keys
 
 FSQ_LEVELS = 3
 FSQ_SHRINK = 0.999  # keeps tanh outputs off the +-1 rounding edge
 ROPE_BASE = 10000.0
-MEL_FRAMES_PER_TOKEN = 4
+TOKENIZER_FRAMES_PER_TOKEN = 4  # the tokenizer's log-mel runs at 100 Hz, its tokens at 25 Hz
 MAX_MEL_FRAMES = 3000  # 30 s; the reference switches to a sliding-window path beyond this
 MIN_SAMPLES_16K = 640  # one token
 
@@ -241,7 +241,7 @@ class SpeechTokenizer(nn.Module):
                 )
             mel = tokenizer_log_mel(wav, self._mel_filters, self.window)
             if max_len is not None:
-                mel = mel[:, : MEL_FRAMES_PER_TOKEN * max_len]
+                mel = mel[:, : TOKENIZER_FRAMES_PER_TOKEN * max_len]
             if mel.shape[1] > MAX_MEL_FRAMES:
                 raise ValueError(
                     f"waveform {i}: {mel.shape[1]} mel frames exceed the {MAX_MEL_FRAMES} (30 s) "
