@@ -4,11 +4,12 @@
     python -m bench.t3 --size full --device cuda --dtype bf16   # Turbo size on a GPU
 
 Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
-in one run, times ``T3.generate`` at each batch size with every row sampling a fixed number of
-tokens (stop token ignored), the same loop on requests one at a time, and upstream's
-``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle venv
-(``REF_VENV``) on the same weights and device, with its stop logit masked out. Wall times
-include each call's prefill. Prints one markdown table; 25 speech tokens are one second of audio.
+in one run, times ``T3.generate`` at each batch size, the same loop on requests one at a time, and
+upstream's ``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle
+venv (``REF_VENV``) on the same weights and device, with its stop logit masked out. Equal work on
+every side: every row of every loop samples the same ``--tokens`` tokens (stop token ignored), and
+each side is warmed up by one untimed request first. Wall times include each call's prefill. Prints
+one markdown table; 25 speech tokens are one second of audio.
 """
 
 from __future__ import annotations
@@ -66,11 +67,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
-    parser.add_argument("--tokens", type=int, default=250, help="tokens sampled per batched row")
+    parser.add_argument("--tokens", type=int, default=250, help="tokens sampled per row, in every loop")
     parser.add_argument("--prompt-tokens", type=int, default=50, help="voice prompt speech tokens per row")
     parser.add_argument("--text-tokens", type=int, default=30)
     parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")
-    parser.add_argument("--baseline-tokens", type=int, default=100, help="tokens per one-at-a-time request")
     add_reference_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,11 +88,7 @@ def main() -> None:
             max(batches), args.tokens, args.prompt_tokens, args.text_tokens, dims.speaker_dim
         )
         baseline = make_requests(
-            args.baseline_requests,
-            args.baseline_tokens,
-            args.prompt_tokens,
-            args.text_tokens,
-            dims.speaker_dim,
+            args.baseline_requests, args.tokens, args.prompt_tokens, args.text_tokens, dims.speaker_dim
         )
         timed_generate(model, baseline[:1])  # warm-up
 
@@ -114,19 +110,17 @@ def main() -> None:
                 tensors,
                 t3_file=str(t3_file),
                 requests=len(baseline),
-                tokens=args.baseline_tokens,
+                tokens=args.tokens,
                 threads=args.threads,
                 device=args.device,
             )
             label = "upstream inference_turbo, 1 by 1"
-            rows.append(
-                (label, 1, len(baseline), args.baseline_tokens, sum(ref["seconds"]), sum(ref["tokens"]))
-            )
+            rows.append((label, 1, len(baseline), args.tokens, sum(ref["seconds"]), sum(ref["tokens"])))
         seconds = tokens = 0
         for request in baseline:
             s, n = timed_generate(model, [request])
             seconds, tokens = seconds + s, tokens + n
-        rows.append(("ours, 1 by 1", 1, len(baseline), args.baseline_tokens, seconds, tokens))
+        rows.append(("ours, 1 by 1", 1, len(baseline), args.tokens, seconds, tokens))
         for batch in batches:
             s, n = timed_generate(model, requests[:batch])
             rows.append(("ours, batched", batch, batch, args.tokens, s, n))
