@@ -41,7 +41,7 @@ from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.fixtures import SIZES, make_checkpoint, t3_state_dict
 from chatterbox.hub import local_checkpoint, t3_weights_file
 from chatterbox.sampling import SamplingParams
-from tests.reference.oracle import reference_available, run_reference
+from reference.oracle import reference_available, run_reference
 
 TEXTS = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning.",

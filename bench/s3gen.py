@@ -25,7 +25,7 @@ from chatterbox.constants import S3GEN_SR
 from chatterbox.fixtures import SIZES, s3gen_state_dict
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME
-from tests.reference.oracle import reference_available, run_reference
+from reference.oracle import reference_available, run_reference
 
 
 def make_inputs(count: int, n_speech: int, n_prompt: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from chatterbox.constants import TOKEN_HZ
 from chatterbox.fixtures import SIZES, t3_state_dict
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
-from tests.reference.oracle import reference_available, run_reference
+from reference.oracle import reference_available, run_reference
 
 
 def make_requests(

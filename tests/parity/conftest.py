@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chatterbox.fixtures import make_checkpoint
-from tests.reference.oracle import REF_PYTHON, reference_available
+from reference.oracle import REF_PYTHON, reference_available
 
 
 @pytest.fixture(scope="session")
@@ -25,4 +25,4 @@ def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _require_reference() -> None:
     # A parity run without the oracle must fail loudly, never pass by skipping everything.
     if not reference_available():
-        pytest.fail(f"reference venv missing ({REF_PYTHON}); run tests/reference/setup.sh first")
+        pytest.fail(f"reference venv missing ({REF_PYTHON}); run reference/setup.sh first")

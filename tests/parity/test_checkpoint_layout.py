@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.reference.oracle import run_reference
+from reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

@@ -13,8 +13,8 @@ import torch
 
 from chatterbox.constants import S3GEN_SR
 from chatterbox.voice.conditioning import VoiceConditioner
+from reference.oracle import run_reference
 from tests.model_probes import conditioner_from_files
-from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

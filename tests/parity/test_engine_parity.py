@@ -14,9 +14,9 @@ from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3Request
 from chatterbox.weights import read_safetensors
+from reference.oracle import run_reference
 from tests.audio_samples import encode, speechlike
 from tests.model_probes import teacher_forced_logits
-from tests.reference.oracle import run_reference
 from tests.t3_weight_edits import stop_only_after_start
 
 pytestmark = pytest.mark.parity

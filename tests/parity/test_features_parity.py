@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from chatterbox.voice import features
+from reference.oracle import run_reference
 from tests.audio_samples import speechlike
-from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

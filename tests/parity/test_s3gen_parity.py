@@ -15,8 +15,8 @@ import torch
 
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import draw_source_noise
+from reference.oracle import run_reference
 from tests.model_probes import s3gen_encoder_outputs
-from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

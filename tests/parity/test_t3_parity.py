@@ -13,8 +13,8 @@ import torch
 
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
+from reference.oracle import run_reference
 from tests.model_probes import teacher_forced_logits
-from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

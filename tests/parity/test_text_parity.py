@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatterbox.text import TextTokenizer, normalize_text
-from tests.reference.oracle import run_reference
+from reference.oracle import run_reference
 from tests.text_samples import TEXTS
 
 pytestmark = pytest.mark.parity

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chatterbox.watermark import apply_watermark, detect_watermark
+from reference.oracle import run_reference
 from tests.audio_samples import speechlike
-from tests.reference.oracle import run_reference
 
 pytestmark = pytest.mark.parity
 

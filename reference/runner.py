@@ -1,12 +1,12 @@
 """Run one reference computation inside the oracle venv (``.venv-ref``); never imported by our code.
 
-Usage: ``.venv-ref/bin/python tests/reference/runner.py AREA.TASK WORKDIR``
+Usage: ``.venv-ref/bin/python reference/runner.py AREA.TASK WORKDIR``
 
 ``WORKDIR`` holds ``inputs.safetensors`` (optional) and ``params.json``; the task writes
 ``outputs.safetensors`` and ``outputs.json`` there. ``AREA.TASK`` names the function ``TASK`` in
 the module ``ref_AREA.py`` beside this file. Each task takes ``(tensors, params)`` and returns
 ``(tensors, json_values)``. The upstream package is imported as ``chatterbox`` here, which is why
-this only ever runs as a subprocess of our tests (tests/reference/oracle.py).
+this only ever runs as a subprocess of our tests (reference/oracle.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Call the upstream reference (in its own venv) from our tests, tensors in and out by safetensors.
 
 Upstream's import name ``chatterbox`` clashes with ours, so the reference never enters our
-process: each call runs ``tests/reference/runner.py`` under ``.venv-ref/bin/python``.
+process: each call runs ``reference/runner.py`` under ``.venv-ref/bin/python``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REFERENCE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = REFERENCE_DIR.parents[1]
+REPO_ROOT = REFERENCE_DIR.parent
 REF_PYTHON = Path(os.environ.get("REF_VENV", REPO_ROOT / ".venv-ref")) / "bin" / "python"
 
 
@@ -35,12 +35,12 @@ def run_reference(
     timeout_s: float = 1800,
     **params: Any,
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """Run ``AREA.TASK`` from ``tests/reference/ref_AREA.py`` in the oracle venv.
+    """Run ``AREA.TASK`` from ``reference/ref_AREA.py`` in the oracle venv.
 
     Returns the task's output tensors and its JSON values.
     """
     if not reference_available():
-        raise ReferenceError(f"no reference venv at {REF_PYTHON.parent.parent}: run tests/reference/setup.sh")
+        raise ReferenceError(f"no reference venv at {REF_PYTHON.parent.parent}: run reference/setup.sh")
     with tempfile.TemporaryDirectory(prefix="chatterbox-ref-") as tmp:
         workdir = Path(tmp)
         if tensors:

@@ -1,4 +1,4 @@
-"""Reference tasks for S3Gen (runs in ``.venv-ref`` only, through tests/reference/oracle.py)."""
+"""Reference tasks for S3Gen (runs in ``.venv-ref`` only, through reference/oracle.py)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,20 @@ def inference(tensors: dict, params: dict) -> tuple[dict, dict]:
     s3gen = load_s3gen(params["ckpt_dir"])
     captured: dict[str, torch.Tensor] = {}
 
-    def keep_encoder(module, args, output):
+    def keep_encoder(module: torch.nn.Module, args: tuple, output: tuple) -> None:
         captured["encoder"] = output[0][0].clone()
 
     # Upstream calls the estimator and the vocoder through methods (no module hooks fire there).
     estimator, vocoder = s3gen.flow.decoder.estimator, s3gen.mel2wav
     estimator_forward, vocoder_inference = estimator.forward, vocoder.inference
 
-    def estimator_keeping_start(x, *args, **kwargs):
+    def estimator_keeping_start(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         captured.setdefault("flow_noise", x[0].clone())
         return estimator_forward(x, *args, **kwargs)
 
-    def vocoder_keeping_mel(speech_feat, *args, **kwargs):
+    def vocoder_keeping_mel(
+        speech_feat: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         captured["mel"] = speech_feat[0].clone()
         return vocoder_inference(speech_feat, *args, **kwargs)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the reference-oracle venv (.venv-ref) holding upstream chatterbox-tts 0.1.7.
 # It is a separate interpreter on purpose: upstream's import name `chatterbox` clashes with
-# ours, so the reference only ever runs as a subprocess (tests/reference/runner.py).
+# ours, so the reference only ever runs as a subprocess (reference/runner.py).
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${REF_VENV:-$repo/.venv-ref}"
 python="${PYTHON:-python3}"
 
