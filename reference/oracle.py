@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 REFERENCE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = REFERENCE_DIR.parent
-REF_PYTHON = Path(os.environ.get("REF_VENV", REPO_ROOT / ".venv-ref")) / "bin" / "python"
+# A relative REF_VENV means relative to where the caller runs (the repo root, as the docs write it).
+REF_PYTHON = Path(os.environ.get("REF_VENV", REPO_ROOT / ".venv-ref")).absolute() / "bin" / "python"
 
 
 class ReferenceError(RuntimeError):
