@@ -15,12 +15,23 @@ one's chunks.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from serve_app.metrics import record_batch_finished, record_batch_started
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class _Waiting(Generic[Item, Out]):
+    item: Item
+    future: asyncio.Future[Out | Exception]
+    submitted_at: float  # time.monotonic(), for the chunk queue time metric
 
 
 class Batcher(Generic[Item, Out]):
@@ -46,15 +57,14 @@ class Batcher(Generic[Item, Out]):
         self.wait_s = wait_s
         self.dropped = 0
         # Waiting items by owner; the first owner gives the next item, then goes to the back.
-        self._waiting: OrderedDict[Hashable, deque[tuple[Item, asyncio.Future[Out | Exception]]]] = (
-            OrderedDict()
-        )
+        self._waiting: OrderedDict[Hashable, deque[_Waiting[Item, Out]]] = OrderedDict()
         self._arrived = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> Out | Exception:
         future: asyncio.Future[Out | Exception] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(self._owner(item), deque()).append((item, future))
+        waiting = _Waiting(item, future, time.monotonic())
+        self._waiting.setdefault(self._owner(item), deque()).append(waiting)
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run_batches())
@@ -63,19 +73,19 @@ class Batcher(Generic[Item, Out]):
     def _num_waiting(self) -> int:
         return sum(len(items) for items in self._waiting.values())
 
-    def _take_batch(self) -> list[tuple[Item, asyncio.Future[Out | Exception]]]:
+    def _take_batch(self) -> list[_Waiting[Item, Out]]:
         batch = []
         while self._waiting and len(batch) < self.max_batch_size:
             owner, items = next(iter(self._waiting.items()))
-            item, future = items.popleft()
+            waiting = items.popleft()
             if items:
                 self._waiting.move_to_end(owner)
             else:
                 del self._waiting[owner]
-            if future.cancelled():
+            if waiting.future.cancelled():
                 self.dropped += 1
             else:
-                batch.append((item, future))
+                batch.append(waiting)
         return batch
 
     async def _run_batches(self) -> None:
@@ -88,12 +98,16 @@ class Batcher(Generic[Item, Out]):
             batch = self._take_batch()
             if not batch:
                 continue
+            started_at = time.monotonic()
+            record_batch_started([started_at - waiting.submitted_at for waiting in batch])
             try:
-                outcomes: list[Out | Exception] = list(await self._run([item for item, _ in batch]))
+                outcomes: list[Out | Exception] = list(await self._run([waiting.item for waiting in batch]))
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} items gave {len(outcomes)} outcomes")
             except Exception as error:  # every caller of the batch gets it
                 outcomes = [error] * len(batch)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            finally:
+                record_batch_finished()
+            for waiting, outcome in zip(batch, outcomes, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(outcome)

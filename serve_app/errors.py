@@ -11,6 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from chatterbox.errors import TTSInputError
+from serve_app.metrics import record_refusal
 from serve_app.schemas import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")
@@ -115,6 +116,9 @@ def model_error(error: Exception) -> SynthesisError:
 
 def error_response(error: SynthesisError, status: int | None = None) -> JSONResponse:
     """`{"error": {"code", "message", "field"}}` with the code's status (or ``status``, for
-    Starlette's own errors, which keep theirs)."""
+    Starlette's own errors, which keep theirs), counted in the refusals metric: every HTTP refusal
+    is answered here."""
+    status = status or error.status
+    record_refusal(error.code, status)
     body = ErrorResponse(error=ErrorDetail(code=error.code, message=error.message, field=error.field))
-    return JSONResponse(body.model_dump(), status_code=status or error.status)
+    return JSONResponse(body.model_dump(), status_code=status)

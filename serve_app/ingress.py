@@ -14,8 +14,9 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -36,11 +37,13 @@ from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingCon
 from serve_app.errors import (
     SynthesisError,
     error_response,
+    error_status,
     input_error,
     model_error,
     root_cause,
     validation_error,
 )
+from serve_app.metrics import record_refusal, record_time_to_first_audio
 from serve_app.schemas import (
     ChunkJob,
     ErrorResponse,
@@ -69,6 +72,17 @@ async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> 
         del running[waiter]
     for waiter in finished:
         waiter.result()
+
+
+def _record_first_audio(accepted_at: float) -> Callable[[asyncio.Future], None]:
+    """A done callback for a request's first chunk call: its audio is ready (no streaming yet, so
+    this is when the first audio could be sent)."""
+
+    def record(call: asyncio.Future) -> None:
+        if not call.cancelled() and call.exception() is None:
+            record_time_to_first_audio(time.monotonic() - accepted_at)
+
+    return record
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -168,9 +182,10 @@ class Ingress:
 
     @api.post("/v1/tts", response_model=TTSHttpResponse, responses={"4XX": {"model": ErrorResponse}})
     async def tts(self, request: Request) -> JSONResponse:
+        accepted_at = time.monotonic()
         try:
             synthesis = await self._parse_http_request(request)
-            result = await self.synthesize(synthesis)
+            result = await self._serve(synthesis, accepted_at)
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
             response = error_response(SynthesisError(error.code, error.message, field))
@@ -188,8 +203,18 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
+        try:
+            return await self._serve(request, time.monotonic())
+        except SynthesisError as error:  # HTTP counts its refusals where it answers them
+            record_refusal(error.code, error.status)
+            raise
+        except Exception:
+            record_refusal("internal_error", error_status("internal_error"))
+            raise
+
+    async def _serve(self, request: SynthesisRequest, accepted_at: float) -> SynthesisResult:
         with self._admitted():
-            return await self._synthesize(request)
+            return await self._synthesize(request, accepted_at)
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -206,7 +231,7 @@ class Ingress:
         finally:
             self._active_requests -= 1
 
-    async def _synthesize(self, request: SynthesisRequest) -> SynthesisResult:
+    async def _synthesize(self, request: SynthesisRequest, accepted_at: float) -> SynthesisResult:
         check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
@@ -235,13 +260,14 @@ class Ingress:
         ]
         plan = stitch_plan(chunks, self._stitching, info.sample_rate, request.format)
         try:
-            chunk_audio = await self._synthesize_chunks(jobs)
+            chunk_audio = await self._synthesize_chunks(jobs, accepted_at)
             return await self._stitcher.stitch.remote(plan, *chunk_audio)
         except Exception as error:
             raise model_error(error) from None
 
-    async def _synthesize_chunks(self, jobs: list[ChunkJob]) -> list[DeploymentResponse]:
-        """The finished model calls of `jobs`, in order.
+    async def _synthesize_chunks(self, jobs: list[ChunkJob], accepted_at: float) -> list[DeploymentResponse]:
+        """The finished model calls of `jobs`, in order; the first one's finishing is recorded as
+        the request's time to first audio (since `accepted_at`).
 
         At most `max_chunks_in_flight` calls of one request run at once, the next sent as an earlier
         one finishes, so a long text does not fill every replica's queue ahead of later requests.
@@ -255,8 +281,11 @@ class Ingress:
                 if len(running) >= self._max_chunks_in_flight:
                     await _first_finished(running)
                 response = self._model.synthesize_chunk.remote(job)
+                call = asyncio.ensure_future(response)
+                if not responses:
+                    call.add_done_callback(_record_first_audio(accepted_at))
                 responses.append(response)
-                running[asyncio.ensure_future(response)] = response
+                running[call] = response
             while running:
                 await _first_finished(running)
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from chatterbox.voice import Voice
 from serve_app.batcher import Batcher
 from serve_app.config import AppArgs, BatchingConfig, ModelSource, replica_device
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
+from serve_app.metrics import record_chunks_synthesised
 from serve_app.schemas import ChunkJob, ModelInfo
 from serve_app.voice_cache import VoiceCache
 
@@ -221,7 +223,12 @@ class TurboModel:
         voices = [default if job.voice is None else next(shared) for job in jobs]
         runnable = [i for i, v in enumerate(voices) if isinstance(v, Voice)]
         requests = [TTSRequest(jobs[i].text, voices[i], jobs[i].sampling) for i in runnable]
+        started_at = time.monotonic()
         audio = await self._run_on_model(self._generate, requests)
+        record_chunks_synthesised(
+            [len(wav) / self._tts.sample_rate for wav in audio if isinstance(wav, np.ndarray)],
+            time.monotonic() - started_at,
+        )
         audio_by_job = dict(zip(runnable, audio, strict=True))
         return [audio_by_job.get(i, voice) for i, voice in enumerate(voices)]  # voice: its error
 

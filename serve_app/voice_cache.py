@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
 from chatterbox.voice import ReferenceAudio, Voice
+from serve_app.metrics import record_voice_cache_lookups
 from serve_app.schemas import SharedReference
 
 # Prepares clips into voices, one outcome per clip: its voice or the error it alone raises.
@@ -44,6 +45,7 @@ class VoiceCache:
                 outcomes[voice_id] = cached
             else:
                 missing[voice_id] = reference
+        record_voice_cache_lookups(hits=len(outcomes), misses=len(missing))  # each voice once per batch
         if missing:
             fetched = await asyncio.gather(*(r.audio for r in missing.values()), return_exceptions=True)
             prepared = iter(await self._prepare([c for c in fetched if not isinstance(c, BaseException)]))

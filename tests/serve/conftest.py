@@ -31,6 +31,7 @@ CHUNK_MAX_NEW_TOKENS = 50  # 2 s of audio per chunk at most: random weights rare
 @dataclass(frozen=True)
 class ServeApp:
     url: str
+    metrics_url: str  # Ray's Prometheus endpoint
     args: AppArgs
     ingress: DeploymentHandle
     model: DeploymentHandle
@@ -46,11 +47,13 @@ def _free_port() -> int:
 def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     # Workers must import serve_app and chatterbox from this checkout, not from an installed copy.
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    metrics_port = _free_port()
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
     )
     try:
@@ -79,6 +82,7 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
         ingress = serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         yield ServeApp(
             url=f"http://127.0.0.1:{port}",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             args=args,
             ingress=ingress,
             model=serve.get_deployment_handle("TurboModel", APP_NAME),

@@ -272,7 +272,7 @@ def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
     try:
         before = serve_app.model.stats.remote().result()
         with pytest.raises(AttributeError):
-            asyncio.run(Ingress._synthesize_chunks(ingress, jobs))
+            asyncio.run(Ingress._synthesize_chunks(ingress, jobs, time.monotonic()))
         first, second = stats_after_probes(serve_app)
     finally:
         serve_app.model.reconfigure.remote(batching.model_dump()).result()
