@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.schema import DeploymentStatus, ReplicaState
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -40,7 +41,6 @@ from serve_app.errors import (
     error_status,
     input_error,
     model_error,
-    root_cause,
     validation_error,
 )
 from serve_app.metrics import record_refusal, record_time_to_first_audio
@@ -59,7 +59,7 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 
-# How long /readyz waits for a model replica (one that is busy answers between batches).
+# How long /readyz waits for Serve's controller to report the model deployment's state.
 READINESS_TIMEOUT_S = 5.0
 # Handle-API field names that HTTP clients know under another name.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
@@ -158,6 +158,7 @@ class Ingress:
         self._max_chunks_in_flight = max_chunks_in_flight
         self._model_info: ModelInfo | None = None
         self._active_requests = 0
+        self._app_name = serve.get_replica_context().app_name
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -166,17 +167,22 @@ class Ingress:
 
     @api.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz(self) -> JSONResponse:
-        """Readiness: a model replica answered within READINESS_TIMEOUT_S and is not broken."""
-        response = self._model.ready.remote()
+        """Readiness: Serve's controller has a running model replica that passes its health checks
+        (``TurboModel.check_health``, which a broken replica fails).
+
+        Asked of the controller, not of a replica: a replica's calls queue behind its chunk calls,
+        so a probe sent to a busy replica would time out exactly when the service is busiest.
+        """
         try:
-            await asyncio.wait_for(response, READINESS_TIMEOUT_S)
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), READINESS_TIMEOUT_S)
+            deployment = status.applications[self._app_name].deployments[self._model.deployment_name]
         except Exception as error:
-            response.cancel()
-            cause = root_cause(error)
-            logger.warning("not ready: %r", cause)
-            message = f"no model replica answered within {READINESS_TIMEOUT_S} s"
-            if not isinstance(cause, asyncio.TimeoutError):
-                message = f"model replica not ready: {cause}"
+            logger.warning("not ready: %r", error)
+            return error_response(SynthesisError("not_ready", f"Serve's status is unavailable: {error}"))
+        running = deployment.replica_states.get(ReplicaState.RUNNING, 0)
+        if running == 0 or deployment.status in (DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED):
+            detail = deployment.message or "none running"
+            message = f"no healthy model replica ({deployment.status.value}: {detail})"
             return error_response(SynthesisError("not_ready", message))
         return JSONResponse({"status": "ready"})
 

@@ -188,10 +188,6 @@ class TurboModel:
         if self._broken is not None:
             raise ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}")
 
-    async def ready(self) -> None:
-        """Answers when this replica can serve; raises ReplicaBrokenError when it cannot."""
-        self.check_health()
-
     async def info(self) -> ModelInfo:
         return ModelInfo(sample_rate=self._tts.sample_rate, max_text_tokens=self._tts.max_text_tokens)
 

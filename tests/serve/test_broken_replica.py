@@ -38,16 +38,14 @@ def test_a_cuda_error_breaks_the_replica(serve_app):
         model = IllegalMemoryAccessModel.__new__(IllegalMemoryAccessModel)
         await model.__init__(ModelSource.from_args(serve_app.args), voice_cache_size=2)
         healthy = await model.synthesize_chunk(job("Before the fault."))
-        await model.ready()
+        model.check_health()
         # One batch: the chunk that hits the fault and an innocent one beside it.
         in_batch = await asyncio.gather(
             model.synthesize_chunk(job(TRIGGER)),
             model.synthesize_chunk(job("Beside it.")),
             return_exceptions=True,
         )
-        later = await asyncio.gather(
-            model.synthesize_chunk(job("After the fault.")), model.ready(), return_exceptions=True
-        )
+        later = await asyncio.gather(model.synthesize_chunk(job("After the fault.")), return_exceptions=True)
         return healthy, in_batch, later, await model.stats(), model
 
     healthy, in_batch, later, stats, model = asyncio.run(scenario())

@@ -166,6 +166,28 @@ def test_healthz_and_readyz(serve_app):
     assert (response.status_code, response.json()) == (200, {"status": "ready"})
 
 
+def test_readyz_answers_at_once_while_the_model_replica_is_saturated(serve_app):
+    # More long chunk calls than the replica takes at once (2 x its batch of 8): a readiness call sent
+    # to the replica would queue behind them; /readyz asks Serve's controller instead.
+    sampling = SamplingParams(seed=1, max_new_tokens=400)
+    calls = [
+        serve_app.model.synthesize_chunk.remote(
+            ChunkJob(request_id=f"busy-{i}", text=f"Busy line {i}.", voice=None, sampling=sampling)
+        )
+        for i in range(20)
+    ]
+    try:
+        time.sleep(1.0)  # the calls reach the replica and its first batch starts
+        begin = time.monotonic()
+        response = httpx.get(f"{serve_app.url}/readyz", timeout=30)
+        elapsed = time.monotonic() - begin
+        assert (response.status_code, response.json()) == (200, {"status": "ready"})
+        assert elapsed < 2.0, f"/readyz took {elapsed:.1f} s behind busy chunk calls"
+    finally:
+        for call in calls:
+            call.cancel()
+
+
 # 40 one-sentence paragraphs: 40 chunks, five full batches of the test replica.
 LONG_TEXT = "\n\n".join(f"Line {i} of a long script." for i in range(40))
 
