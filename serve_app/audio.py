@@ -117,12 +117,17 @@ def to_pcm16(wav: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(wav, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
+def to_s16le(wav: np.ndarray) -> bytes:
+    """Raw PCM: int16 little-endian samples, no header."""
+    return to_pcm16(wav).astype("<i2").tobytes()
+
+
 def encode_audio(wav: np.ndarray, sample_rate: int, audio_format: AudioFormat) -> bytes:
     """Encode mono float32 audio: wav/flac as PCM16, opus in Ogg, mp3 (layer III), pcm as raw s16le."""
     if wav.ndim != 1:
         raise ValueError(f"expected mono audio of shape (T,), got {wav.shape}")
     if audio_format == "pcm":
-        return to_pcm16(wav).astype("<i2").tobytes()
+        return to_s16le(wav)
     if audio_format not in _SOUNDFILE_FORMATS:
         raise ValueError(f"unknown audio format {audio_format!r}; one of {get_args(AudioFormat)}")
     container, subtype = _SOUNDFILE_FORMATS[audio_format]
@@ -131,3 +136,66 @@ def encode_audio(wav: np.ndarray, sample_rate: int, audio_format: AudioFormat) -
     buffer = io.BytesIO()
     sf.write(buffer, data, sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
+
+
+class StreamingStitch:
+    """`stitch` for chunks that arrive one by one, in order: `add` returns the joined samples that
+    no later chunk can change, so that the concatenation of everything `add` returns equals
+    `stitch(chunks, pauses, crossfade)` sample for sample.
+
+    What later chunks can change is the last chunk's final `min(crossfade, len)` samples (their
+    fade-out depends on the next chunk's length) and anything after them, so those are held back
+    until the next chunk arrives; the last chunk (one more than there are pauses) returns them all.
+    Fades and additions happen in the same order as in `stitch`, hence the same float32 results.
+    """
+
+    def __init__(self, pauses: Sequence[int], crossfade: int) -> None:
+        if crossfade < 0 or any(p < 0 for p in pauses):
+            raise ValueError("crossfade and pauses must be non-negative")
+        self._pauses = list(pauses)
+        self._crossfade = crossfade
+        self._added = 0  # chunks added so far
+        self._joined = np.zeros(0, dtype=np.float32)  # joined samples from `self._returned` on
+        self._returned = 0
+        self._previous = np.zeros(0, dtype=np.float32)  # the last chunk added, faded in
+        self._previous_end = 0  # where it ends in the joined audio
+
+    def add(self, chunk: np.ndarray) -> np.ndarray:
+        """Add the next chunk; the joined samples that are now final, (T,) float32."""
+        if self._added > len(self._pauses):
+            raise ValueError(f"{len(self._pauses) + 1} chunks expected (one more than the pauses), got more")
+        wav = np.asarray(chunk, dtype=np.float32).copy()
+        start = 0
+        if self._added > 0:
+            previous = self._previous
+            n = min(self._crossfade, len(previous), len(wav))
+            held = self._held(len(previous))
+            tail = previous[len(previous) - held :]
+            tail[held - n :] *= 1.0 - _ramp(n)
+            self._mix(self._previous_end - held, tail)
+            start = self._previous_end + self._pauses[self._added - 1] - n
+            wav[:n] *= _ramp(n)
+        self._added += 1
+        last = self._added == len(self._pauses) + 1
+        held = 0 if last else self._held(len(wav))
+        self._mix(start, wav[: len(wav) - held])
+        self._previous, self._previous_end = wav, start + len(wav)
+        return self._take(self._previous_end - held)
+
+    def _held(self, length: int) -> int:
+        return min(self._crossfade, length)
+
+    def _mix(self, start: int, samples: np.ndarray) -> None:
+        """Add `samples` into the joined audio at absolute sample `start` (never before what was returned)."""
+        offset = start - self._returned
+        missing = offset + len(samples) - len(self._joined)
+        if missing > 0:
+            self._joined = np.concatenate([self._joined, np.zeros(missing, dtype=np.float32)])
+        self._joined[offset : offset + len(samples)] += samples
+
+    def _take(self, end: int) -> np.ndarray:
+        """Return the joined samples before absolute sample `end` (`_mix` has reached it)."""
+        count = end - self._returned
+        out, self._joined = self._joined[:count], self._joined[count:]
+        self._returned = end
+        return out

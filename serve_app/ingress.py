@@ -16,13 +16,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -32,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
-from serve_app.audio import stitch_plan
+from serve_app.audio import StitchPlan, StreamingStitch, stitch_plan
 from serve_app.chunking import split_text
 from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingConfig, front_deployment_options
 from serve_app.errors import (
@@ -44,7 +45,22 @@ from serve_app.errors import (
     validation_error,
 )
 from serve_app.metrics import record_refusal, record_time_to_first_audio
+from serve_app.openai_api import (
+    CONTENT_TYPES,
+    SERVED_MODEL_ID,
+    SSE_CONTENT_TYPE,
+    ModelCard,
+    ModelList,
+    OpenAIErrorResponse,
+    SpeechRequest,
+    audio_delta_event,
+    openai_error,
+    sse_event,
+    stream_content_type,
+    streaming_wav_header,
+)
 from serve_app.schemas import (
+    AudioPiece,
     ChunkJob,
     ErrorResponse,
     ModelInfo,
@@ -61,6 +77,8 @@ api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 
 # How long /readyz waits for Serve's controller to report the model deployment's state.
 READINESS_TIMEOUT_S = 5.0
+# Shortest piece a stream sends before its last: fewer, larger pieces, each long enough to watermark.
+MIN_PIECE_SECONDS = 0.1
 # Handle-API field names that HTTP clients know under another name.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
 
@@ -75,8 +93,8 @@ async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> 
 
 
 def _record_first_audio(accepted_at: float) -> Callable[[asyncio.Future], None]:
-    """A done callback for a request's first chunk call: its audio is ready (no streaming yet, so
-    this is when the first audio could be sent)."""
+    """A done callback for a request's first chunk call: its audio is ready, the earliest a
+    streamed response can send audio."""
 
     def record(call: asyncio.Future) -> None:
         if not call.cancelled() and call.exception() is None:
@@ -207,6 +225,107 @@ class Ingress:
         )
         return JSONResponse(response.model_dump())
 
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        """OpenAI-compatible: the served model (OpenAI's speech model names are accepted as aliases)."""
+        return ModelList(data=[ModelCard(id=SERVED_MODEL_ID)])
+
+    @api.post(
+        "/v1/audio/speech",
+        responses={
+            200: {
+                "description": "the audio: a whole file, or a stream (pcm, wav, or Server-Sent Events)",
+                "content": {t: {} for t in (*CONTENT_TYPES.values(), SSE_CONTENT_TYPE)},
+            },
+            "4XX": {"model": OpenAIErrorResponse},
+            "5XX": {"model": OpenAIErrorResponse},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SpeechRequest"}}},
+            }
+        },
+    )
+    async def speech(self, request: Request) -> Response:
+        """OpenAI-compatible speech. pcm and wav (and `stream_format=sse`) are streamed in order as
+        chunks finish; flac, mp3 and opus arrive whole. Errors are in OpenAI's shape."""
+        accepted_at = time.monotonic()
+        try:
+            try:
+                speech = SpeechRequest.model_validate(await self._read_json(request))
+            except ValidationError as error:
+                raise validation_error(error) from None
+            synthesis = speech.synthesis_request()
+            if speech.streamed:
+                return await self._streaming_response(speech, synthesis, accepted_at)
+            result = await self._serve(synthesis, accepted_at)
+        except SynthesisError as error:
+            return self._openai_error_response(error)
+        except Exception:
+            logger.exception("unexpected error in POST /v1/audio/speech")
+            error = SynthesisError("internal_error", "internal error; see the server log")
+            return self._openai_error_response(error)
+        return Response(result.audio, media_type=CONTENT_TYPES[result.format])
+
+    async def _streaming_response(
+        self, speech: SpeechRequest, synthesis: SynthesisRequest, accepted_at: float
+    ) -> StreamingResponse:
+        """Waits for the first piece, so that a refusal is still an HTTP error; then streams."""
+        pieces = self._stream(synthesis, accepted_at)
+        try:
+            first = await anext(pieces)
+        except BaseException:
+            await pieces.aclose()
+            raise
+        sse = speech.stream_format == "sse"
+
+        async def body() -> AsyncIterator[bytes]:
+            header = streaming_wav_header(first.sample_rate) if speech.response_format == "wav" else b""
+            first_audio_s = time.monotonic() - accepted_at
+            piece, num_samples = first, 0
+            try:
+                while True:
+                    audio = header + piece.audio
+                    header = b""
+                    yield audio_delta_event(audio) if sse else audio
+                    num_samples += piece.num_samples
+                    piece = await anext(pieces, None)
+                    if piece is None:
+                        break
+            except SynthesisError as error:
+                if not sse:
+                    raise  # the connection is dropped mid-body: the client sees a broken stream
+                yield sse_event({"type": "error", **openai_error(error)[0].model_dump()})
+                return
+            finally:
+                await pieces.aclose()
+            if sse:
+                yield sse_event(
+                    {
+                        "type": "speech.audio.done",
+                        "usage": {
+                            "input_characters": len(synthesis.text),
+                            "output_audio_seconds": num_samples / first.sample_rate,
+                        },
+                        "timings": {
+                            "time_to_first_audio_s": first_audio_s,
+                            "total_s": time.monotonic() - accepted_at,
+                        },
+                    }
+                )
+
+        media_type = stream_content_type(synthesis.format, speech.stream_format)
+        return StreamingResponse(body(), media_type=media_type)
+
+    def _openai_error_response(self, error: SynthesisError) -> JSONResponse:
+        body, status = openai_error(error)
+        record_refusal(error.code, status)
+        response = JSONResponse(body.model_dump(), status_code=status)
+        if status in (429, 503):  # refused for now, not for good: say when to come back
+            response.headers["Retry-After"] = str(self._limits.retry_after_s)
+        return response
+
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
         try:
@@ -238,6 +357,61 @@ class Ingress:
             self._active_requests -= 1
 
     async def _synthesize(self, request: SynthesisRequest, accepted_at: float) -> SynthesisResult:
+        jobs, plan = await self._prepare(request)
+        try:
+            finished = [response async for _, response in self._finished_in_order(jobs, accepted_at)]
+            return await self._stitcher.stitch.remote(plan, *finished)
+        except Exception as error:
+            raise model_error(error) from None
+
+    async def synthesize_stream(self, request: SynthesisRequest) -> AsyncIterator[AudioPiece]:
+        """The streaming handle API: `handle.options(stream=True).synthesize_stream.remote(request)`
+        yields AudioPiece (s16le) in order, each as soon as its chunks are ready. Raises
+        SynthesisError for a request it refuses or cannot serve."""
+        try:
+            async for piece in self._stream(request, time.monotonic()):
+                yield piece
+        except SynthesisError as error:
+            record_refusal(error.code, error.status)
+            raise
+        except Exception:
+            record_refusal("internal_error", error_status("internal_error"))
+            raise
+
+    async def _stream(self, request: SynthesisRequest, accepted_at: float) -> AsyncIterator[AudioPiece]:
+        """The request's audio in pieces: each chunk joined (crossfade and pause) onto the ones before
+        it as it finishes, in order; a piece leaves once it has MIN_PIECE_SECONDS of final samples
+        (or is the last), watermarked on its own by the stitcher."""
+        with self._admitted():
+            jobs, plan = await self._prepare(request)
+            joiner = StreamingStitch(plan.pauses, plan.crossfade)
+            min_piece = MIN_PIECE_SECONDS * plan.sample_rate
+            pending: list[np.ndarray] = []
+            start = 0
+            try:
+                done = 0
+                async for call, _ in self._finished_in_order(jobs, accepted_at):
+                    pending.append(joiner.add(call.result()))
+                    done += 1
+                    samples = np.concatenate(pending)
+                    if len(samples) < min_piece and done < len(jobs):
+                        continue
+                    pending = []
+                    audio = await self._stitcher.encode_piece.remote(samples, plan.sample_rate)
+                    yield AudioPiece(
+                        audio=audio,
+                        sample_rate=plan.sample_rate,
+                        start_sample=start,
+                        num_samples=len(samples),
+                        chunks_done=done,
+                        chunks_total=len(jobs),
+                    )
+                    start += len(samples)
+            except Exception as error:
+                raise model_error(error) from None
+
+    async def _prepare(self, request: SynthesisRequest) -> tuple[list[ChunkJob], StitchPlan]:
+        """Check the request and make its chunk jobs (the built-in or its decoded voice) and stitch plan."""
         check_text(request.text)
         if len(request.text) > self._limits.max_text_chars:
             raise SynthesisError(
@@ -264,41 +438,46 @@ class Ingress:
             )
             for i, chunk in enumerate(chunks)
         ]
-        plan = stitch_plan(chunks, self._stitching, info.sample_rate, request.format)
-        try:
-            chunk_audio = await self._synthesize_chunks(jobs, accepted_at)
-            return await self._stitcher.stitch.remote(plan, *chunk_audio)
-        except Exception as error:
-            raise model_error(error) from None
+        return jobs, stitch_plan(chunks, self._stitching, info.sample_rate, request.format)
 
-    async def _synthesize_chunks(self, jobs: list[ChunkJob], accepted_at: float) -> list[DeploymentResponse]:
-        """The finished model calls of `jobs`, in order; the first one's finishing is recorded as
-        the request's time to first audio (since `accepted_at`).
+    async def _finished_in_order(
+        self, jobs: list[ChunkJob], accepted_at: float
+    ) -> AsyncIterator[tuple[asyncio.Future, DeploymentResponse]]:
+        """The model calls of `jobs`, each (its result future, its response) yielded in order once
+        it and every call before it have finished; the first one's finishing is recorded as the
+        request's time to first audio (since `accepted_at`).
 
         At most `max_chunks_in_flight` calls of one request run at once, the next sent as an earlier
         one finishes, so a long text does not fill every replica's queue ahead of later requests.
         When one call fails or this request is cancelled (its client went away), the calls still
         running are cancelled: awaiting a response and being cancelled does not cancel its call.
         """
-        responses: list[DeploymentResponse] = []
+        calls: list[tuple[asyncio.Future, DeploymentResponse]] = []
         running: dict[asyncio.Future, DeploymentResponse] = {}
+        yielded = 0
         try:
             for job in jobs:
                 if len(running) >= self._max_chunks_in_flight:
                     await _first_finished(running)
                 response = self._model.synthesize_chunk.remote(job)
                 call = asyncio.ensure_future(response)
-                if not responses:
+                if not calls:
                     call.add_done_callback(_record_first_audio(accepted_at))
-                responses.append(response)
+                calls.append((call, response))
                 running[call] = response
-            while running:
-                await _first_finished(running)
+                while yielded < len(calls) and calls[yielded][0].done():
+                    calls[yielded][0].result()  # raises the call's error
+                    yield calls[yielded]
+                    yielded += 1
+            for call, response in calls[yielded:]:
+                while not call.done():
+                    await _first_finished(running)
+                call.result()
+                yield call, response
         finally:
             for waiter, response in running.items():
                 response.cancel()
                 waiter.cancel()
-        return responses
 
     async def _get_model_info(self) -> ModelInfo:
         if self._model_info is None:
@@ -306,21 +485,8 @@ class Ingress:
         return self._model_info
 
     async def _parse_http_request(self, request: Request) -> SynthesisRequest:
-        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise SynthesisError(
-                "unsupported_media_type",
-                f"the body must be JSON (Content-Type: application/json), not {media_type}",
-            )
-        body = await read_body(request, self._limits.max_request_bytes)
         try:
-            payload = json.loads(body, parse_constant=_reject_json_constant)
-        except ValueError as error:  # also bad UTF-8 and integers of over 4300 digits
-            raise SynthesisError("invalid_json", f"request body is not valid JSON: {error}") from None
-        except RecursionError:
-            raise SynthesisError("invalid_json", "request body is nested too deeply") from None
-        try:
-            http_request = TTSHttpRequest.model_validate(payload)
+            http_request = TTSHttpRequest.model_validate(await self._read_json(request))
         except ValidationError as error:
             raise validation_error(error) from None
         reference = None
@@ -335,6 +501,22 @@ class Ingress:
                 ) from None
         params = http_request.model_dump(exclude={"reference_audio_base64"})
         return SynthesisRequest(**params, reference_audio=reference)
+
+    async def _read_json(self, request: Request) -> Any:
+        """The JSON body, refused unless it is JSON of at most `limits.max_request_bytes`."""
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise SynthesisError(
+                "unsupported_media_type",
+                f"the body must be JSON (Content-Type: application/json), not {media_type}",
+            )
+        body = await read_body(request, self._limits.max_request_bytes)
+        try:
+            return json.loads(body, parse_constant=_reject_json_constant)
+        except ValueError as error:  # also bad UTF-8 and integers of over 4300 digits
+            raise SynthesisError("invalid_json", f"request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise SynthesisError("invalid_json", "request body is nested too deeply") from None
 
     async def _shared_reference(self, reference_audio: bytes | None) -> SharedReference | None:
         """Decode and check the reference once; replicas receive only an object reference to it."""

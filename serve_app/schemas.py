@@ -74,6 +74,18 @@ class SynthesisResult(BaseModel):
     chunks: list[ChunkInfo]
 
 
+class AudioPiece(BaseModel):
+    """One piece of a streamed result (handle `synthesize_stream`): mono s16le samples that follow
+    the previous piece's; the pieces in order are the whole result."""
+
+    audio: bytes  # s16le, `num_samples` samples
+    sample_rate: int
+    start_sample: int
+    num_samples: int
+    chunks_done: int  # chunks of the text joined so far
+    chunks_total: int
+
+
 class TTSHttpResponse(BaseModel):
     audio_base64: str
     sample_rate: int

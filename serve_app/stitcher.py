@@ -1,4 +1,5 @@
-"""Stitcher deployment: joins chunk audio in order, watermarks the result once, encodes it.
+"""Stitcher deployment: joins chunk audio in order, watermarks the result once, encodes it; and
+watermarks and encodes the pieces of a streamed result, which the ingress joins as chunks arrive.
 
 CPU only. The ingress passes the model's pending responses straight in as arguments, so chunk
 audio travels from the model replicas to the stitcher without passing through the ingress.
@@ -11,9 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.audio import StitchPlan, chunk_starts, encode_audio, stitch
+from serve_app.audio import StitchPlan, chunk_starts, encode_audio, stitch, to_s16le
 from serve_app.config import AppArgs, front_deployment_options
 from serve_app.schemas import ChunkInfo, SynthesisResult
+
+# The watermarker's STFT needs more than half its 2048-sample window at 32 kHz (768 samples at
+# 24 kHz); the ingress streams pieces of at least 0.1 s, so only a shorter whole result stays unmarked.
+MIN_WATERMARK_SECONDS = 0.04
 
 
 class Stitcher:
@@ -51,3 +56,12 @@ class Stitcher:
                 for text, start, audio in zip(plan.chunk_texts, starts, chunk_audio, strict=True)
             ],
         )
+
+    async def encode_piece(self, samples: np.ndarray, sample_rate: int) -> bytes:
+        """One streamed piece, watermarked on its own, as s16le bytes."""
+        return await asyncio.to_thread(self._encode_piece, samples, sample_rate)
+
+    def _encode_piece(self, samples: np.ndarray, sample_rate: int) -> bytes:
+        if self._apply_watermark is not None and len(samples) >= MIN_WATERMARK_SECONDS * sample_rate:
+            samples = np.asarray(self._apply_watermark(samples, sample_rate), dtype=np.float32)
+        return to_s16le(samples)
