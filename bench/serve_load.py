@@ -8,7 +8,9 @@ Starts a local Ray and the app (one model replica), then for each concurrency le
 concurrency 1 at least `--direct-runs`), stopping early when the level's time budget runs out.
 Before Serve starts it times the same request in-process (chunk, generate in batches of
 max_batch_size, stitch, watermark, encode) with the replica's torch thread count, so the Serve
-path's overhead at concurrency 1 can be read off. Prints one markdown table.
+path's overhead at concurrency 1 can be read off. Then, per `--stream-levels` concurrency, the same
+request streamed (`POST /v1/audio/speech`, pcm): time to first audio bytes beside total latency.
+Prints two markdown tables.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from serve_app.app import build_app
 from serve_app.audio import encode_audio, stitch, stitch_plan
 from serve_app.chunking import split_text
 from serve_app.config import AppArgs
+from serve_app.openai_api import SERVED_MODEL_ID
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
@@ -58,6 +61,13 @@ class Level:
     wall_s: float
     batches: int
     items: int
+
+
+@dataclass
+class StreamLevel:
+    concurrency: int
+    first_audio: list[float]  # seconds from sending to the first audio bytes
+    latencies: list[float]  # seconds from sending to the last byte
 
 
 # Ray workers import serve_app and chatterbox from this checkout, as the driver does.
@@ -142,6 +152,33 @@ async def run_level(url: str, model, concurrency: int, rounds: int, budget_s: fl
     )
 
 
+async def run_stream_level(url: str, concurrency: int, rounds: int, budget_s: float) -> StreamLevel:
+    level = StreamLevel(concurrency, [], [])
+    deadline = time.perf_counter() + budget_s
+
+    async def client(client_id: int, http: httpx.AsyncClient) -> None:
+        for r in range(rounds):
+            if time.perf_counter() > deadline:
+                return
+            body = {"model": SERVED_MODEL_ID, "input": TEXT, "response_format": "pcm"}
+            start = time.perf_counter()
+            first = None
+            async with http.stream(
+                "POST", f"{url}/v1/audio/speech", json={**body, "seed": client_id * rounds + r}
+            ) as response:
+                response.raise_for_status()
+                async for part in response.aiter_bytes():
+                    if first is None and part:
+                        first = time.perf_counter() - start
+            level.latencies.append(time.perf_counter() - start)
+            level.first_audio.append(first if first is not None else float("nan"))
+
+    timeout = httpx.Timeout(budget_s + 60)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=timeout) as http:
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    return level
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -156,6 +193,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     parser.add_argument("--levels", default="1,8,32", help="comma-separated client concurrencies")
+    parser.add_argument("--stream-levels", default="1,8", help="concurrencies of streamed requests")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     parser.add_argument("--level-budget-s", type=float, default=60.0, help="stop sending after this long")
     parser.add_argument("--direct-runs", type=int, default=5)
@@ -186,6 +224,7 @@ def main() -> None:
     )
     port = free_port()
     levels: list[Level] = []
+    stream_levels: list[StreamLevel] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="tts", route_prefix="/")
@@ -196,6 +235,9 @@ def main() -> None:
             # Serial requests are the overhead measurement: as many as the direct timing has.
             rounds = max(cli.rounds, cli.direct_runs) if concurrency == 1 else cli.rounds
             levels.append(asyncio.run(run_level(url, model, concurrency, rounds, cli.level_budget_s)))
+        for concurrency in (int(c) for c in cli.stream_levels.split(",") if c):
+            rounds = max(cli.rounds, cli.direct_runs) if concurrency == 1 else cli.rounds
+            stream_levels.append(asyncio.run(run_stream_level(url, concurrency, rounds, cli.level_budget_s)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -217,6 +259,18 @@ def main() -> None:
         print(
             f"| {level.concurrency} | {len(level.latencies)} | {level.audio_s / level.wall_s:.2f} | "
             f"{p50:.3f} | {p95:.3f} | {mean_batch:.2f} |"
+        )
+    print("\nStreamed (POST /v1/audio/speech, pcm):\n")
+    print(
+        "| concurrency | requests | first audio p50 (s) | first audio p95 (s) "
+        "| latency p50 (s) | latency p95 (s) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for stream in stream_levels:
+        print(
+            f"| {stream.concurrency} | {len(stream.latencies)} | {percentile(stream.first_audio, 50):.3f} | "
+            f"{percentile(stream.first_audio, 95):.3f} | {percentile(stream.latencies, 50):.3f} | "
+            f"{percentile(stream.latencies, 95):.3f} |"
         )
     serve_p50 = percentile(levels[0].latencies, 50) if levels and levels[0].concurrency == 1 else float("nan")
     print(

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.schema import DeploymentStatus, ReplicaState
@@ -143,6 +143,12 @@ def check_text(text: str) -> None:
         )
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads its JSON itself (to bound and check it first)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 @api.exception_handler(HTTPException)
 async def http_exception(request: Request, error: HTTPException) -> JSONResponse:
     """FastAPI's own errors (unknown route, wrong method) in our error shape."""
@@ -204,7 +210,12 @@ class Ingress:
             return error_response(SynthesisError("not_ready", message))
         return JSONResponse({"status": "ready"})
 
-    @api.post("/v1/tts", response_model=TTSHttpResponse, responses={"4XX": {"model": ErrorResponse}})
+    @api.post(
+        "/v1/tts",
+        response_model=TTSHttpResponse,
+        responses={"4XX": {"model": ErrorResponse}},
+        openapi_extra=json_body(TTSHttpRequest),
+    )
     async def tts(self, request: Request) -> JSONResponse:
         accepted_at = time.monotonic()
         try:
@@ -240,12 +251,7 @@ class Ingress:
             "4XX": {"model": OpenAIErrorResponse},
             "5XX": {"model": OpenAIErrorResponse},
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SpeechRequest"}}},
-            }
-        },
+        openapi_extra=json_body(SpeechRequest),
     )
     async def speech(self, request: Request) -> Response:
         """OpenAI-compatible speech. pcm and wav (and `stream_format=sse`) are streamed in order as

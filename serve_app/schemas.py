@@ -53,6 +53,19 @@ class SynthesisRequest(SynthesisParams):
 class TTSHttpRequest(SynthesisParams):
     """Body of `POST /v1/tts`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"text": "Hello from Chatterbox Turbo.", "format": "wav", "seed": 7},
+                {
+                    "text": "Cloned for this one request.",
+                    "format": "mp3",
+                    "reference_audio_base64": "UklGR...",
+                },
+            ]
+        }
+    )
+
     reference_audio_base64: str | None = None
 
 

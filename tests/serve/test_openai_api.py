@@ -233,3 +233,15 @@ def test_long_stream_starts_before_its_last_chunk_and_equals_the_whole_response(
     diff = got.astype(np.float64) - expected.astype(np.float64)
     assert np.abs(diff).max() <= 0.01 * 32768
     assert np.sqrt(np.mean(diff**2)) < 0.02 * np.sqrt(np.mean(expected.astype(np.float64) ** 2))
+
+
+def test_openapi_documents_both_endpoints_with_examples(serve_app):
+    spec = httpx.get(f"{serve_app.url}/openapi.json", timeout=30).json()
+    for path, field in [("/v1/audio/speech", "input"), ("/v1/tts", "text")]:
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in schema["required"]
+        assert all(field in example for example in schema["examples"])
+    assert "audio/pcm" in spec["paths"]["/v1/audio/speech"]["post"]["responses"]["200"]["content"]
+    assert "/v1/models" in spec["paths"]
+    docs = httpx.get(f"{serve_app.url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
