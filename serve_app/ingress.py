@@ -79,8 +79,9 @@ api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 READINESS_TIMEOUT_S = 5.0
 # Shortest piece a stream sends before its last: fewer, larger pieces, each long enough to watermark.
 MIN_PIECE_SECONDS = 0.1
-# Handle-API field names that HTTP clients know under another name.
+# Handle-API field names that HTTP clients know under another name, per endpoint.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
+_OPENAI_FIELDS = {"text": "input", "format": "response_format"}
 
 
 async def _first_finished(running: dict[asyncio.Future, DeploymentResponse]) -> None:
@@ -101,6 +102,46 @@ def _record_first_audio(accepted_at: float) -> Callable[[asyncio.Future], None]:
             record_time_to_first_audio(time.monotonic() - accepted_at)
 
     return record
+
+
+async def finished_in_order(
+    model: DeploymentHandle, jobs: list[ChunkJob], max_in_flight: int, accepted_at: float
+) -> AsyncIterator[tuple[asyncio.Future, DeploymentResponse]]:
+    """The `model.synthesize_chunk` calls of `jobs`, each (its result future, its response) yielded
+    in order once it and every call before it have finished; the first one's finishing is recorded
+    as the request's time to first audio (since `accepted_at`).
+
+    At most `max_in_flight` calls of one request run at once, the next sent as an earlier
+    one finishes, so a long text does not fill every replica's queue ahead of later requests.
+    When one call fails or this request is cancelled (its client went away), the calls still
+    running are cancelled: awaiting a response and being cancelled does not cancel its call.
+    """
+    calls: list[tuple[asyncio.Future, DeploymentResponse]] = []
+    running: dict[asyncio.Future, DeploymentResponse] = {}
+    yielded = 0
+    try:
+        for job in jobs:
+            if len(running) >= max_in_flight:
+                await _first_finished(running)
+            response = model.synthesize_chunk.remote(job)
+            call = asyncio.ensure_future(response)
+            if not calls:
+                call.add_done_callback(_record_first_audio(accepted_at))
+            calls.append((call, response))
+            running[call] = response
+            while yielded < len(calls) and calls[yielded][0].done():
+                calls[yielded][0].result()  # raises the call's error
+                yield calls[yielded]
+                yielded += 1
+        for call, response in calls[yielded:]:
+            while not call.done():
+                await _first_finished(running)
+            call.result()
+            yield call, response
+    finally:
+        for waiter, response in running.items():
+            response.cancel()
+            waiter.cancel()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -224,9 +265,7 @@ class Ingress:
         except SynthesisError as error:
             field = _HTTP_FIELDS.get(error.field, error.field)
             response = error_response(SynthesisError(error.code, error.message, field))
-            if error.status in (429, 503):  # refused for now, not for good: say when to come back
-                response.headers["Retry-After"] = str(self._limits.retry_after_s)
-            return response
+            return self._with_retry_after(response)
         except Exception:
             logger.exception("unexpected error in POST /v1/tts")
             return error_response(SynthesisError("internal_error", "internal error; see the server log"))
@@ -300,6 +339,7 @@ class Ingress:
                     if piece is None:
                         break
             except SynthesisError as error:
+                record_refusal(error.code, error.status)
                 if not sse:
                     raise  # the connection is dropped mid-body: the client sees a broken stream
                 yield sse_event({"type": "error", **openai_error(error)[0].model_dump()})
@@ -325,10 +365,14 @@ class Ingress:
         return StreamingResponse(body(), media_type=media_type)
 
     def _openai_error_response(self, error: SynthesisError) -> JSONResponse:
-        body, status = openai_error(error)
+        field = _OPENAI_FIELDS.get(error.field, error.field)
+        body, status = openai_error(SynthesisError(error.code, error.message, field))
         record_refusal(error.code, status)
-        response = JSONResponse(body.model_dump(), status_code=status)
-        if status in (429, 503):  # refused for now, not for good: say when to come back
+        return self._with_retry_after(JSONResponse(body.model_dump(), status_code=status))
+
+    def _with_retry_after(self, response: JSONResponse) -> JSONResponse:
+        """A refusal for now, not for good (429, 503) says when to come back."""
+        if response.status_code in (429, 503):
             response.headers["Retry-After"] = str(self._limits.retry_after_s)
         return response
 
@@ -365,8 +409,8 @@ class Ingress:
     async def _synthesize(self, request: SynthesisRequest, accepted_at: float) -> SynthesisResult:
         jobs, plan = await self._prepare(request)
         try:
-            finished = [response async for _, response in self._finished_in_order(jobs, accepted_at)]
-            return await self._stitcher.stitch.remote(plan, *finished)
+            chunk_audio = await self._synthesize_chunks(jobs, accepted_at)
+            return await self._stitcher.stitch.remote(plan, *chunk_audio)
         except Exception as error:
             raise model_error(error) from None
 
@@ -396,7 +440,8 @@ class Ingress:
             start = 0
             try:
                 done = 0
-                async for call, _ in self._finished_in_order(jobs, accepted_at):
+                calls = finished_in_order(self._model, jobs, self._max_chunks_in_flight, accepted_at)
+                async for call, _ in calls:
                     pending.append(joiner.add(call.result()))
                     done += 1
                     samples = np.concatenate(pending)
@@ -446,44 +491,10 @@ class Ingress:
         ]
         return jobs, stitch_plan(chunks, self._stitching, info.sample_rate, request.format)
 
-    async def _finished_in_order(
-        self, jobs: list[ChunkJob], accepted_at: float
-    ) -> AsyncIterator[tuple[asyncio.Future, DeploymentResponse]]:
-        """The model calls of `jobs`, each (its result future, its response) yielded in order once
-        it and every call before it have finished; the first one's finishing is recorded as the
-        request's time to first audio (since `accepted_at`).
-
-        At most `max_chunks_in_flight` calls of one request run at once, the next sent as an earlier
-        one finishes, so a long text does not fill every replica's queue ahead of later requests.
-        When one call fails or this request is cancelled (its client went away), the calls still
-        running are cancelled: awaiting a response and being cancelled does not cancel its call.
-        """
-        calls: list[tuple[asyncio.Future, DeploymentResponse]] = []
-        running: dict[asyncio.Future, DeploymentResponse] = {}
-        yielded = 0
-        try:
-            for job in jobs:
-                if len(running) >= self._max_chunks_in_flight:
-                    await _first_finished(running)
-                response = self._model.synthesize_chunk.remote(job)
-                call = asyncio.ensure_future(response)
-                if not calls:
-                    call.add_done_callback(_record_first_audio(accepted_at))
-                calls.append((call, response))
-                running[call] = response
-                while yielded < len(calls) and calls[yielded][0].done():
-                    calls[yielded][0].result()  # raises the call's error
-                    yield calls[yielded]
-                    yielded += 1
-            for call, response in calls[yielded:]:
-                while not call.done():
-                    await _first_finished(running)
-                call.result()
-                yield call, response
-        finally:
-            for waiter, response in running.items():
-                response.cancel()
-                waiter.cancel()
+    async def _synthesize_chunks(self, jobs: list[ChunkJob], accepted_at: float) -> list[DeploymentResponse]:
+        """The finished model calls of `jobs`, in order (see `finished_in_order`)."""
+        calls = finished_in_order(self._model, jobs, self._max_chunks_in_flight, accepted_at)
+        return [response async for _, response in calls]
 
     async def _get_model_info(self) -> ModelInfo:
         if self._model_info is None:

@@ -163,7 +163,8 @@ def test_streaming_response_reads_in_pieces(client):
         ({"instructions": "whisper it"}, openai.BadRequestError, "instructions"),
         ({"response_format": "aac"}, openai.BadRequestError, "response_format"),
         ({"extra_body": {"temperature": -1}}, openai.BadRequestError, "temperature"),
-        ({"input": "\x00"}, openai.BadRequestError, "text"),
+        ({"input": "\x00"}, openai.BadRequestError, "input"),
+        ({"input": " "}, openai.BadRequestError, "input"),
         ({"voice": "alloy"}, openai.NotFoundError, "voice"),
     ],
 )
