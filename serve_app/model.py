@@ -43,11 +43,18 @@ Item = TypeVar("Item")
 Out = TypeVar("Out")
 
 
+# torch >= 2.8 raises accelerator faults as AcceleratorError; older releases as a RuntimeError
+# whose message names the CUDA error (the message test below covers those).
+_ACCELERATOR_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None
+)
+
+
 def is_cuda_error(error: BaseException) -> bool:
     """An accelerator error after which the CUDA context is unusable (out-of-memory is not one)."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return False
-    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
+    return isinstance(error, _ACCELERATOR_ERRORS) or "CUDA error" in str(error)
 
 
 def _detached(error: Exception) -> Exception:

@@ -83,7 +83,8 @@ def test_a_cuda_error_propagates_without_retries():
     with pytest.raises(RuntimeError, match="CUDA error"):
         run_bisecting(generate, ["a", "b"])
     assert calls == [["a", "b"]]
-    assert is_cuda_error(torch.AcceleratorError("device-side assert triggered"))
+    if hasattr(torch, "AcceleratorError"):  # torch >= 2.8; older releases raise the RuntimeError above
+        assert is_cuda_error(torch.AcceleratorError("device-side assert triggered"))
     assert not is_cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
 
