@@ -190,6 +190,19 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+@contextlib.contextmanager
+def _counting_refusals() -> Iterator[None]:
+    """Counts a handle-API call's refusal in the metrics (HTTP counts its refusals where it answers)."""
+    try:
+        yield
+    except SynthesisError as error:
+        record_refusal(error.code, error.status)
+        raise
+    except Exception:
+        record_refusal("internal_error", error_status("internal_error"))
+        raise
+
+
 @api.exception_handler(HTTPException)
 async def http_exception(request: Request, error: HTTPException) -> JSONResponse:
     """FastAPI's own errors (unknown route, wrong method) in our error shape."""
@@ -378,14 +391,8 @@ class Ingress:
 
     async def synthesize(self, request: SynthesisRequest) -> SynthesisResult:
         """The handle API. Raises SynthesisError for a request it refuses or cannot serve."""
-        try:
+        with _counting_refusals():
             return await self._serve(request, time.monotonic())
-        except SynthesisError as error:  # HTTP counts its refusals where it answers them
-            record_refusal(error.code, error.status)
-            raise
-        except Exception:
-            record_refusal("internal_error", error_status("internal_error"))
-            raise
 
     async def _serve(self, request: SynthesisRequest, accepted_at: float) -> SynthesisResult:
         with self._admitted():
@@ -418,15 +425,9 @@ class Ingress:
         """The streaming handle API: `handle.options(stream=True).synthesize_stream.remote(request)`
         yields AudioPiece (s16le) in order, each as soon as its chunks are ready. Raises
         SynthesisError for a request it refuses or cannot serve."""
-        try:
+        with _counting_refusals():
             async for piece in self._stream(request, time.monotonic()):
                 yield piece
-        except SynthesisError as error:
-            record_refusal(error.code, error.status)
-            raise
-        except Exception:
-            record_refusal("internal_error", error_status("internal_error"))
-            raise
 
     async def _stream(self, request: SynthesisRequest, accepted_at: float) -> AsyncIterator[AudioPiece]:
         """The request's audio in pieces: each chunk joined (crossfade and pause) onto the ones before
