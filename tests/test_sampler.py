@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chatterbox.t3.sampler import (
     NOISE_BITS,
     gumbel_from_bits,
     gumbel_noise,
+    index_keys,
     process_logits,
     sample,
     seed_keys,
 )
+
+# Tokens the sampler drew before its constants were cached (commit aa1804d), for the inputs of
+# ``_seeded_decode_inputs``: 16 steps x 8 rows. Any change to the hash, the noise or the
+# processors shows up here as a different token.
+RECORDED_TOKENS = [
+    [1491, 6353, 315, 6354, 5855, 344, 6490, 4737],
+    [2019, 4566, 1797, 2987, 1605, 2689, 1953, 4792],
+    [5914, 3116, 2161, 1577, 3833, 6207, 2981, 9],
+    [1012, 5861, 5247, 4309, 1789, 4733, 2445, 2775],
+    [867, 3374, 6315, 4467, 4743, 4950, 3343, 3035],
+    [6164, 6382, 792, 2666, 1525, 3043, 4830, 6129],
+    [58, 5738, 2508, 2212, 5972, 4688, 1413, 252],
+    [4408, 5436, 3831, 5179, 5542, 5237, 2279, 2076],
+    [271, 3462, 1539, 926, 1796, 5500, 2810, 2492],
+    [398, 6136, 4805, 1915, 417, 4438, 2579, 1636],
+    [6531, 4820, 418, 4124, 1317, 3200, 6262, 4055],
+    [4926, 948, 4033, 1519, 5812, 3538, 6019, 1607],
+    [6439, 783, 4709, 4532, 2486, 3320, 1860, 2039],
+    [3938, 2190, 103, 3087, 3358, 1971, 4579, 471],
+    [5790, 4478, 4546, 4297, 2161, 1473, 2450, 2074],
+    [5359, 773, 3887, 1171, 1938, 2115, 6490, 5195],
+]
 
 
 def _hf_row(
@@ -125,3 +149,79 @@ def test_greedy_ignores_the_seed():
     for step in range(64):
         steps = torch.full((keys.numel(),), step)
         assert (sample(scores.expand(keys.numel(), -1), keys, steps) == 845).all()
+
+
+def _seeded_decode_inputs(device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """16 steps of (8, 6563) logits, a seen mask, per-row settings and row keys."""
+    g = torch.Generator().manual_seed(1234)
+    B, V = 8, 6563
+    logits = torch.randn(16, B, V, generator=g) * 3
+    seen = torch.rand(B, V, generator=g) < 0.02
+    temperature = torch.tensor([0.8, 1.0, 0.5, 1.3, 0.05, 2.0, 1.0, 0.7])
+    top_k = torch.tensor([1000, 1, 50, 6563, 1000, 20, 300, 2])
+    top_p = torch.tensor([0.95, 1.0, 0.5, 0.9, 1.0, 0.99, 0.3, 1.0])
+    penalty = torch.tensor([1.2, 1.0, 2.0, 1.2, 1.0, 1.5, 0.9, 1.2])
+    keys = seed_keys(torch.tensor([0, 1, 2**63 - 1, 42, 7, 2**40, 99, 123456789]))
+    return tuple(t.to(device) for t in (logits, seen, temperature, top_k, top_p, penalty, keys))
+
+
+def _decode(inputs: tuple[torch.Tensor, ...], candidates: int = 1000) -> list[list[int]]:
+    logits, seen, *settings, keys = inputs
+    tokens = []
+    for step in range(logits.shape[0]):
+        scores = process_logits(logits[step], seen, *settings, candidates)
+        tokens.append(sample(scores, keys, torch.full((8,), step, device=keys.device)).tolist())
+    return tokens
+
+
+def test_tokens_are_bit_identical_to_the_recorded_sampler():
+    assert _decode(_seeded_decode_inputs()) == RECORDED_TOKENS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_the_recorded_tokens_without_a_host_sync():
+    inputs = _seeded_decode_inputs("cuda")
+    assert _decode(inputs) == RECORDED_TOKENS
+    logits, seen, *settings, keys = inputs
+    steps = torch.zeros(8, dtype=torch.long, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        sample(process_logits(logits[0], seen, *settings, 1000), keys, steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(
+        self, func: torch._ops.OpOverload, types: object, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_no_value_on_the_host_and_rebuilds_no_constant():
+    """``_local_scalar_dense`` is what ``.item()``/``.tolist()``/``bool(t)`` dispatch to, and
+    ``nonzero``/``masked_select`` make shapes that depend on values: a CUDA graph allows neither.
+    The vocabulary hash keys come from the cache, so no step runs ``arange``."""
+    logits, seen, *settings, keys = _seeded_decode_inputs()
+    steps = torch.full((8,), 3)
+    sample(process_logits(logits[0], seen, *settings, 1000), keys, steps)  # fills the cache
+    with _OpLog() as log:
+        sample(process_logits(logits[0], seen, *settings, 1000), keys, steps)
+    forbidden = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "arange"}
+    assert log.ops and not forbidden & {op.split(".")[0] for op in log.ops}
+    assert index_keys(torch.device("cpu"), 6563) is index_keys(torch.device("cpu"), 6563)
+
+
+def test_a_step_runs_on_the_meta_device():
+    """Meta tensors have shapes but no values: reading one, or a value-dependent shape, raises."""
+    logits, seen, *settings, keys = _seeded_decode_inputs("meta")
+    scores = process_logits(logits[0], seen, *settings, 1000)
+    tokens = sample(scores, keys, torch.zeros(8, dtype=torch.long, device="meta"))
+    assert tokens.shape == (8,) and tokens.dtype == torch.long

@@ -5,9 +5,15 @@ temperature -> top-k -> top-p -> repetition penalty. Sampling is Gumbel-max over
 noise: each row's noise is a hash of (its seed, its step, the vocabulary index), computed on the
 device, so a seeded row draws the same tokens whether it runs alone or in any batch, and no
 device-to-host sync is needed.
+
+Nothing here reads a tensor's values on the host or makes a shape depend on them (tests run both
+functions on the meta device to prove it), so a decode step that samples can be captured as a CUDA
+graph. The per-vocabulary hash keys are built once per (device, vocabulary size) and reused.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -36,9 +42,19 @@ def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.T
     keys (B,) 32-bit row keys; steps (B,) int64, how many tokens the row has sampled so far.
     """
     step_keys = mix32(keys ^ mix32((steps + _STEP_SALT) & MASK32))  # (B,)
-    index_keys = mix32(torch.arange(vocab, device=keys.device) + _INDEX_SALT)  # (V,)
-    bits = mix32(step_keys[:, None] ^ index_keys[None, :]) >> (32 - NOISE_BITS)  # (B, V)
+    bits = mix32(step_keys[:, None] ^ index_keys(keys.device, vocab)[None, :]) >> (32 - NOISE_BITS)  # (B, V)
     return gumbel_from_bits(bits)
+
+
+@functools.cache
+def index_keys(device: torch.device, vocab: int) -> torch.Tensor:
+    """(V,) int64 hash keys of the vocabulary indices, computed once per device and size.
+
+    Built outside inference mode so the cached tensor is usable in and out of it. A CUDA graph
+    must not be the first caller (its capture would own the memory): warm-up runs populate it.
+    """
+    with torch.inference_mode(False):
+        return mix32(torch.arange(vocab, device=device) + _INDEX_SALT)
 
 
 def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
