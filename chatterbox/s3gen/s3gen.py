@@ -5,7 +5,9 @@ tokens]; place the prompt mel at the start of ``cond``; sample the mel with the 
 keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
 
 Batching: the flow runs all requests at once, right-padded with masks (exact per row). HiFT is not
-mask-aware, so it runs per item or on groups of equal mel length (see ``vocode``).
+mask-aware: with ``batch_vocoder`` (CUDA) it runs one zero-padded batch and each row is trimmed to
+its length, which leaks padding into a row's last ``PADDED_VOCODER_TAIL_FRAMES`` frames (see
+``vocode_padded`` for the measured bound); otherwise (CPU) each mel runs alone, exactly.
 
 Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
 the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chatterbox.constants import (
@@ -36,6 +39,11 @@ from chatterbox.weights import load_strict, read_safetensors, subdict
 
 XVECTOR_DIM = 192
 FADE_SAMPLES = S3GEN_SR // 50  # 20 ms of silence, then a 20 ms raised-cosine fade-in
+# A zero-padded HiFT row differs from its solo output only in its last frames, where the padding
+# enters the convolutions' receptive field and the STFTs' edges (tests/test_s3gen.py measures it
+# on the tiny and full-size HiFT): before them within PADDED_VOCODER_BODY_ERROR.
+PADDED_VOCODER_TAIL_FRAMES = 8  # 160 ms; the 3 appended silence tokens are the last 6 frames
+PADDED_VOCODER_BODY_ERROR = 5e-4
 
 
 @dataclass
@@ -128,14 +136,33 @@ def fade_in() -> torch.Tensor:
     return fade
 
 
+def vocode_padded(
+    hift: HiFT, mels: list[torch.Tensor], phases: torch.Tensor, sources: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """One HiFT call over mels of any lengths: (80, L_i) -> (480 L_i,) each, not faded.
+
+    Mels and source noise are right-padded with zeros to the longest row (zeros are what HiFT's
+    first convolution pads a solo row with, so the leak starts one layer later than with any other
+    fill; replicate and reflect padding measured 5-10x worse). The longest row is its solo output;
+    shorter rows match theirs within PADDED_VOCODER_BODY_ERROR except the last
+    PADDED_VOCODER_TAIL_FRAMES, which differ by up to the signal's own level.
+    phases (B, 9); sources[i] (9, 480 L_i).
+    """
+    longest = max(mel.shape[-1] for mel in mels)
+    batch = torch.stack([F.pad(mel, (0, longest - mel.shape[-1])) for mel in mels])  # (B, 80, L)
+    source = torch.stack([F.pad(s, (0, SAMPLES_PER_FRAME * longest - s.shape[-1])) for s in sources])
+    wavs = hift(batch.float(), phases.float(), source.float())  # (B, 480 L)
+    return [wav[: SAMPLES_PER_FRAME * mel.shape[-1]] for wav, mel in zip(wavs, mels, strict=True)]
+
+
 class S3Gen(nn.Module):
     def __init__(self, flow_config: FlowConfig, hift_config: HiFTConfig) -> None:
         super().__init__()
         self.flow = Flow(flow_config)
         self.mel2wav = HiFT(hift_config)
         self.register_buffer("trim_fade", fade_in(), persistent=False)
-        # Equal-length HiFT batches ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py,
-        # "HiFT strategy"); CUDA uses them (not yet measured there: the bench reports both).
+        # Batched HiFT ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py, "HiFT
+        # strategy"), and only one mel at a time is exact; CUDA runs one padded batch.
         self.batch_vocoder = False
 
     @classmethod
@@ -237,20 +264,20 @@ class S3Gen(nn.Module):
     def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:
         """Waveform per mel (80, L) -> (480L,) float32 on the model's device, faded in.
 
-        HiFT is not mask-aware, so rows are never padded: with ``batch_vocoder`` mels of equal length
-        share one batch, otherwise each runs alone.
+        With ``batch_vocoder`` all mels share one padded HiFT batch (``vocode_padded``: exact but
+        for the last frames of shorter rows); otherwise each runs alone.
         """
-        groups: dict[int, list[int]] = {}
-        for i, mel in enumerate(mels):
-            groups.setdefault(mel.shape[-1] if self.batch_vocoder else i, []).append(i)
-        wavs: list[torch.Tensor] = [torch.empty(0)] * len(mels)
-        for members in groups.values():
-            batch = torch.stack([mels[i] for i in members]).float()
-            phases = torch.stack([noise[i].phases for i in members]).to(self.device, torch.float32)
-            source = torch.stack([noise[i].source for i in members]).to(self.device, torch.float32)
-            for i, wav in zip(members, self.mel2wav(batch, phases, source), strict=True):
-                wav[: self.trim_fade.numel()] *= self.trim_fade
-                wavs[i] = wav
+        phases = torch.stack([n.phases for n in noise]).to(self.device, torch.float32)  # (B, 9)
+        sources = [n.source.to(self.device) for n in noise]
+        if self.batch_vocoder:
+            wavs = vocode_padded(self.mel2wav, mels, phases, sources)
+        else:
+            wavs = [
+                self.mel2wav(mel[None].float(), phases[i : i + 1], sources[i][None].float())[0]
+                for i, mel in enumerate(mels)
+            ]
+        for wav in wavs:
+            wav[: self.trim_fade.numel()] *= self.trim_fade
         return wavs
 
     @torch.inference_mode()
