@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import librosa
 import torch
 from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
@@ -44,8 +43,6 @@ from chatterbox.s3gen.hift import (
     SOURCE_RESBLOCK_KERNELS,
     UPSAMPLE_KERNELS,
 )
-from chatterbox.voice.features import FBANK_BINS
-from chatterbox.voice.speech_tokenizer import SpeechTokenizerConfig
 
 CHECKPOINT_FILES = (
     "t3_turbo_v1.safetensors",
@@ -280,6 +277,12 @@ def t3_state_dict(
 
 
 def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
+    # Imported here, not at the top (nor chatterbox.voice, which imports librosa): bench/gpu_suite.py
+    # builds T3, flow and HiFT fixtures on a GPU machine without librosa.
+    import librosa
+
+    from chatterbox.voice.speech_tokenizer import SpeechTokenizerConfig
+
     width = dims.tokenizer_width
     front = SpeechTokenizerConfig()  # the front end and quantizer are fixed; only width and depth vary
     mel_filters = librosa.filters.mel(
@@ -304,6 +307,8 @@ def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
 
 
 def _campplus(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
+    from chatterbox.voice.features import FBANK_BINS  # here for the reason in _speech_tokenizer
+
     head = "speaker_encoder.head"
     c = dims.campplus_head_channels
     sd.conv(f"{head}.conv1", 1, c, (3, 3), bias=False)
@@ -463,6 +468,15 @@ def s3gen_state_dict(dims: CheckpointDims, seed: int, device: str = "cpu") -> di
     sd = _StateDictBuilder(seed, "s3gen", device)
     _speech_tokenizer(sd, dims)
     _campplus(sd, dims)
+    _flow(sd, dims)
+    _hift(sd, dims)
+    return sd.tensors
+
+
+def s3gen_synthesis_state_dict(dims: CheckpointDims, seed: int) -> dict[str, torch.Tensor]:
+    """Only the ``flow.*`` and ``mel2wav.*`` tensors (all ``S3Gen.from_state_dict`` loads), drawn from
+    their own seeded stream (values differ from ``s3gen_state_dict``'s); needs no librosa."""
+    sd = _StateDictBuilder(seed, "s3gen-synthesis")
     _flow(sd, dims)
     _hift(sd, dims)
     return sd.tensors
