@@ -406,6 +406,12 @@ class TurboEngine:
 
     def _iteration(self) -> None:
         """Drop cancelled rows, admit waiting requests, run one decode step over the live rows."""
+        with self._lock:
+            cancelled = [row for row in self._waiting if row.cancelled]
+            for row in cancelled:
+                self._waiting.remove(row)
+        for row in cancelled:
+            self._drop(row)
         for row in [row for row in self._decoding if row.cancelled][::-1]:  # descending slots
             self._release(row)
             self._drop(row)
@@ -422,14 +428,8 @@ class TurboEngine:
         return len(self._decoding) + (self._prefilling is not None)
 
     def _next_waiting(self) -> _Row | None:
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    return None
-                row = self._waiting.popleft()
-            if not row.cancelled:
-                return row
-            self._drop(row)
+        with self._lock:
+            return self._waiting.popleft() if self._waiting else None
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, at most ``prefill_chunk_tokens`` positions."""
@@ -572,8 +572,8 @@ class TurboEngine:
     def _finish_t3(self, row: _Row) -> None:
         row.times.t3_done = time.monotonic()
         if row.token_chunks is not None:
-            _post(row, row.token_chunks.put_nowait, _END)
             self._forget(row, "done")
+            _post(row, row.token_chunks.put_nowait, _END)
         else:
             self._vocode_queue.put(row)
 
@@ -623,13 +623,14 @@ class TurboEngine:
                 self._fail(row, error)
                 continue
             assert row.audio is not None
-            _post(row, _set_result, row.audio, audio)
             self._forget(row, "done")
+            _post(row, _set_result, row.audio, audio)
 
     # ------------------------------------------------------------------------------- endings
 
     def _forget(self, row: _Row, outcome: str) -> None:
-        """The row has left the engine: count it and keep its stage times for a while."""
+        """The row leaves the engine: count it and keep its stage times for a while. Called before
+        the caller hears of it, so the counts already include it when the caller looks."""
         with self._lock:
             if self._rows.pop(row.id, None) is not row:
                 return
@@ -640,19 +641,19 @@ class TurboEngine:
 
     def _drop(self, row: _Row) -> None:
         """A cancelled row leaves: its submit raises CancelledError, its stream ends with it."""
+        self._forget(row, "cancelled")
         message = f"request {row.id} was cancelled"
         if row.audio is not None:
             _post(row, row.audio.cancel, message)
         if row.token_chunks is not None:
             _post(row, row.token_chunks.put_nowait, asyncio.CancelledError(message))
-        self._forget(row, "cancelled")
 
     def _fail(self, row: _Row, error: BaseException) -> None:
+        self._forget(row, "failed")
         if row.audio is not None:
             _post(row, _set_exception, row.audio, error)
         if row.token_chunks is not None:
             _post(row, row.token_chunks.put_nowait, error)
-        self._forget(row, "failed")
 
 
 def _post(row: _Row, callback: Callable[..., object], *args: object) -> None:
