@@ -43,6 +43,7 @@ from chatterbox.engine import Job, TTSRequest, TurboTTS
 from chatterbox.errors import TextTooLongError
 from chatterbox.t3 import T3, T3Request
 from chatterbox.t3.gpt2 import GPT2Config
+from chatterbox.t3.graphs import GraphedDecodeStep, static_slot_step
 from chatterbox.t3.sampler import process_logits, sample, seed_keys
 from chatterbox.t3.slots import PrefixCache, SlotCache, SlotContext
 
@@ -58,6 +59,9 @@ class EngineConfig:
     prefix_cache_voices: int = 16  # voices whose prefix K/V is kept (LRU); 0 turns the cache off
     s3gen_max_batch: int = 8  # most finished rows vocoded in one S3Gen call
     prefill_chunk_tokens: int | None = None  # most prefill positions per iteration (None: whole rows)
+    # Decode steps replayed as CUDA graphs (t3/graphs.py; CUDA only, captured at construction).
+    # Off until bench/gpu_suite.sh has checked them on a GPU: no session has had one yet.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         minimums = {
@@ -207,6 +211,13 @@ class TurboEngine:
             t3_config.gpt2, config.max_slots, self.max_positions, self._dtype, self._device
         )
         self._state = _SlotState(config.max_slots, t3_config.speech_vocab, self._device)
+        self._graphed_decode = GraphedDecodeStep(
+            static_slot_step(self._t3, self._cache),
+            config.max_slots,
+            self.max_positions - 1,
+            self._device,
+            enabled=config.cuda_graphs,
+        )
         self.prefix_cache = PrefixCache(config.prefix_cache_voices)
 
         self._lock = threading.Condition()  # guards _waiting, _rows, _recent_times, _closing
@@ -518,8 +529,11 @@ class TurboEngine:
         B = len(rows)
         kv_len = max(row.length for row in rows) + 1
         lengths = state.lengths[:B]  # (B,) each row's next position
-        context = SlotContext.decode(self._cache, lengths, kv_len, self._dtype)  # mask (B, 1, 1, kv_len)
-        logits = self._t3.decode_step(state.tokens[:B], lengths, context)  # (B, V)
+        if self._graphed_decode.graphed:  # static shapes: attention over the whole cache
+            logits = self._graphed_decode(state.tokens[:B], lengths)  # (B, V)
+        else:
+            context = SlotContext.decode(self._cache, lengths, kv_len, self._dtype)  # mask (B, 1, 1, kv_len)
+            logits = self._t3.decode_step(state.tokens[:B], lengths, context)  # (B, V)
         state.lengths[:B] += 1
         tokens = self._draw(logits, 0, B)
         self._counts["steps"] += 1

@@ -8,9 +8,11 @@ per-row mask instead of over the longest live row. Padded rows are masked like a
 (each row attends only to its own keys), so they never change a live row's logits.
 
 The step is any callable ``step(tokens (b,), lengths (b,)) -> logits (b, V)`` that reads and
-writes cache rows 0..b-1, each row writing its new key at position ``lengths[i]``; a padded row
-gets token 0 and length ``pad_length``, which must be a cache position no row reads before
-writing it (the engine uses the last one: a row writes a position before it attends to it).
+writes cache rows 0..b-1, each row writing its new key at position ``lengths[i]``
+(``static_slot_step`` makes T3's); a padded row gets token 0 and length ``pad_length``, which must
+be a cache position no row reads before writing it. The last one is: a row writes a position
+before it attends to it, so a padded row may scribble there on a free row, or on a row still
+prefilling, unseen.
 
 Capture needs CUDA; elsewhere, or with ``enabled=False``, ``GraphedDecodeStep`` calls the step on
 the live rows as they are (eager).
@@ -22,6 +24,9 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from chatterbox.t3.slots import SlotCache, SlotContext
+from chatterbox.t3.t3 import T3
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, lengths) -> logits
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -43,6 +48,18 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if bucket >= n:
             return bucket
     raise ValueError(f"{n} live rows exceed the largest bucket {buckets[-1]}")
+
+
+def static_slot_step(t3: T3, cache: SlotCache) -> DecodeStep:
+    """T3's decode step over cache rows 0..b-1 with static shapes: attention spans all of the
+    cache's positions, each row masked past its own length (``SlotContext.decode``)."""
+    dtype = t3.speech_emb.weight.dtype
+
+    def step(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        context = SlotContext.decode(cache, lengths, cache.positions, dtype)  # mask (b, 1, 1, positions)
+        return t3.decode_step(tokens, lengths, context)
+
+    return step
 
 
 class GraphedDecodeStep:
@@ -74,6 +91,7 @@ class GraphedDecodeStep:
         if self.graphed:
             self._capture_all()
 
+    @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
