@@ -1,0 +1,666 @@
+"""The CUDA path measured in one offline run (issue 13); ``bench/gpu_suite.sh`` is the entry point.
+
+    bash bench/gpu_suite.sh                          # one CUDA GPU, full-size seeded fixture, bf16
+    bash bench/gpu_suite.sh --device cpu --size tiny # the CI dry run (graphs skipped with a note)
+
+Builds a seeded random checkpoint with ``chatterbox.fixtures`` in memory (no download, no Ray) and
+writes ``results.json`` and ``results.md`` into ``--out``:
+
+- precision: bf16 vs fp32 error of T3 logits (along the steps where both runs have fed the same
+  tokens), flow mel, the wave from the bf16 flow, HiFT alone under bf16/fp16 autocast, and greedy-token
+  agreement of a bf16 T3 with the fp32 one over 500 steps (100 at tiny size);
+- T3 decode steps/s and tokens/s over a slot cache at each ``--batches`` size, eager (attention
+  over the longest live row, as the engine steps) and as CUDA graphs (static shapes: attention over
+  the whole cache under the per-row mask, batch padded to its bucket), with graph capture time;
+- the reference's fp32 batch-1 rate when its venv exists (``reference/setup.sh``), else a note;
+- time to first token (prefill + first draw, batch 1), peak GPU memory per slot capacity, the
+  measured copy bandwidth and the bandwidth bound of a batch-64 step;
+- ``bench/engine_load.py`` at full size when present (its table, verbatim), else a note.
+
+Random weights: the numbers measure speed and numerical error, not speech quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# What the suite imports beyond torch (the GPU machine has these, but not ray, librosa,
+# soundfile or perth, which the suite never needs).
+REQUIRED_PACKAGES = ("numpy", "safetensors", "tokenizers")
+TEXT_VOCAB = 50276
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeProfile:
+    """How big each measurement runs at a checkpoint size (tiny keeps the CPU dry run short)."""
+
+    prompt_tokens: int  # voice prompt speech tokens per T3 row
+    text_tokens: int
+    cache_positions: int  # slot cache length of the decode benchmark
+    decode_length: int  # each row's length when the decode benchmark starts
+    decode_steps: int  # timed decode steps per batch size and mode
+    greedy_steps: int  # bf16-vs-fp32 greedy agreement run
+    s3gen_tokens: int  # speech tokens per S3Gen request in the precision check
+    slot_capacities: tuple[int, ...]  # peak-memory probe
+
+
+PROFILES = {
+    "tiny": SizeProfile(20, 10, 160, 60, 10, 100, 30, (4, 8)),
+    "nano": SizeProfile(375, 50, 1536, 500, 50, 500, 150, (8, 32, 64)),
+    "full": SizeProfile(375, 50, 1536, 500, 100, 500, 150, (8, 32, 64, 128)),
+}
+
+
+def missing_packages(hidden: set[str]) -> list[str]:
+    return [name for name in REQUIRED_PACKAGES if name in hidden or importlib.util.find_spec(name) is None]
+
+
+def hide_packages(names: set[str]) -> None:
+    """Make ``import name`` fail from here on, as on a machine without the package."""
+    for name in names:
+        sys.modules[name] = None  # type: ignore[assignment]  # Python's documented import block
+
+
+def log(message: str) -> None:
+    print(f"gpu_suite: {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def errors(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Max absolute error and the error's RMS relative to the reference's RMS."""
+    diff = (test.float() - reference.float()).flatten()
+    ref = reference.float().flatten()
+    return {
+        "max_abs": float(diff.abs().max()),
+        "rel_rms": float(diff.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp(min=1e-12)),
+    }
+
+
+def decode_seconds(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
+    batch: int,
+    start_length: int,
+    steps: int,
+    longest: list[int],
+) -> float:
+    """Seconds for ``steps`` decode steps of ``batch`` rows, each forward + processing + sampling,
+    after two warm-up steps; rows start at ``start_length`` (``longest[0]`` follows them)."""
+    from chatterbox.t3.sampler import process_logits, sample, seed_keys
+
+    device = model.device
+    g = torch.Generator().manual_seed(batch)
+    tokens = torch.randint(0, 6561, (batch,), generator=g).to(device)
+    lengths = torch.full((batch,), start_length, device=device)
+    seen = torch.zeros(batch, model.config.speech_vocab, dtype=torch.bool, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    keys = seed_keys(torch.arange(batch)).to(device)
+    settings = (  # temperature, top_k, top_p, repetition penalty: the service defaults
+        torch.full((batch,), 0.8, device=device),
+        torch.full((batch,), 1000, device=device),
+        torch.full((batch,), 0.95, device=device),
+        torch.full((batch,), 1.2, device=device),
+    )
+
+    def run(n: int) -> None:
+        for i in range(n):
+            longest[0] = start_length + i
+            scores = process_logits(step(tokens, lengths), seen, *settings, 1000)
+            tokens.copy_(sample(scores, keys, counts))
+            seen.scatter_(1, tokens[:, None], True)
+            counts.add_(1)
+            lengths.add_(1)
+        lengths.fill_(start_length)
+
+    run(2)
+    return timed(lambda: run(steps), device)
+
+
+def graph_error(
+    graphed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    static: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    slots: int,
+    length: int,
+    device: torch.device,
+) -> float:
+    """Max |replayed - eager| logits of the same static step, for live batches that fill a bucket
+    and ones that leave padding rows (3 of 4, 5 of 8, ...)."""
+    worst = 0.0
+    for live in sorted({n for n in (1, 3, 5, slots // 2 + 1, slots) if n <= slots}):
+        tokens = torch.arange(live, device=device) * 97 % 6561
+        lengths = length + torch.arange(live, device=device) % 7
+        eager = static(tokens, lengths).clone()
+        worst = max(worst, float((graphed(tokens, lengths) - eager).abs().max()))
+    return worst
+
+
+class Suite:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from chatterbox.fixtures import SIZES, s3gen_synthesis_state_dict, t3_state_dict
+        from chatterbox.s3gen import S3Gen
+        from chatterbox.t3 import T3
+
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dims = SIZES[args.size]
+        self.profile = PROFILES[args.size]
+        self.results: dict[str, object] = {}
+        self.notes: list[str] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
+        begin = time.perf_counter()
+        from safetensors.torch import save_file
+
+        self.t3_file = self.tmp / "t3_turbo_v1.safetensors"
+        save_file(t3_state_dict(self.dims, TEXT_VOCAB, seed=args.seed), self.t3_file)
+        self.t3 = {
+            "fp32": T3.from_file(self.t3_file, self.device, torch.float32),
+            "bf16": T3.from_file(self.t3_file, self.device, torch.bfloat16),
+        }
+        s3gen_sd = s3gen_synthesis_state_dict(self.dims, seed=args.seed)
+        self.s3gen = {
+            "fp32": S3Gen.from_state_dict(s3gen_sd).to_device(self.device, torch.float32),
+            "bf16": S3Gen.from_state_dict(s3gen_sd).to_device(self.device, torch.bfloat16),
+        }
+        self.results["fixture_s"] = time.perf_counter() - begin
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def t3_requests(self, n: int, new_tokens: int, greedy: bool) -> list:
+        from chatterbox.sampling import SamplingParams
+        from chatterbox.t3 import T3Request
+
+        g = torch.Generator().manual_seed(self.args.seed)
+        requests = []
+        for i in range(n):
+            speaker = torch.rand(self.dims.speaker_dim, generator=g)
+            sampling = SamplingParams(seed=i, max_new_tokens=new_tokens, **({"top_k": 1} if greedy else {}))
+            requests.append(
+                T3Request(
+                    text_tokens=torch.randint(0, TEXT_VOCAB, (self.profile.text_tokens,), generator=g),
+                    speaker_emb=speaker / speaker.norm(),
+                    prompt_speech_tokens=torch.randint(0, 6561, (self.profile.prompt_tokens,), generator=g),
+                    sampling=sampling,
+                )
+            )
+        return requests
+
+    def s3gen_requests(self, n: int) -> list:
+        from chatterbox.s3gen import S3GenRequest
+
+        g = torch.Generator().manual_seed(self.args.seed)
+        prompt = self.profile.prompt_tokens
+        return [
+            S3GenRequest(
+                speech_tokens=torch.randint(0, 6561, (self.profile.s3gen_tokens,), generator=g),
+                prompt_tokens=torch.randint(0, 6561, (prompt,), generator=g),
+                prompt_feat=torch.randn(2 * prompt, 80, generator=g) * 2 - 6,
+                embedding=torch.randn(192, generator=g),
+                seed=i,
+            )
+            for i in range(n)
+        ]
+
+    # ------------------------------------------------------------------------------ precision
+
+    def precision(self) -> None:
+        steps = self.profile.greedy_steps
+        requests = self.t3_requests(4, steps - 1, greedy=True)  # steps tokens per row
+        runs = {}
+        for name, model in self.t3.items():
+            logits: list[torch.Tensor] = []
+            hook = model.speech_head.register_forward_hook(lambda _m, _i, out, keep=logits: keep.append(out))
+            try:
+                tokens = model.generate(requests, ignore_stop_token=True)
+            finally:
+                hook.remove()
+            runs[name] = (tokens, logits)
+        (ref_tokens, ref_logits), (bf_tokens, bf_logits) = runs["fp32"], runs["bf16"]
+        agree = [(a == b).float().mean().item() for a, b in zip(ref_tokens, bf_tokens, strict=True)]
+        first_split = [
+            int((a != b).nonzero()[0, 0]) if (a != b).any() else a.numel()
+            for a, b in zip(ref_tokens, bf_tokens, strict=True)
+        ]
+        # Logits compare while every row has fed both models the same tokens (call 0 is the prefill).
+        shared = min(first_split) + 1
+        logit_errors = [errors(b, a) for a, b in zip(ref_logits[:shared], bf_logits[:shared], strict=True)]
+        self.results["t3_bf16"] = {
+            "greedy_steps": steps,
+            "rows": len(requests),
+            "token_agreement": sum(agree) / len(agree),
+            "token_agreement_per_row": agree,
+            "first_disagreement_per_row": first_split,
+            "logits_compared_steps": shared,
+            "logits_max_abs": max(e["max_abs"] for e in logit_errors),
+            "logits_rel_rms": max(e["rel_rms"] for e in logit_errors),
+        }
+
+        s3_requests = self.s3gen_requests(2)
+        reference = self.s3gen["fp32"]
+        noise = reference.noise_for(s3_requests)
+        ref_mels = reference.mels(s3_requests, noise)
+        bf_mels = self.s3gen["bf16"].mels(s3_requests, noise)
+        mel_errors = [errors(b, a) for a, b in zip(ref_mels, bf_mels, strict=True)]
+        ref_wavs = reference.vocode(ref_mels, noise)
+        # What CUDA serves: the bf16 flow's mels through the fp32 HiFT.
+        served = self.s3gen["bf16"].vocode(bf_mels, noise)
+        self.results["s3gen_bf16_flow"] = {
+            "flow_mel_max_abs": max(e["max_abs"] for e in mel_errors),
+            "flow_mel_rel_rms": max(e["rel_rms"] for e in mel_errors),
+            "wave_max_abs": max(errors(b, a)["max_abs"] for a, b in zip(ref_wavs, served, strict=True)),
+            "wave_rel_rms": max(errors(b, a)["rel_rms"] for a, b in zip(ref_wavs, served, strict=True)),
+        }
+        # HiFT's own error in reduced precision, on the fp32 mels.
+        hift: dict[str, object] = {}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            try:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    wavs = reference.vocode(ref_mels, noise)
+            except RuntimeError as error:  # e.g. torch.complex has no bfloat16
+                hift[name] = f"does not run: {str(error).splitlines()[0]}"
+                continue
+            wave_errors = [errors(b, a) for a, b in zip(ref_wavs, wavs, strict=True)]
+            hift[name] = {
+                "wave_max_abs": max(e["max_abs"] for e in wave_errors),
+                "wave_rel_rms": max(e["rel_rms"] for e in wave_errors),
+            }
+        self.results["hift_autocast"] = hift
+
+    # ------------------------------------------------------------------------------ decode speed
+
+    def decode(self) -> None:
+        from chatterbox.t3.graphs import GraphedDecodeStep, static_slot_step
+        from chatterbox.t3.slots import SlotCache, SlotContext
+
+        model = self.t3[self.args.dtype]
+        dtype = model.speech_emb.weight.dtype
+        batches = [int(b) for b in self.args.batches.split(",")]
+        slots, positions = max(batches), self.profile.cache_positions
+        start_length = self.profile.decode_length
+        cache = SlotCache(model.config.gpt2, slots, positions, dtype, self.device)
+        cache.k.normal_()  # keys and values as a long prefill would leave them
+        cache.v.normal_()
+
+        longest = [start_length]  # the longest live row's length, tracked on the host as the engine does
+
+        def eager(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            context = SlotContext.decode(cache, lengths, longest[0] + 1, dtype)
+            return model.decode_step(tokens, lengths, context)
+
+        rows: list[dict[str, object]] = []
+        modes: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"eager": eager}
+        if self.device.type == "cuda":
+            static = static_slot_step(model, cache)
+            graphed = GraphedDecodeStep(static, slots, positions - 1, self.device)
+            self.results["graph_capture_s"] = graphed.capture_s
+            self.results["graph_vs_eager_max_abs"] = graph_error(
+                graphed, static, slots, start_length, self.device
+            )
+            self.results["graph_buckets"] = list(graphed.buckets)
+            modes["cuda_graphs"] = graphed
+        else:
+            self.notes.append("CUDA graphs skipped: no CUDA device (decode measured eager only).")
+        for batch in batches:
+            for mode, step in modes.items():
+                seconds = decode_seconds(step, model, batch, start_length, self.profile.decode_steps, longest)
+                steps_per_s = self.profile.decode_steps / seconds
+                rows.append(
+                    {
+                        "batch": batch,
+                        "mode": mode,
+                        "steps_per_s": steps_per_s,
+                        "tokens_per_s": steps_per_s * batch,
+                    }
+                )
+        self.results["decode"] = rows
+        self.results["decode_setup"] = {
+            "dtype": self.args.dtype,
+            "cache_positions": positions,
+            "row_length_at_start": start_length,
+            "steps": self.profile.decode_steps,
+            "includes": "forward + logits processing + sampling per step",
+        }
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.results["t3_weight_bytes"] = weight_bytes
+        self.results["kv_bytes_per_position"] = SlotCache.nbytes_for(model.config.gpt2, 1, 1, dtype)
+
+    def bandwidth(self) -> None:
+        """Device copy bandwidth, and the steps/s a batch-64 step could reach if it only read weights
+        and KV cache at that bandwidth (eager attention reads each row's live length)."""
+        if self.device.type != "cuda":
+            self.notes.append("Bandwidth bound skipped: no CUDA device.")
+            return
+        source = torch.empty(1 << 30, dtype=torch.uint8, device=self.device)
+        target = torch.empty_like(source)
+        target.copy_(source)
+        seconds = timed(lambda: [target.copy_(source) for _ in range(10)], self.device)
+        bandwidth = 2 * source.numel() * 10 / seconds  # read + write
+        kv_read = 64 * (self.profile.decode_length + self.profile.decode_steps // 2)
+        step_bytes = self.results["t3_weight_bytes"] + kv_read * self.results["kv_bytes_per_position"]
+        bound = bandwidth / step_bytes
+        best = max(
+            (r["steps_per_s"] for r in self.results["decode"] if r["batch"] == 64),  # type: ignore[index, union-attr]
+            default=None,
+        )
+        self.results["bandwidth"] = {
+            "copy_GBps": bandwidth / 1e9,
+            "batch64_step_bytes": step_bytes,
+            "batch64_bound_steps_per_s": bound,
+            "batch64_fraction_of_bound": best / bound if best else None,
+        }
+
+    # ------------------------------------------------------------------------------ latency, memory
+
+    def first_token(self) -> None:
+        """Prefill + first draw for one request (T3.generate with one new token: 2 draws)."""
+        model = self.t3[self.args.dtype]
+        request = self.t3_requests(1, 1, greedy=False)
+        model.generate(request, ignore_stop_token=True)  # warm-up
+        samples = sorted(
+            timed(lambda: model.generate(request, ignore_stop_token=True), self.device) for _ in range(5)
+        )
+        self.results["time_to_first_token_s"] = {
+            "median": samples[2],
+            "prompt_tokens": self.profile.prompt_tokens,
+            "text_tokens": self.profile.text_tokens,
+            "note": "prefill + first draw + one decode step (T3.generate, max_new_tokens=1)",
+        }
+
+    def memory(self) -> None:
+        from chatterbox.t3.graphs import static_slot_step
+        from chatterbox.t3.slots import SlotCache
+
+        if self.device.type != "cuda":
+            self.notes.append("Peak GPU memory skipped: no CUDA device (KV bytes per slot computed).")
+            return
+        model = self.t3[self.args.dtype]
+        dtype = model.speech_emb.weight.dtype
+        positions = self.profile.cache_positions
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        rows = []
+        for capacity in self.profile.slot_capacities:
+            torch.cuda.reset_peak_memory_stats()
+            cache = SlotCache(model.config.gpt2, capacity, positions, dtype, self.device)
+            lengths = torch.full((capacity,), positions - 1, device=self.device)
+            tokens = torch.zeros(capacity, dtype=torch.long, device=self.device)
+            static_slot_step(model, cache)(tokens, lengths)
+            peak = torch.cuda.max_memory_allocated() - base
+            rows.append(
+                {
+                    "slots": capacity,
+                    "positions": positions,
+                    "peak_bytes_over_weights": peak,
+                    "peak_bytes_per_slot": peak / capacity,
+                    "kv_bytes_per_slot": cache.nbytes / capacity,
+                }
+            )
+            del cache
+            torch.cuda.empty_cache()
+        self.results["memory"] = rows
+        self.results["weights_bytes_allocated"] = base
+
+    # ------------------------------------------------------------------------------ others' benches
+
+    def reference_rate(self) -> None:
+        from reference.oracle import reference_available, run_reference
+
+        if not reference_available():
+            self.notes.append("Reference fp32 batch-1 rate skipped: no reference venv (reference/setup.sh).")
+            return
+        request = self.t3_requests(1, 1, greedy=False)[0]
+        tensors = {
+            "0.speaker_emb": request.speaker_emb,
+            "0.prompt": request.prompt_speech_tokens,
+            "0.text": request.text_tokens,
+        }
+        tokens = 200
+        _, ref = run_reference(
+            "t3.timed_sequential",
+            tensors,
+            t3_file=str(self.t3_file),
+            requests=1,
+            tokens=tokens,
+            threads=torch.get_num_threads(),
+            device=self.args.device,
+        )
+        self.results["reference_fp32_batch1_tokens_per_s"] = sum(ref["tokens"]) / sum(ref["seconds"])
+
+    def engine_load(self) -> None:
+        script = REPO_ROOT / "bench" / "engine_load.py"
+        if not script.exists():
+            self.notes.append("bench/engine_load.py skipped: not in this checkout.")
+            return
+        if self.args.size != "full":
+            self.notes.append("bench/engine_load.py skipped: it runs at --size full only.")
+            return
+        command = [
+            sys.executable,
+            "-m",
+            "bench.engine_load",
+            "--device",
+            self.args.device,
+            "--size",
+            "full",
+            "--dtype",
+            self.args.dtype,
+            "--max-batch-size",
+            "64",
+            "--requests",
+            "64",
+            "--load",
+            "0.9",
+        ]
+        try:
+            proc = subprocess.run(
+                command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.args.engine_load_timeout
+            )
+        except subprocess.TimeoutExpired:
+            self.notes.append(f"bench/engine_load.py stopped after {self.args.engine_load_timeout} s.")
+            return
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            self.notes.append(f"bench/engine_load.py failed (exit {proc.returncode}): {last}")
+            return
+        self.results["engine_load"] = {"command": " ".join(command[1:]), "output": proc.stdout}
+
+    # ------------------------------------------------------------------------------ report
+
+    def environment(self) -> None:
+        self.results["environment"] = {
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "size": self.args.size,
+            "dtype": self.args.dtype,
+            "seed": self.args.seed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def write(self, out: Path, seconds: float) -> None:
+        self.results["suite_s"] = seconds
+        self.results["notes"] = self.notes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(self.results, indent=2))
+        (out / "results.md").write_text(markdown(self.results))
+
+
+def markdown(r: dict) -> str:
+    env = r["environment"]
+    lines = [
+        f"# GPU suite: {env['device']}, {env['size']} checkpoint, T3 {env['dtype']}",
+        "",
+        f"torch {env['torch']} (CUDA {env['cuda']}), {env['date']}, suite {r['suite_s']:.0f} s"
+        f" (fixture {r['fixture_s']:.0f} s). Random seeded weights.",
+        "",
+        "## bf16 vs fp32",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+    ]
+    t3, s3 = r["t3_bf16"], r["s3gen_bf16_flow"]
+    lines += [
+        f"| T3 greedy token agreement ({t3['rows']} rows x {t3['greedy_steps']} steps) |"
+        f" {t3['token_agreement']:.3f} |",
+        f"| T3 first disagreement per row (step) | {t3['first_disagreement_per_row']} |",
+        f"| T3 logits max abs / rel RMS (first {t3['logits_compared_steps']} steps) |"
+        f" {t3['logits_max_abs']:.3g} / {t3['logits_rel_rms']:.3g} |",
+        f"| flow mel max abs / rel RMS | {s3['flow_mel_max_abs']:.3g} / {s3['flow_mel_rel_rms']:.3g} |",
+        f"| wave from the bf16 flow, fp32 HiFT: max abs / rel RMS | {s3['wave_max_abs']:.3g} /"
+        f" {s3['wave_rel_rms']:.3g} |",
+    ]
+    for name, value in r["hift_autocast"].items():
+        shown = (
+            value if isinstance(value, str) else f"{value['wave_max_abs']:.3g} / {value['wave_rel_rms']:.3g}"
+        )
+        lines.append(f"| HiFT alone under {name} autocast: max abs / rel RMS | {shown} |")
+    lines += [
+        "",
+        "## T3 decode",
+        "",
+    ]
+    setup = r["decode_setup"]
+    lines += [
+        f"{setup['dtype']}, rows start at {setup['row_length_at_start']} positions, cache"
+        f" {setup['cache_positions']} positions, {setup['steps']} timed steps ({setup['includes']}).",
+    ]
+    if "graph_capture_s" in r:
+        lines.append(
+            f"CUDA graph capture: {r['graph_capture_s']:.2f} s for buckets {r['graph_buckets']}; replayed"
+            f" logits vs the same step eager: max abs {r['graph_vs_eager_max_abs']:.2g}."
+        )
+    ref = r.get("reference_fp32_batch1_tokens_per_s")
+    lines += [
+        "",
+        "| batch | mode | steps/s | tokens/s | x reference fp32 batch 1 |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for row in r["decode"]:
+        vs = f"{row['tokens_per_s'] / ref:.1f}" if ref else "-"
+        lines.append(
+            f"| {row['batch']} | {row['mode']} | {row['steps_per_s']:.1f} | {row['tokens_per_s']:.0f}"
+            f" | {vs} |"
+        )
+    if ref:
+        lines.append(f"\nReference fp32 batch 1: {ref:.1f} tokens/s.")
+    ttft = r["time_to_first_token_s"]
+    lines += [
+        "",
+        f"Time to first token: {1000 * ttft['median']:.1f} ms ({ttft['prompt_tokens']} prompt +"
+        f" {ttft['text_tokens']} text tokens; {ttft['note']}).",
+    ]
+    if "bandwidth" in r:
+        bw = r["bandwidth"]
+        fraction = bw["batch64_fraction_of_bound"]
+        lines.append(
+            f"Copy bandwidth {bw['copy_GBps']:.0f} GB/s: a batch-64 step reading"
+            f" {bw['batch64_step_bytes'] / 1e9:.2f} GB is bound at {bw['batch64_bound_steps_per_s']:.0f}"
+            f" steps/s; reached {'-' if fraction is None else f'{fraction:.0%}'}."
+        )
+    lines += ["", f"KV cache: {r['kv_bytes_per_position'] / 1024:.0f} KiB per position ({setup['dtype']})."]
+    if "memory" in r:
+        lines += [
+            "",
+            "## Peak GPU memory per slot capacity",
+            "",
+            f"Weights allocated: {r['weights_bytes_allocated'] / 1e9:.2f} GB (both T3 precisions and S3Gen).",
+            "",
+            "| slots | positions | peak over weights GB | per slot MB | KV per slot MB |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for m in r["memory"]:
+            lines.append(
+                f"| {m['slots']} | {m['positions']} | {m['peak_bytes_over_weights'] / 1e9:.2f} |"
+                f" {m['peak_bytes_per_slot'] / 1e6:.0f} | {m['kv_bytes_per_slot'] / 1e6:.0f} |"
+            )
+    if "engine_load" in r:
+        lines += [
+            "",
+            "## bench.engine_load",
+            "",
+            f"`{r['engine_load']['command']}`",
+            "",
+            r["engine_load"]["output"],
+        ]
+    if r["notes"]:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in r["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="T3 precision for speed")
+    parser.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (more than free cores stalls every op)"
+    )
+    parser.add_argument("--engine-load-timeout", type=float, default=200)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: a new temp folder)")
+    parser.add_argument(
+        "--hide-packages",
+        default="",
+        help="comma-separated modules to treat as not installed (the CI dry run hides what the GPU "
+        "machine lacks: ray,librosa,soundfile,perth)",
+    )
+    args = parser.parse_args()
+    hidden = {name for name in args.hide_packages.split(",") if name}
+    missing = missing_packages(hidden)
+    if missing:
+        sys.exit(
+            f"bench/gpu_suite.py needs {', '.join(REQUIRED_PACKAGES)} beyond torch; missing: "
+            f"{', '.join(missing)} (pip install {' '.join(missing)})"
+        )
+    hide_packages(hidden)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu --size tiny for the dry run")
+    torch.set_num_threads(args.threads)
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpu-suite-results-"))
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        suite = Suite(args)
+        log(f"fixture built and loaded ({time.perf_counter() - begin:.0f} s)")
+        suite.environment()
+        for stage in (suite.precision, suite.decode, suite.bandwidth, suite.first_token, suite.memory):
+            stage()
+            log(f"{stage.__name__} done ({time.perf_counter() - begin:.0f} s)")
+        suite.reference_rate()
+    suite.engine_load()
+    suite.write(out, time.perf_counter() - begin)
+    print((out / "results.md").read_text())
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
