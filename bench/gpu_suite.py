@@ -1,5 +1,7 @@
 """The CUDA path measured in one offline run (issue 13); ``bench/gpu_suite.sh`` is the entry point.
 
+The suite imports chatterbox inside its functions: the check for missing packages runs first.
+
     bash bench/gpu_suite.sh                          # one CUDA GPU, full-size seeded fixture, bf16
     bash bench/gpu_suite.sh --device cpu --size tiny # the CI dry run (graphs skipped with a note)
 
@@ -162,7 +164,10 @@ def graph_error(
 
 
 class Suite:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        """``workdir`` holds the fixture's T3 file (the reference loads it too) while the suite runs."""
+        from safetensors.torch import save_file
+
         from chatterbox.fixtures import SIZES, s3gen_synthesis_state_dict, t3_state_dict
         from chatterbox.s3gen import S3Gen
         from chatterbox.t3 import T3
@@ -173,11 +178,8 @@ class Suite:
         self.profile = PROFILES[args.size]
         self.results: dict[str, object] = {}
         self.notes: list[str] = []
-        self.tmp = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
         begin = time.perf_counter()
-        from safetensors.torch import save_file
-
-        self.t3_file = self.tmp / "t3_turbo_v1.safetensors"
+        self.t3_file = workdir / "t3_turbo_v1.safetensors"
         save_file(t3_state_dict(self.dims, TEXT_VOCAB, seed=args.seed), self.t3_file)
         self.t3 = {
             "fp32": T3.from_file(self.t3_file, self.device, torch.float32),
@@ -648,14 +650,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-suite-results-"))
     begin = time.perf_counter()
-    with torch.inference_mode():
-        suite = Suite(args)
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as workdir, torch.inference_mode():
+        suite = Suite(args, Path(workdir))
         log(f"fixture built and loaded ({time.perf_counter() - begin:.0f} s)")
         suite.environment()
-        for stage in (suite.precision, suite.decode, suite.bandwidth, suite.first_token, suite.memory):
+        stages = (suite.precision, suite.decode, suite.bandwidth, suite.first_token, suite.memory)
+        for stage in (*stages, suite.reference_rate):
             stage()
             log(f"{stage.__name__} done ({time.perf_counter() - begin:.0f} s)")
-        suite.reference_rate()
     suite.engine_load()
     suite.write(out, time.perf_counter() - begin)
     print((out / "results.md").read_text())
