@@ -37,8 +37,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from chatterbox.t3 import T3
 
 # What the suite imports beyond torch (the GPU machine has these, but not ray, librosa,
 # soundfile or perth, which the suite never needs).
@@ -107,7 +111,7 @@ def errors(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 def decode_seconds(
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    model: torch.nn.Module,
+    model: T3,
     batch: int,
     start_length: int,
     steps: int,
