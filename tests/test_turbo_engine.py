@@ -251,20 +251,26 @@ def test_a_bad_request_never_affects_the_others(tts: TurboTTS, voices: list[Voic
 
 
 def test_s3gen_vocodes_while_t3_decodes(tts: TurboTTS):
-    short = TTSRequest("Short.", sampling=SamplingParams(seed=1, max_new_tokens=8))
-    long = TTSRequest("A long one.", sampling=SamplingParams(seed=2, max_new_tokens=120))
+    short = TTSRequest("Short.", sampling=SamplingParams(seed=1, max_new_tokens=20))
+    long = TTSRequest("A long one.", sampling=SamplingParams(seed=2, max_new_tokens=150))
 
-    async def run(engine: TurboEngine) -> None:
-        await asyncio.gather(
-            engine.submit(short, "short", ignore_stop_token=True),
-            engine.submit(long, "long", ignore_stop_token=True),
-        )
+    async def run(engine: TurboEngine) -> list[float]:
+        arrivals: list[float] = []  # when each of the long row's tokens reached this loop
+
+        async def follow_long() -> None:
+            async for chunk in engine.stream(long, "long", ignore_stop_token=True):
+                arrivals.extend([time.monotonic()] * chunk.numel())
+
+        await asyncio.gather(engine.submit(short, "short", ignore_stop_token=True), follow_long())
+        return arrivals
 
     with running(tts, max_slots=2) as engine:
-        asyncio.run(run(engine))
+        arrivals = asyncio.run(run(engine))
         short_times, long_times = engine.stage_times("short"), engine.stage_times("long")
-    # The short row was vocoded entirely while the long row was still decoding.
     assert long_times.first_token < short_times.s3gen_start < short_times.s3gen_done < long_times.t3_done
+    # The long row kept decoding while the short row was vocoded: T3 never waited for S3Gen.
+    during = [t for t in arrivals if short_times.s3gen_start < t < short_times.s3gen_done]
+    assert len(during) >= 3, (len(during), short_times)
 
 
 def test_stream_yields_exactly_the_submit_tokens(tts: TurboTTS, voices: list[Voice]):
