@@ -7,10 +7,11 @@ set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the res
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from chatterbox.constants import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -139,6 +140,33 @@ def front_deployment_options(
     }
 
 
+class VoicesConfig(_Strict):
+    """Saved voices (serve_app.voice_store): one directory every ingress and model replica reads,
+    so in a cluster a volume all their nodes mount (cluster/rayservice.yaml: /mnt/voices)."""
+
+    store_dir: str = f"{DEFAULT_TINY_CACHE_DIR}/voices"
+    max_voices: int = Field(1000, ge=1, le=100_000)
+
+
+# Visible ASCII (a header value), long enough not to be guessed.
+API_KEY_PATTERN = re.compile(r"[\x21-\x7e]{16,256}")
+
+
+class AuthConfig(_Strict):
+    """API keys of the HTTP API (serve_app.auth). With none here and no file named by the
+    CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open."""
+
+    api_keys: tuple[SecretStr, ...] = ()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(keys):
+            if not API_KEY_PATTERN.fullmatch(key.get_secret_value()):
+                raise ValueError(f"api_keys[{i}]: 16 to 256 visible ASCII characters (no spaces)")
+        return keys
+
+
 class AppArgs(_Strict):
     """Everything `build_app` needs; every field has a production default."""
 
@@ -173,6 +201,8 @@ class AppArgs(_Strict):
     ingress: IngressConfig = IngressConfig()
     stitcher: FrontDeploymentConfig = FrontDeploymentConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    voices: VoicesConfig = VoicesConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _check_ongoing(self) -> AppArgs:
