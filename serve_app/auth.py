@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serve_app.config import API_KEY_PATTERN, AuthConfig
+from serve_app.config import AuthConfig
 from serve_app.errors import SynthesisError, error_response
 from serve_app.openai_api import openai_error_response
 
 API_KEYS_FILE_ENV = "CHATTERBOX_API_KEYS_FILE"
+# Visible ASCII (a header value), long enough not to be guessed.
+API_KEY_PATTERN = re.compile(r"[\x21-\x7e]{16,256}")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 OPEN_PREFIXES = ("/static/",)
 # Routes whose clients expect OpenAI's error shape.
@@ -47,18 +50,19 @@ class ApiKeys:
 
 
 def load_api_keys(config: AuthConfig, environ: Mapping[str, str] = os.environ) -> ApiKeys:
-    """The configured keys and those of the file `environ[API_KEYS_FILE_ENV]` names (if set)."""
-    keys = [key.get_secret_value() for key in config.api_keys]
+    """The configured keys and those of the file `environ[API_KEYS_FILE_ENV]` names (if set).
+    Raises ValueError naming a malformed key by its place, never by its value."""
+    keys = {f"auth.api_keys[{i}]": key.get_secret_value() for i, key in enumerate(config.api_keys)}
     path = environ.get(API_KEYS_FILE_ENV)
     if path:
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
             key = line.strip()
-            if not key or key.startswith("#"):
-                continue
-            if not API_KEY_PATTERN.fullmatch(key):
-                raise ValueError(f"{path}, line {number}: a key is 16 to 256 visible ASCII characters")
-            keys.append(key)
-    return ApiKeys(keys)
+            if key and not key.startswith("#"):
+                keys[f"{path}, line {number}"] = key
+    for place, key in keys.items():
+        if not API_KEY_PATTERN.fullmatch(key):
+            raise ValueError(f"{place}: an API key is 16 to 256 visible ASCII characters (no spaces)")
+    return ApiKeys(list(keys.values()))
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -7,11 +7,10 @@ set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the res
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chatterbox.constants import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -148,23 +147,15 @@ class VoicesConfig(_Strict):
     max_voices: int = Field(1000, ge=1, le=100_000)
 
 
-# Visible ASCII (a header value), long enough not to be guessed.
-API_KEY_PATTERN = re.compile(r"[\x21-\x7e]{16,256}")
-
-
 class AuthConfig(_Strict):
     """API keys of the HTTP API (serve_app.auth). With none here and no file named by the
-    CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open."""
+    CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open.
+
+    The keys are checked where they are loaded (`serve_app.auth.load_api_keys`): a validation error
+    here would print the refused key.
+    """
 
     api_keys: tuple[SecretStr, ...] = ()
-
-    @field_validator("api_keys")
-    @classmethod
-    def _check_keys(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for i, key in enumerate(keys):
-            if not API_KEY_PATTERN.fullmatch(key.get_secret_value()):
-                raise ValueError(f"api_keys[{i}]: 16 to 256 visible ASCII characters (no spaces)")
-        return keys
 
 
 class AppArgs(_Strict):
