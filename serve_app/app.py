@@ -38,6 +38,8 @@ def build_app(args: AppArgs) -> Application:
         args.chunking,
         args.stitching,
         args.limits,
+        args.voices,
+        args.auth,
         args.max_new_tokens,
         args.chunks_in_flight(on_gpu=num_gpus > 0),
     )
