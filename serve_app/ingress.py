@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -59,6 +60,7 @@ from serve_app.openai_api import (
     stream_content_type,
     streaming_wav_header,
 )
+from serve_app.playground import STATIC_DIR, render_page
 from serve_app.schemas import (
     AudioPiece,
     ChunkJob,
@@ -74,6 +76,7 @@ from serve_app.schemas import (
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Chatterbox Turbo TTS", version="1")
+api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the playground's files
 
 # How long /readyz waits for Serve's controller to report the model deployment's state.
 READINESS_TIMEOUT_S = 5.0
@@ -237,6 +240,11 @@ class Ingress:
         self._model_info: ModelInfo | None = None
         self._active_requests = 0
         self._app_name = serve.get_replica_context().app_name
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self, request: Request) -> HTMLResponse:
+        """The playground page (`serve_app.playground`), for the route prefix the app is mounted at."""
+        return HTMLResponse(render_page(request.scope.get("root_path", "")))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
