@@ -208,3 +208,10 @@ def test_the_page_works_under_a_route_prefix(prefixed_app, browser):
     synthesise(browser, SENTENCE, "wav")
     assert browser.find_element(By.ID, "error").text == ""
     assert decoded_player_audio(browser)["duration"] > 0.5
+    # The same app is also at the root: only the URLs show that the page used the prefixed one.
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((entry) => entry.name)"
+    )
+    assert f"{prefixed_app}/v1/audio/speech" in fetched
+    assert f"{prefixed_app}/static/app.js" in fetched
+    assert all(url.startswith(f"{prefixed_app}/") for url in fetched), fetched
