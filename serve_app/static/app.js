@@ -24,11 +24,12 @@ function authHeaders(extra = {}) {
 // The API's error as one line: our {"error": {code, message}} and OpenAI's shape both carry these.
 async function describeError(response) {
   const body = await response.text();
+  const hint = response.status === 401 ? " (enter an API key above)" : "";
   try {
     const { error } = JSON.parse(body);
-    if (error && error.message) return `${response.status} ${error.code || error.type || ""}: ${error.message}`;
+    if (error && error.message) return `${response.status} ${error.code || error.type}: ${error.message}${hint}`;
   } catch (_) { /* not JSON: Serve's plain-text 503, a proxy's page */ }
-  return `${response.status} ${response.statusText}: ${body.slice(0, 300)}`;
+  return `${response.status} ${response.statusText}: ${body.slice(0, 300)}${hint}`;
 }
 
 function showError(message) {
@@ -138,7 +139,15 @@ async function playStream(response, format, context, onFirstAudio) {
   let pending = new Uint8Array(0);
   let sampleRate = format === "pcm" ? settings.pcmSampleRate : null;
   for (;;) {
-    const { done, value } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new Error(`the audio stream broke off after ${(player.samples / sampleRate || 0).toFixed(2)} s: ` +
+        "the server failed mid-request (its log says why)");
+    }
+    const { done, value } = chunk;
     if (done) break;
     const joined = new Uint8Array(pending.length + value.length);
     joined.set(pending);
