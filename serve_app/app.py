@@ -40,6 +40,8 @@ def build_app(args: AppArgs) -> Application:
         args.limits,
         args.max_new_tokens,
         args.chunks_in_flight(on_gpu=num_gpus > 0),
+        args.voices,
+        args.auth,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chatterbox.constants import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -139,6 +139,25 @@ def front_deployment_options(
     }
 
 
+class VoicesConfig(_Strict):
+    """Saved voices (serve_app.voice_store): one directory every ingress and model replica reads,
+    so in a cluster a volume all their nodes mount (cluster/rayservice.yaml: /mnt/voices)."""
+
+    store_dir: str = f"{DEFAULT_TINY_CACHE_DIR}/voices"
+    max_voices: int = Field(1000, ge=1, le=100_000)
+
+
+class AuthConfig(_Strict):
+    """API keys of the HTTP API (serve_app.auth). With none here and no file named by the
+    CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open.
+
+    The keys are checked where they are loaded (`serve_app.auth.load_api_keys`): a validation error
+    here would print the refused key.
+    """
+
+    api_keys: tuple[SecretStr, ...] = ()
+
+
 class AppArgs(_Strict):
     """Everything `build_app` needs; every field has a production default."""
 
@@ -173,6 +192,8 @@ class AppArgs(_Strict):
     ingress: IngressConfig = IngressConfig()
     stitcher: FrontDeploymentConfig = FrontDeploymentConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    voices: VoicesConfig = VoicesConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _check_ongoing(self) -> AppArgs:

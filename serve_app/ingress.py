@@ -11,7 +11,6 @@ then cannot resolve string annotations (a `request: Request` parameter became a 
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import re
 import time
@@ -30,13 +29,21 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.schema import DeploymentStatus, ReplicaState
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
 from serve_app.audio import StitchPlan, StreamingStitch, stitch_plan
+from serve_app.auth import ApiKeyMiddleware, ApiKeys, load_api_keys
 from serve_app.chunking import split_text
-from serve_app.config import AppArgs, ChunkingConfig, LimitsConfig, StitchingConfig, front_deployment_options
+from serve_app.config import (
+    AppArgs,
+    AuthConfig,
+    ChunkingConfig,
+    LimitsConfig,
+    StitchingConfig,
+    VoicesConfig,
+    front_deployment_options,
+)
 from serve_app.errors import (
     SynthesisError,
     error_response,
@@ -45,6 +52,7 @@ from serve_app.errors import (
     model_error,
     validation_error,
 )
+from serve_app.http_body import read_json
 from serve_app.metrics import record_refusal, record_time_to_first_audio
 from serve_app.openai_api import (
     CONTENT_TYPES,
@@ -56,6 +64,7 @@ from serve_app.openai_api import (
     SpeechRequest,
     audio_delta_event,
     openai_error,
+    openai_error_response,
     sse_event,
     stream_content_type,
     streaming_wav_header,
@@ -67,16 +76,23 @@ from serve_app.schemas import (
     ErrorResponse,
     ModelInfo,
     SharedReference,
+    StoredVoiceReference,
     SynthesisRequest,
     SynthesisResult,
     TTSHttpRequest,
     TTSHttpResponse,
 )
+from serve_app.voice_store import VoiceStore
+from serve_app.voices_api import VoicesRoutes
+from serve_app.voices_api import router as voices_router
 
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Chatterbox Turbo TTS", version="1")
+api.include_router(voices_router)
 api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the playground's files
+# The keys are the replica's (loaded by Ingress.__init__, in the replica's process).
+api.add_middleware(ApiKeyMiddleware, keys=lambda: serve.get_replica_context().servable_object.api_keys)
 
 # How long /readyz waits for Serve's controller to report the model deployment's state.
 READINESS_TIMEOUT_S = 5.0
@@ -147,29 +163,6 @@ async def finished_in_order(
             waiter.cancel()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, counted as it arrives: past ``limit`` bytes it is refused at once, whether a
-    Content-Length announced it or not (chunked), instead of being buffered whole first."""
-    too_large = SynthesisError("request_too_large", f"request body exceeds {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise SynthesisError("client_disconnected", "the client closed the request mid-body") from None
-    return bytes(body)
-
-
-def _reject_json_constant(name: str) -> None:
-    """NaN and Infinity: Python's json accepts them, JSON does not."""
-    raise ValueError(f"{name} is not a JSON value")
-
-
 # Characters no speech text has and that break encoders downstream: C0/C1 controls other than tab,
 # newline and carriage return, and lone surrogates (JSON "\ud800" decodes to one; UTF-8 has none).
 _FORBIDDEN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -214,7 +207,7 @@ async def http_exception(request: Request, error: HTTPException) -> JSONResponse
 
 
 @serve.ingress(api)
-class Ingress:
+class Ingress(VoicesRoutes):
     @classmethod
     def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
         options = front_deployment_options(cls.__name__, args.ingress, args.shutdown)
@@ -229,6 +222,8 @@ class Ingress:
         limits: LimitsConfig,
         max_new_tokens: int,
         max_chunks_in_flight: int,
+        voices: VoicesConfig,
+        auth: AuthConfig,
     ) -> None:
         self._model = model
         self._stitcher = stitcher
@@ -240,6 +235,9 @@ class Ingress:
         self._model_info: ModelInfo | None = None
         self._active_requests = 0
         self._app_name = serve.get_replica_context().app_name
+        self._voice_store = VoiceStore(voices.store_dir, voices.max_voices)
+        self._voice_store.sweep()
+        self.api_keys: ApiKeys = load_api_keys(auth)
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self, request: Request) -> HTMLResponse:
@@ -387,9 +385,7 @@ class Ingress:
 
     def _openai_error_response(self, error: SynthesisError) -> JSONResponse:
         field = _OPENAI_FIELDS.get(error.field, error.field)
-        body, status = openai_error(SynthesisError(error.code, error.message, field))
-        record_refusal(error.code, status)
-        return self._with_retry_after(JSONResponse(body.model_dump(), status_code=status))
+        return self._with_retry_after(openai_error_response(SynthesisError(error.code, error.message, field)))
 
     def _with_retry_after(self, response: JSONResponse) -> JSONResponse:
         """A refusal for now, not for good (429, 503) says when to come back."""
@@ -487,7 +483,7 @@ class Ingress:
             sampling = request.sampling(self._max_new_tokens)
         except TTSInputError as error:
             raise input_error(error) from None
-        voice = await self._shared_reference(request.reference_audio)
+        voice = await self._voice(request)
         request_id = uuid.uuid4().hex
         jobs = [
             ChunkJob(
@@ -530,19 +526,23 @@ class Ingress:
 
     async def _read_json(self, request: Request) -> Any:
         """The JSON body, refused unless it is JSON of at most `limits.max_request_bytes`."""
-        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
+        return await read_json(request, self._limits.max_request_bytes)
+
+    async def _voice(self, request: SynthesisRequest) -> SharedReference | StoredVoiceReference | None:
+        """The request's voice: a saved one (by id or name), its reference clip, or None (built in)."""
+        if request.voice is None:
+            return await self._shared_reference(request.reference_audio)
+        if request.reference_audio is not None:
             raise SynthesisError(
-                "unsupported_media_type",
-                f"the body must be JSON (Content-Type: application/json), not {media_type}",
+                "invalid_parameter", "voice: send a saved voice or a reference clip, not both", "voice"
             )
-        body = await read_body(request, self._limits.max_request_bytes)
         try:
-            return json.loads(body, parse_constant=_reject_json_constant)
-        except ValueError as error:  # also bad UTF-8 and integers of over 4300 digits
-            raise SynthesisError("invalid_json", f"request body is not valid JSON: {error}") from None
-        except RecursionError:
-            raise SynthesisError("invalid_json", "request body is nested too deeply") from None
+            saved = await asyncio.to_thread(self._voice_store.get, request.voice, "voice")
+        except TTSInputError as error:
+            raise input_error(error) from None
+        return StoredVoiceReference(
+            reference_id=saved.reference_id, store_dir=str(self._voice_store.root), voice_id=saved.id
+        )
 
     async def _shared_reference(self, reference_audio: bytes | None) -> SharedReference | None:
         """Decode and check the reference once; replicas receive only an object reference to it."""

@@ -1,5 +1,6 @@
 """OpenAI-compatible speech API (`POST /v1/audio/speech`, `GET /v1/models`): its request and error
-schemas and pure helpers (content types, the streamed WAV header, Server-Sent Events).
+schemas and pure helpers (content types, the streamed WAV header, Server-Sent Events, the error
+response of every OpenAI route).
 
 A request is translated into our `SynthesisRequest` here; everything after that is the `/v1/tts` path.
 """
@@ -12,16 +13,18 @@ import json
 import struct
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.audio import AudioFormat
 from serve_app.errors import SynthesisError
+from serve_app.metrics import record_refusal
 from serve_app.schemas import SynthesisParams, SynthesisRequest
+from serve_app.voice_store import BUILT_IN_VOICE
 
 SERVED_MODEL_ID = "chatterbox-turbo"
 # OpenAI's speech model names, accepted so that existing clients work unchanged; all are Turbo here.
 MODEL_ALIASES = frozenset({SERVED_MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
-BUILT_IN_VOICE = "default"
 # Formats streamed piece by piece (raw s16le, or WAV with an open-ended header); the compressed
 # ones need the whole signal for their encoder and arrive as one body after synthesis.
 STREAMED_FORMATS: frozenset[str] = frozenset({"pcm", "wav"})
@@ -58,7 +61,7 @@ class SpeechRequest(BaseModel):
 
     model: str
     input: str
-    voice: str = BUILT_IN_VOICE
+    voice: str = Field(BUILT_IN_VOICE, description="'default' (built in), or a saved voice's id or name")
     response_format: Literal["wav", "flac", "mp3", "opus", "pcm", "aac"] = "mp3"
     speed: float = 1.0
     instructions: str | None = None
@@ -75,13 +78,6 @@ class SpeechRequest(BaseModel):
         if self.model not in MODEL_ALIASES:
             raise SynthesisError(
                 "model_not_found", f"model {self.model!r} is not served; use {SERVED_MODEL_ID!r}", "model"
-            )
-        if self.voice != BUILT_IN_VOICE:
-            raise SynthesisError(
-                "voice_not_found",
-                f"voice {self.voice!r} does not exist; only {BUILT_IN_VOICE!r} (the built-in voice) is "
-                "available, or send reference_audio to clone one",
-                "voice",
             )
         if self.response_format == "aac":
             raise SynthesisError(
@@ -104,6 +100,7 @@ class SpeechRequest(BaseModel):
         params = self.model_dump(include={"seed", "temperature", "top_p", "top_k", "repetition_penalty"})
         return SynthesisRequest(
             text=self.input,
+            voice=None if self.voice == BUILT_IN_VOICE else self.voice,
             format=self.response_format,
             reference_audio=decode_reference(self.reference_audio),
             **params,
@@ -114,24 +111,20 @@ class SpeechRequest(BaseModel):
         return self.stream_format == "sse" or self.response_format in STREAMED_FORMATS
 
 
-def decode_reference(value: str | None) -> bytes | None:
-    """`reference_audio` as bytes: plain base64, or a `data:<type>;base64,<data>` URL."""
+def decode_reference(value: str | None, field: str = "reference_audio") -> bytes | None:
+    """An audio clip field (`field`) as bytes: plain base64, or a `data:<type>;base64,<data>` URL."""
     if value is None:
         return None
     if value.startswith("data:"):
         header, _, value = value.partition(",")
         if not header.endswith(";base64"):
             raise SynthesisError(
-                "invalid_base64",
-                "reference_audio: a data URL must be base64 (data:<type>;base64,...)",
-                "reference_audio",
+                "invalid_base64", f"{field}: a data URL must be base64 (data:<type>;base64,...)", field
             )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise SynthesisError(
-            "invalid_base64", f"reference_audio is not valid base64: {error}", "reference_audio"
-        ) from None
+        raise SynthesisError("invalid_base64", f"{field} is not valid base64: {error}", field) from None
 
 
 class ModelCard(BaseModel):
@@ -170,6 +163,13 @@ def openai_error(error: SynthesisError) -> tuple[OpenAIErrorResponse, int]:
         kind = "server_error"
     detail = OpenAIErrorDetail(message=error.message, type=kind, param=error.field, code=error.code)
     return OpenAIErrorResponse(error=detail), status
+
+
+def openai_error_response(error: SynthesisError) -> JSONResponse:
+    """The HTTP answer of an OpenAI route's refusal, counted in the refusals metric."""
+    body, status = openai_error(error)
+    record_refusal(error.code, status)
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def streaming_wav_header(sample_rate: int) -> bytes:

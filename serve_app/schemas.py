@@ -30,6 +30,8 @@ class SynthesisParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str
+    # A saved voice (serve_app.voice_store), by id or name; None: the built-in voice, or the reference.
+    voice: str | None = None
     format: AudioFormat = "wav"
     seed: int | None = _sampling_field("seed", replace(SAMPLING_BOUNDS["seed"], lt=MAX_REQUEST_SEED))
     temperature: float = _sampling_field("temperature")
@@ -45,7 +47,8 @@ class SynthesisParams(BaseModel):
 
 
 class SynthesisRequest(SynthesisParams):
-    """Handle API input: `handle.synthesize.remote(SynthesisRequest(...))`. No reference: built-in voice."""
+    """Handle API input: `handle.synthesize.remote(SynthesisRequest(...))`. No voice and no reference:
+    the built-in voice."""
 
     reference_audio: bytes | None = None  # an encoded file: wav, flac, ogg or mp3, >= 5 s
 
@@ -137,10 +140,20 @@ class SharedReference:
 
 
 @dataclass(frozen=True)
+class StoredVoiceReference:
+    """A saved voice: replicas load its conditionals for their model from the store, or prepare
+    them from its stored clip (and store them) on a voice-cache miss."""
+
+    reference_id: str  # of the stored clip, as in SharedReference
+    store_dir: str  # VoicesConfig.store_dir
+    voice_id: str  # SavedVoice.id
+
+
+@dataclass(frozen=True)
 class ChunkJob:
     """One model call: a chunk of text with its voice and sampling settings."""
 
     request_id: str  # the user request it belongs to: replicas batch requests round-robin
     text: str
-    voice: SharedReference | None  # None: the checkpoint's built-in voice
+    voice: SharedReference | StoredVoiceReference | None  # None: the checkpoint's built-in voice
     sampling: SamplingParams  # the request's, with seed + i as chunk i's seed

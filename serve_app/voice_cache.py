@@ -1,8 +1,10 @@
 """The prepared voices of one model replica: an LRU keyed by the engine's voice id.
 
-A request's reference clip reaches a replica as a `SharedReference` (an object-store reference).
-The replica fetches the clip and prepares its voice only on a miss, each new reference once per
-batch however many of its chunks the batch holds.
+A request's reference clip reaches a replica as a `SharedReference` (an object-store reference),
+a saved voice as a `StoredVoiceReference`. Only on a miss does the replica fetch the clip and
+prepare its voice, each new reference once per batch however many of its chunks the batch holds; a
+saved voice's conditionals are loaded from the store when this model stored them before, and
+stored once prepared, so every replica (and the next deployment) prepares a saved voice once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from chatterbox.voice import ReferenceAudio, Voice
 from serve_app.metrics import record_voice_cache_lookups
-from serve_app.schemas import SharedReference
+from serve_app.schemas import SharedReference, StoredVoiceReference
+from serve_app.voice_store import VoiceStore
+
+VoiceReference = SharedReference | StoredVoiceReference
 
 # Prepares clips into voices, one outcome per clip: its voice or the error it alone raises.
 PrepareVoices = Callable[[list[ReferenceAudio]], Awaitable[list[Voice | Exception]]]
@@ -30,12 +35,12 @@ class VoiceCache:
         self._voices: OrderedDict[str, Voice] = OrderedDict()
         self.prepared = 0  # voices prepared since the replica started
 
-    async def resolve(self, references: Sequence[SharedReference]) -> list[Voice | BaseException]:
+    async def resolve(self, references: Sequence[VoiceReference]) -> list[Voice | BaseException]:
         """The voice of every reference: cached, or fetched and prepared now; a reference whose clip
         cannot be fetched or prepared gets its error instead."""
         ids = [self._voice_id(reference.reference_id) for reference in references]
         outcomes: dict[str, Voice | BaseException] = {}
-        missing: dict[str, SharedReference] = {}
+        missing: dict[str, VoiceReference] = {}
         for voice_id, reference in zip(ids, references, strict=True):
             if voice_id in outcomes or voice_id in missing:
                 continue
@@ -47,17 +52,37 @@ class VoiceCache:
                 missing[voice_id] = reference
         record_voice_cache_lookups(hits=len(outcomes), misses=len(missing))  # each voice once per batch
         if missing:
-            fetched = await asyncio.gather(*(r.audio for r in missing.values()), return_exceptions=True)
-            prepared = iter(await self._prepare([c for c in fetched if not isinstance(c, BaseException)]))
-            for voice_id, clip in zip(missing, fetched, strict=True):
-                voice = clip if isinstance(clip, BaseException) else next(prepared)
+            fetched = await asyncio.gather(
+                *(self._fetch(voice_id, reference) for voice_id, reference in missing.items()),
+                return_exceptions=True,
+            )
+            clips = [clip for clip in fetched if isinstance(clip, ReferenceAudio)]
+            prepared = iter(await self._prepare(clips) if clips else [])
+            for (voice_id, reference), clip in zip(missing.items(), fetched, strict=True):
+                voice = next(prepared) if isinstance(clip, ReferenceAudio) else clip
                 outcomes[voice_id] = voice
-                if isinstance(voice, Voice):
-                    self._remember(voice)
+                if not isinstance(voice, Voice):
+                    continue
+                self._remember(voice)
+                if isinstance(clip, ReferenceAudio):
+                    self.prepared += 1
+                    if isinstance(reference, StoredVoiceReference):
+                        store = VoiceStore(reference.store_dir)
+                        await asyncio.to_thread(store.save_conditionals, reference.voice_id, voice)
         return [outcomes[voice_id] for voice_id in ids]
+
+    async def _fetch(self, voice_id: str, reference: VoiceReference) -> ReferenceAudio | Voice:
+        """What a missing voice is made from: its clip, or a saved voice's stored conditionals (on
+        the CPU: the engine moves a request's voice to its device)."""
+        if isinstance(reference, SharedReference):
+            return await reference.audio
+        store = VoiceStore(reference.store_dir)
+        stored = await asyncio.to_thread(store.conditionals, reference.voice_id, voice_id)
+        if stored is not None:
+            return stored
+        return await asyncio.to_thread(store.reference, reference.voice_id)
 
     def _remember(self, voice: Voice) -> None:
         self._voices[voice.id] = voice
-        self.prepared += 1
         while len(self._voices) > self._capacity:
             self._voices.popitem(last=False)

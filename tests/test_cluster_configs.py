@@ -167,7 +167,7 @@ def test_rayservice_serves_the_24gb_profile_with_autoscaling():
     profile = yaml.safe_load((ROOT / "configs" / "gpu-24gb.yaml").read_text())
     embedded = embedded_serve_config()
     assert embedded["http_options"] == profile["http_options"]
-    scaling_fields = {"autoscaling", "ingress", "stitcher"}  # the documented differences
+    scaling_fields = {"autoscaling", "ingress", "stitcher", "voices"}  # the documented differences
     profile_args, embedded_args = app_args(profile), app_args(embedded)
     assert embedded_args.model_dump(exclude=scaling_fields) == profile_args.model_dump(exclude=scaling_fields)
     assert embedded_args.autoscaling.min_replicas == profile_args.autoscaling.max_replicas  # one GPU's worth
@@ -189,6 +189,9 @@ def test_rayservice_cluster_fits_its_serve_config():
     assert set(groups) == {"cpu", "gpu"}
     for group in groups.values():
         assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        # Saved voices: every replica's pod mounts the store (a model replica reads it too).
+        mounts = {mount["mountPath"] for mount in group["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert args.voices.store_dir in mounts
     pod = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus_per_pod = int(pod["nvidia.com/gpu"])
     replicas_per_pod = round(gpus_per_pod / args.num_gpus)

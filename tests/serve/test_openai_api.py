@@ -90,7 +90,6 @@ def test_openai_error_shape(code, status, kind):
         ({"instructions": "cheerful"}, "instructions", "unsupported_value"),
         ({"response_format": "aac"}, "response_format", "unsupported_value"),
         ({"stream_format": "sse", "response_format": "mp3"}, "stream_format", "unsupported_value"),
-        ({"voice": "alloy"}, "voice", "voice_not_found"),
         ({"model": "whisper-1"}, "model", "model_not_found"),
         ({"reference_audio": "data:audio/wav,abc"}, "reference_audio", "invalid_base64"),
     ],
