@@ -46,8 +46,12 @@ function insertAtCursor(tag) {
   ui.text.setSelectionRange(start + spaced.length, start + spaced.length);
 }
 
+let voicesRequest = 0; // a key typed while the list loads starts a new load; only the last one counts
+
 async function loadVoices() {
+  const request = ++voicesRequest;
   const response = await fetch("v1/voices", { headers: authHeaders() });
+  if (request !== voicesRequest) return;
   if (response.status === 404) return; // a server without saved voices: only the built-in one
   if (!response.ok) return showError(`voices: ${await describeError(response)}`);
   const selected = ui.voice.value;

@@ -1,6 +1,6 @@
 """The playground page at `/`: what the server renders (fast suite), then the page itself in headless
 Chromium from Debian's packages (`-m browser`), playing audio synthesised by the session's
-deployment (tiny checkpoint), at the root and under a route prefix."""
+deployment (tiny checkpoint) at the root, and by an application under a route prefix with an API key."""
 
 import json
 import re
@@ -11,6 +11,7 @@ import httpx
 import pytest
 from ray import serve
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -19,12 +20,14 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from chatterbox.constants import PARALINGUISTIC_TAGS, S3GEN_SR
 from serve_app.app import build_app
+from serve_app.config import AuthConfig, VoicesConfig
 from tests.serve.conftest import REPO_ROOT, voice_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-PREFIXED_APP = "tts-prefixed"
+KEYED_APP = "tts-keyed"
 PREFIX = "/speech-lab"
+API_KEY = "playground-test-key-0123456789"
 SENTENCE = "The playground streams this sentence. [chuckle] And then a second one."
 SECONDS = re.compile(r"^\d+\.\d\d s$")
 
@@ -62,22 +65,29 @@ def test_a_missing_static_file_is_a_404_in_the_error_shape(serve_app):
 
 
 @pytest.fixture(scope="module")
-def prefixed_app(serve_app) -> Iterator[str]:
-    """A second application mounted under PREFIX; its URL."""
-    serve.run(build_app(serve_app.args), name=PREFIXED_APP, route_prefix=PREFIX)
+def keyed_app(serve_app, tmp_path_factory) -> Iterator[str]:
+    """A second application, mounted under PREFIX, with an API key and its own voice store; its URL."""
+    args = serve_app.args.model_copy(
+        update={
+            "auth": AuthConfig(api_keys=(API_KEY,)),
+            "voices": VoicesConfig(store_dir=str(tmp_path_factory.mktemp("playground-voices"))),
+        }
+    )
+    serve.run(build_app(args), name=KEYED_APP, route_prefix=PREFIX)
     try:
         yield f"{serve_app.url}{PREFIX}"
     finally:
-        serve.delete(PREFIXED_APP)
+        serve.delete(KEYED_APP)
 
 
 @pytest.mark.parametrize("slash", ["", "/"])
-def test_page_under_a_route_prefix_points_at_it(prefixed_app, slash):
-    response = httpx.get(f"{prefixed_app}{slash}", timeout=10, follow_redirects=True)
+def test_page_under_a_route_prefix_points_at_it_and_needs_no_key(keyed_app, slash):
+    response = httpx.get(f"{keyed_app}{slash}", timeout=10, follow_redirects=True)
     assert response.status_code == 200
     assert response.url.path == f"{PREFIX}/"  # FastAPI redirects the bare prefix to it
     assert f'<base href="{PREFIX}/">' in response.text
-    assert httpx.get(f"{prefixed_app}/static/app.js", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed_app}/static/app.js", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed_app}/v1/voices", timeout=10).status_code == 401  # the API is locked
 
 
 # --- the page in a real browser -----------------------------------------------------------------
@@ -202,16 +212,69 @@ def test_an_uploaded_clip_is_the_voice(serve_app, browser, tmp_path):
     assert decoded_player_audio(browser)["duration"] > 0.5
 
 
+def wait_for_text(driver, element_id: str, predicate, timeout_s: float = 30.0) -> str:
+    """The element's text once `predicate` holds for it."""
+    try:
+        WebDriverWait(driver, timeout_s).until(lambda d: predicate(d.find_element(By.ID, element_id).text))
+    except TimeoutException:
+        pytest.fail(f"#{element_id} still reads {driver.find_element(By.ID, element_id).text!r}")
+    return driver.find_element(By.ID, element_id).text
+
+
+def enter_api_key(driver, key: str) -> None:
+    key_box = driver.find_element(By.ID, "api-key")
+    key_box.clear()
+    key_box.send_keys(key, Keys.TAB)  # leaving the field stores the key and reloads the voices
+
+
 @pytest.mark.browser
-def test_the_page_works_under_a_route_prefix(prefixed_app, browser):
-    browser.get(prefixed_app)  # no trailing slash: relative URLs resolve against the base href
+def test_with_keys_on_the_page_asks_for_one_and_works_with_it(keyed_app, browser):
+    browser.get(keyed_app)  # no trailing slash: relative URLs resolve against the base href
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    error = wait_for_text(browser, "error", bool)
+    assert error.startswith("voices: 401 missing_api_key: ")
+    assert error.endswith("(enter an API key above)")
+
+    enter_api_key(browser, "w" * len(API_KEY))
+    wait_for_text(browser, "error", lambda text: "401 invalid_api_key" in text)
+    synthesise(browser, SENTENCE, "wav")
+    assert browser.find_element(By.ID, "error").text.startswith("401 invalid_api_key: ")
+    assert browser.find_element(By.ID, "player").get_dom_attribute("src") is None
+
+    enter_api_key(browser, API_KEY)
+    wait_for_text(browser, "error", lambda text: text == "")
     synthesise(browser, SENTENCE, "wav")
     assert browser.find_element(By.ID, "error").text == ""
     assert decoded_player_audio(browser)["duration"] > 0.5
-    # The same app is also at the root: only the URLs show that the page used the prefixed one.
+    # The same page is also served at the root: only the URLs show that it used the prefixed app.
     fetched = browser.execute_script(
         "return performance.getEntriesByType('resource').map((entry) => entry.name)"
     )
-    assert f"{prefixed_app}/v1/audio/speech" in fetched
-    assert f"{prefixed_app}/static/app.js" in fetched
-    assert all(url.startswith(f"{prefixed_app}/") for url in fetched), fetched
+    assert f"{keyed_app}/v1/audio/speech" in fetched
+    assert f"{keyed_app}/static/app.js" in fetched
+    assert all(url.startswith(f"{keyed_app}/") for url in fetched), fetched
+
+    browser.refresh()  # the key is remembered
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == API_KEY
+
+
+@pytest.mark.browser
+def test_a_clip_saved_as_a_voice_is_listed_and_speaks(keyed_app, browser, tmp_path):
+    clip = tmp_path / "voice.wav"
+    clip.write_bytes(voice_wav(6.0))
+    browser.get(f"{keyed_app}/")
+    enter_api_key(browser, API_KEY)
+    browser.find_element(By.ID, "clip").send_keys(str(clip))
+    browser.find_element(By.ID, "voice-name").send_keys("Narrator")
+    browser.find_element(By.ID, "save-voice").click()
+    voice = Select(browser.find_element(By.ID, "voice"))
+    WebDriverWait(browser, 60).until(lambda _: voice.first_selected_option.text == "Narrator")
+    saved = httpx.get(f"{keyed_app}/v1/voices", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert [(v["id"], v["name"]) for v in saved.json()["data"]] == [
+        (voice.first_selected_option.get_attribute("value"), "Narrator")
+    ]
+    assert browser.find_element(By.ID, "voice").is_enabled()  # the clip is saved: the list decides
+    synthesise(browser, SENTENCE, "wav")
+    assert browser.find_element(By.ID, "error").text == ""
+    assert decoded_player_audio(browser)["duration"] > 0.5
