@@ -21,6 +21,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 from chatterbox.constants import PARALINGUISTIC_TAGS, S3GEN_SR
 from serve_app.app import build_app
 from serve_app.config import AuthConfig, VoicesConfig
+from serve_app.playground import render_page
 from tests.serve.conftest import REPO_ROOT, voice_wav
 from tests.serve.test_serve_app import paragraph
 
@@ -39,6 +40,13 @@ def page_settings(html: str) -> dict:
 
 
 # --- what the server renders --------------------------------------------------------------------
+
+
+def test_render_page_escapes_the_root_path():
+    html = render_page('/a"b<c/')
+    assert '<base href="/a&quot;b&lt;c/">' in html
+    assert "{{" not in html
+    assert page_settings(html)["tags"] == list(PARALINGUISTIC_TAGS)
 
 
 def test_page_embeds_the_tags_and_the_app_base(serve_app):
@@ -162,7 +170,7 @@ def decoded_player_audio(driver) -> dict:
 
 @pytest.mark.browser
 @pytest.mark.parametrize("audio_format", ["wav", "pcm", "mp3"])
-def test_play_gives_playable_audio_and_timings(serve_app, browser, audio_format):
+def test_play_gives_playable_audio_and_timings(browser, serve_app, audio_format):
     browser.get(f"{serve_app.url}/")
     synthesise(browser, SENTENCE, audio_format)
     assert browser.find_element(By.ID, "error").text == ""
@@ -188,7 +196,7 @@ def shown_timings(driver) -> dict[str, float]:
 
 
 @pytest.mark.browser
-def test_a_long_text_starts_playing_before_it_is_all_made(serve_app, browser):
+def test_a_long_text_starts_playing_before_it_is_all_made(browser, serve_app):
     browser.get(f"{serve_app.url}/")
     synthesise(browser, paragraph(1200, offset=0), "pcm")  # 4 or 5 chunks of about 300 characters
     assert browser.find_element(By.ID, "error").text == ""
@@ -200,7 +208,7 @@ def test_a_long_text_starts_playing_before_it_is_all_made(serve_app, browser):
 
 
 @pytest.mark.browser
-def test_tags_insert_at_the_cursor(serve_app, browser):
+def test_tags_insert_at_the_cursor(browser, serve_app):
     browser.get(f"{serve_app.url}/")
     buttons = browser.find_elements(By.CSS_SELECTOR, "#tags button")
     assert [button.text for button in buttons] == list(PARALINGUISTIC_TAGS)
@@ -212,7 +220,7 @@ def test_tags_insert_at_the_cursor(serve_app, browser):
 
 
 @pytest.mark.browser
-def test_an_api_error_is_shown_as_text(serve_app, browser):
+def test_an_api_error_is_shown_as_text(browser, serve_app):
     browser.get(f"{serve_app.url}/")
     synthesise(browser, "   ", "wav")
     assert browser.find_element(By.ID, "error").text.startswith("400 empty_text: ")
@@ -220,7 +228,7 @@ def test_an_api_error_is_shown_as_text(serve_app, browser):
 
 
 @pytest.mark.browser
-def test_an_uploaded_clip_is_the_voice(serve_app, browser, tmp_path):
+def test_an_uploaded_clip_is_the_voice(browser, serve_app, tmp_path):
     clip = tmp_path / "voice.wav"
     clip.write_bytes(voice_wav(6.0))
     browser.get(f"{serve_app.url}/")
@@ -247,7 +255,7 @@ def enter_api_key(driver, key: str) -> None:
 
 
 @pytest.mark.browser
-def test_with_keys_on_the_page_asks_for_one_and_works_with_it(keyed_app, browser):
+def test_with_keys_on_the_page_asks_for_one_and_works_with_it(browser, keyed_app):
     browser.get(keyed_app)  # no trailing slash: relative URLs resolve against the base href
     browser.execute_script("localStorage.clear()")
     browser.refresh()
@@ -279,7 +287,7 @@ def test_with_keys_on_the_page_asks_for_one_and_works_with_it(keyed_app, browser
 
 
 @pytest.mark.browser
-def test_a_clip_saved_as_a_voice_is_listed_and_speaks(keyed_app, browser, tmp_path):
+def test_a_clip_saved_as_a_voice_is_listed_and_speaks(browser, keyed_app, tmp_path):
     clip = tmp_path / "voice.wav"
     clip.write_bytes(voice_wav(6.0))
     browser.get(f"{keyed_app}/")
