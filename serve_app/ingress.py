@@ -235,7 +235,8 @@ class Ingress(VoicesRoutes):
         self._model_info: ModelInfo | None = None
         self._active_requests = 0
         self._app_name = serve.get_replica_context().app_name
-        self._voice_store = VoiceStore(voices.store_dir, voices.max_voices)
+        self._voice_store = VoiceStore(voices.store_dir)
+        self._max_voices = voices.max_voices
         self._voice_store.sweep()
         self.api_keys: ApiKeys = load_api_keys(auth)
 

@@ -100,7 +100,7 @@ class SpeechRequest(BaseModel):
         params = self.model_dump(include={"seed", "temperature", "top_p", "top_k", "repetition_penalty"})
         return SynthesisRequest(
             text=self.input,
-            voice=None if self.voice == BUILT_IN_VOICE else self.voice,
+            voice=self.voice,
             format=self.response_format,
             reference_audio=decode_reference(self.reference_audio),
             **params,

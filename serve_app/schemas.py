@@ -6,10 +6,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
 from serve_app.audio import AudioFormat
+from serve_app.voice_store import BUILT_IN_VOICE
 
 
 def _sampling_field(name: str, bounds: Bounds | None = None) -> Any:
@@ -30,7 +31,8 @@ class SynthesisParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str
-    # A saved voice (serve_app.voice_store), by id or name; None: the built-in voice, or the reference.
+    # A saved voice (serve_app.voice_store), by id or name; None or "default": the built-in voice (or
+    # the reference clip, if one is sent).
     voice: str | None = None
     format: AudioFormat = "wav"
     seed: int | None = _sampling_field("seed", replace(SAMPLING_BOUNDS["seed"], lt=MAX_REQUEST_SEED))
@@ -38,6 +40,11 @@ class SynthesisParams(BaseModel):
     top_p: float = _sampling_field("top_p")
     top_k: int = _sampling_field("top_k")
     repetition_penalty: float = _sampling_field("repetition_penalty")
+
+    @field_validator("voice")
+    @classmethod
+    def _built_in_voice_is_none(cls, voice: str | None) -> str | None:
+        return None if voice == BUILT_IN_VOICE else voice
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         """The request's sampling settings (the seed is its first chunk's); raises TTSInputError

@@ -43,7 +43,6 @@ from chatterbox.voice import ReferenceAudio, Voice
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_VOICES = 1000
 MAX_NAME_CHARS = 64
 MAX_DESCRIPTION_CHARS = 500
 BUILT_IN_VOICE = "default"  # the checkpoint's own voice: no saved voice may take its name
@@ -140,9 +139,8 @@ class VoiceStore:
     Creating the object does no I/O (a model replica makes one per saved voice it loads).
     """
 
-    def __init__(self, root: str | Path, max_voices: int = DEFAULT_MAX_VOICES) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
-        self.max_voices = max_voices
 
     # ----------------------------------------------------------------------------------- reading
 
@@ -185,9 +183,9 @@ class VoiceStore:
 
     # ----------------------------------------------------------------------------------- writing
 
-    def create(self, name: str, description: str, reference: ReferenceAudio) -> SavedVoice:
+    def create(self, name: str, description: str, reference: ReferenceAudio, max_voices: int) -> SavedVoice:
         """Saves a voice under a new id; VoiceExistsError for a name taken, VoiceLimitError when the
-        store is full. All or nothing: on any failure nothing of it remains."""
+        store holds `max_voices`. All or nothing: on any failure nothing of it remains."""
         check_name(name)
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise TTSInputError(f"description: at most {MAX_DESCRIPTION_CHARS} characters", "description")
@@ -210,7 +208,7 @@ class VoiceStore:
             _fsync_dir(staging)
             with self._locked():
                 index = self._read_index()
-                self._check_room(index, name)
+                self._check_room(index, name, max_voices)
                 os.replace(staging, self._voice_dir(voice.id))
                 try:
                     self._write_index({**index, voice.id: name})
@@ -287,10 +285,10 @@ class VoiceStore:
                 return voice_id
         raise self._not_found(id_or_name, field)
 
-    def _check_room(self, index: dict[str, str], name: str) -> None:
+    def _check_room(self, index: dict[str, str], name: str, max_voices: int) -> None:
         if any(other.casefold() == name.casefold() for other in index.values()):
             raise VoiceExistsError(f"name: a voice named {name!r} exists (names ignore case)", "name")
-        if len(index) >= self.max_voices:
+        if len(index) >= max_voices:
             raise VoiceLimitError(
                 f"the store holds {len(index)} voices, its limit (voices.max_voices); delete one first"
             )

@@ -120,9 +120,10 @@ async def _answer(work: Awaitable[BaseModel], status: int = 200) -> JSONResponse
 
 
 class VoicesRoutes:
-    """The saved-voice routes; the class that inherits them sets `_voice_store` and `_limits`."""
+    """The saved-voice routes; the class that inherits them sets these attributes."""
 
     _voice_store: VoiceStore
+    _max_voices: int
     _limits: LimitsConfig
 
     @router.post(
@@ -158,7 +159,9 @@ class VoicesRoutes:
         reference: ReferenceAudio = await asyncio.to_thread(
             decode_reference_audio, clip, self._limits.max_reference_seconds, clip_field
         )
-        voice = await asyncio.to_thread(self._voice_store.create, upload.name, upload.description, reference)
+        voice = await asyncio.to_thread(
+            self._voice_store.create, upload.name, upload.description, reference, self._max_voices
+        )
         logger.info("saved voice %s (%s, %.1f s)", voice.id, voice.name, voice.duration_s)
         return VoiceObject.of(voice)
 

@@ -25,6 +25,8 @@ from serve_app.voice_store import (
 )
 from tests.serve.conftest import voice_wav
 
+MAX_VOICES = 10
+
 
 @pytest.fixture(scope="module")
 def clip() -> ReferenceAudio:
@@ -42,7 +44,7 @@ def entries(root: Path) -> set[str]:
 
 def test_a_saved_voice_is_seen_by_every_store_on_the_directory(root, clip):
     writer, reader = VoiceStore(root), VoiceStore(root)  # as two replicas' stores
-    saved = writer.create("alice", "calm, low", clip)
+    saved = writer.create("alice", "calm, low", clip, MAX_VOICES)
     assert reader.get(saved.id) == reader.get("alice") == saved
     assert (saved.name, saved.description, saved.duration_s) == ("alice", "calm, low", 6.0)
     assert saved.reference_id == clip.id
@@ -55,7 +57,7 @@ def test_a_saved_voice_is_seen_by_every_store_on_the_directory(root, clip):
 
 def test_a_voice_deleted_through_one_store_is_gone_for_all(root, clip):
     one, other = VoiceStore(root), VoiceStore(root)
-    saved = one.create("bob", "", clip)
+    saved = one.create("bob", "", clip, MAX_VOICES)
     other.get("bob")
     assert one.delete("bob") == saved
     for lookup in (saved.id, "bob"):
@@ -66,19 +68,19 @@ def test_a_voice_deleted_through_one_store_is_gone_for_all(root, clip):
         other.reference(saved.id)
     assert other.voices() == []
     assert entries(root) == {".lock", "index.json"}  # its directory is removed too
-    assert one.create("bob", "", clip).name == "bob"  # the name is free again
+    assert one.create("bob", "", clip, MAX_VOICES).name == "bob"  # the name is free again
 
 
 def test_names_are_unique_ignoring_case_and_the_count_is_bounded(root, clip):
-    store = VoiceStore(root, max_voices=2)
-    store.create("Alice", "", clip)
+    store = VoiceStore(root)
+    store.create("Alice", "", clip, max_voices=2)
     with pytest.raises(VoiceExistsError) as raised:
-        store.create("alice", "", clip)
+        store.create("alice", "", clip, max_voices=2)
     assert (raised.value.code, raised.value.field) == ("voice_exists", "name")
-    store.create("carol", "", clip)
+    store.create("carol", "", clip, max_voices=2)
     before = entries(root)
     with pytest.raises(VoiceLimitError, match="holds 2 voices") as raised:
-        store.create("dave", "", clip)
+        store.create("dave", "", clip, max_voices=2)
     assert raised.value.code == "voice_limit_reached"
     assert entries(root) == before  # nothing of the refused voice remains
     assert [voice.name for voice in store.voices()] == ["Alice", "carol"]
@@ -89,7 +91,7 @@ def test_names_are_unique_ignoring_case_and_the_count_is_bounded(root, clip):
 )
 def test_bad_names_are_refused(root, clip, name):
     with pytest.raises(TTSInputError) as raised:
-        VoiceStore(root).create(name, "", clip)
+        VoiceStore(root).create(name, "", clip, MAX_VOICES)
     assert raised.value.field == "name"
     assert not root.exists() or entries(root) <= {".lock"}
 
@@ -97,7 +99,7 @@ def test_bad_names_are_refused(root, clip, name):
 @pytest.mark.parametrize("lookup", ["../x", "../../etc/passwd", "..%2F..", "/tmp", "x" * 300, ""])
 def test_lookups_that_are_neither_an_id_nor_a_name_are_refused(root, clip, lookup):
     store = VoiceStore(root)
-    store.create("alice", "", clip)
+    store.create("alice", "", clip, MAX_VOICES)
     with pytest.raises(TTSInputError) as raised:
         store.get(lookup, "voice_id")
     assert raised.value.field == "voice_id"
@@ -109,14 +111,14 @@ def test_lookups_that_are_neither_an_id_nor_a_name_are_refused(root, clip, looku
 
 def test_a_long_description_is_refused(root, clip):
     with pytest.raises(TTSInputError) as raised:
-        VoiceStore(root).create("alice", "x" * 501, clip)
+        VoiceStore(root).create("alice", "x" * 501, clip, MAX_VOICES)
     assert raised.value.field == "description"
 
 
 @pytest.mark.parametrize("failing_call", [1, 2], ids=["publishing the directory", "replacing the index"])
 def test_an_upload_that_fails_between_write_and_rename_leaves_nothing(root, clip, monkeypatch, failing_call):
     store = VoiceStore(root)
-    kept = store.create("kept", "", clip)
+    kept = store.create("kept", "", clip, MAX_VOICES)
     before = entries(root)
     real_replace, calls = os.replace, []
 
@@ -128,7 +130,7 @@ def test_an_upload_that_fails_between_write_and_rename_leaves_nothing(root, clip
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="injected"):
-        store.create("lost", "", clip)
+        store.create("lost", "", clip, MAX_VOICES)
     monkeypatch.undo()
     assert [voice.id for voice in VoiceStore(root).voices()] == [kept.id]
     assert entries(root) == before  # no voice directory, no temporary file
@@ -137,7 +139,7 @@ def test_an_upload_that_fails_between_write_and_rename_leaves_nothing(root, clip
 
 def test_sweep_removes_what_a_killed_writer_left(root, clip):
     store = VoiceStore(root)
-    kept = store.create("kept", "", clip)
+    kept = store.create("kept", "", clip, MAX_VOICES)
     old = time.time() - STALE_AFTER_S - 60
     debris = [
         root / ".tmp-0123",  # an upload killed before it was renamed into place
@@ -185,7 +187,7 @@ def conditionals_files(root: Path, voice_id: str) -> set[str]:
 
 
 def test_conditionals_are_stored_per_model_and_recomputed_for_other_weights(root, clip, tts):
-    saved = VoiceStore(root).create("alice", "", clip)
+    saved = VoiceStore(root).create("alice", "", clip, MAX_VOICES)
     reference = StoredVoiceReference(reference_id=saved.reference_id, store_dir=str(root), voice_id=saved.id)
 
     first_replica = cache_of(tts)
@@ -216,7 +218,7 @@ def test_conditionals_are_stored_per_model_and_recomputed_for_other_weights(root
 
 def test_a_deleted_voice_fails_only_its_own_chunks(root, clip, tts):
     store = VoiceStore(root)
-    saved = store.create("alice", "", clip)
+    saved = store.create("alice", "", clip, MAX_VOICES)
     store.delete(saved.id)
     reference = StoredVoiceReference(reference_id=saved.reference_id, store_dir=str(root), voice_id=saved.id)
     outcome = resolve(cache_of(tts), reference)

@@ -17,7 +17,8 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs, VoicesConfig
 from serve_app.errors import SynthesisError
-from serve_app.schemas import SynthesisRequest
+from serve_app.openai_api import SERVED_MODEL_ID, SpeechRequest
+from serve_app.schemas import SynthesisRequest, TTSHttpRequest
 from tests.serve.conftest import voice_wav
 
 APP = "voices"
@@ -251,3 +252,12 @@ def test_duplicate_names_and_the_voice_limit_are_409(http):
         for name in names:
             http.delete(f"/v1/voices/{name}")
     assert http.get("/v1/voices").json()["data"] == []
+
+
+def test_default_is_the_built_in_voice_on_every_api():
+    assert SynthesisRequest(text=TEXT, voice="default").voice is None
+    assert TTSHttpRequest(text=TEXT, voice="default").voice is None
+    speech_request = SpeechRequest(model=SERVED_MODEL_ID, input=TEXT)
+    assert speech_request.synthesis_request().voice is None
+    by_name = SpeechRequest(model=SERVED_MODEL_ID, input=TEXT, voice="narrator")
+    assert by_name.synthesis_request().voice == "narrator"
