@@ -38,10 +38,10 @@ def build_app(args: AppArgs) -> Application:
         args.chunking,
         args.stitching,
         args.limits,
-        args.max_new_tokens,
-        args.chunks_in_flight(on_gpu=num_gpus > 0),
         args.voices,
         args.auth,
+        args.max_new_tokens,
+        args.chunks_in_flight(on_gpu=num_gpus > 0),
     )
 
 

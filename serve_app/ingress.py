@@ -220,10 +220,10 @@ class Ingress(VoicesRoutes):
         chunking: ChunkingConfig,
         stitching: StitchingConfig,
         limits: LimitsConfig,
-        max_new_tokens: int,
-        max_chunks_in_flight: int,
         voices: VoicesConfig,
         auth: AuthConfig,
+        max_new_tokens: int,
+        max_chunks_in_flight: int,
     ) -> None:
         self._model = model
         self._stitcher = stitcher

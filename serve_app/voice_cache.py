@@ -56,15 +56,17 @@ class VoiceCache:
                 *(self._fetch(voice_id, reference) for voice_id, reference in missing.items()),
                 return_exceptions=True,
             )
-            clips = [clip for clip in fetched if isinstance(clip, ReferenceAudio)]
+            # A loaded voice or a fetch error is that voice's outcome; anything else is prepared.
+            ready = (Voice, BaseException)
+            clips = [clip for clip in fetched if not isinstance(clip, ready)]
             prepared = iter(await self._prepare(clips) if clips else [])
             for (voice_id, reference), clip in zip(missing.items(), fetched, strict=True):
-                voice = next(prepared) if isinstance(clip, ReferenceAudio) else clip
+                voice = clip if isinstance(clip, ready) else next(prepared)
                 outcomes[voice_id] = voice
                 if not isinstance(voice, Voice):
                     continue
                 self._remember(voice)
-                if isinstance(clip, ReferenceAudio):
+                if voice is not clip:
                     self.prepared += 1
                     if isinstance(reference, StoredVoiceReference):
                         store = VoiceStore(reference.store_dir)
