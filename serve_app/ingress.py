@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -68,6 +69,7 @@ from serve_app.openai_api import (
     stream_content_type,
     streaming_wav_header,
 )
+from serve_app.playground import STATIC_DIR, render_page
 from serve_app.schemas import (
     AudioPiece,
     ChunkJob,
@@ -88,6 +90,7 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 api.include_router(voices_router)
+api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the playground's files
 # The keys are the replica's (loaded by Ingress.__init__, in the replica's process).
 api.add_middleware(ApiKeyMiddleware, keys=lambda: serve.get_replica_context().servable_object.api_keys)
 
@@ -236,6 +239,11 @@ class Ingress(VoicesRoutes):
         self._max_voices = voices.max_voices
         self._voice_store.sweep()
         self.api_keys: ApiKeys = load_api_keys(auth)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self, request: Request) -> HTMLResponse:
+        """The playground page (`serve_app.playground`), for the route prefix the app is mounted at."""
+        return HTMLResponse(render_page(request.scope.get("root_path", "")))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
