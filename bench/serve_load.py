@@ -248,7 +248,8 @@ def main() -> None:
         f"{len(TEXT)}-character text in {n_chunks} chunks ({direct_audio_s:.1f} s of audio)\n"
     )
     print(
-        "| concurrency | requests | throughput (audio s/s) | p50 latency (s) | p95 latency (s) | mean live batch |"
+        "| concurrency | requests | throughput (audio s/s) | p50 latency (s) | p95 latency (s) "
+        "| mean live batch |"
     )
     print("|---:|---:|---:|---:|---:|---:|")
     for level in levels:

@@ -1,6 +1,7 @@
 """The service's metrics, read from the Prometheus endpoint of the session's local Ray after real
 traffic: a cloned voice twice (a voice-cache and engine prefix-cache miss, then a hit of each), a
-refusal over HTTP and one over the handle API. Ray exports every few seconds, so the test polls (bounded) until the traffic shows.
+refusal over HTTP and one over the handle API. Ray exports every few seconds, so the test polls
+(bounded) until the traffic shows.
 
 Counters are cumulative over the session, so it compares with a scrape taken before the traffic,
 once whatever earlier tests recorded has been exported.

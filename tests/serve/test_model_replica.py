@@ -24,8 +24,8 @@ from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
-from serve_app.app import build_app
 from chatterbox.turbo_engine import EngineCapacityError
+from serve_app.app import build_app
 from serve_app.config import AppArgs, EngineSettings, ModelSource
 from serve_app.errors import ChunkOutOfMemoryError
 from serve_app.model import ReplicaStats, TurboModel, is_cuda_error, run_bisecting
