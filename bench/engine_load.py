@@ -125,7 +125,8 @@ async def run_static(tts: TurboTTS, arrivals: list[Arrival], max_batch_size: int
             tts.generate, [arrivals[i].request for i in batch], watermark=False, ignore_stop_token=True
         )
         finished = time.monotonic() - start
-        steps += max(arrivals[i].tokens for i in batch)  # finished rows leave the decode
+        # Decode steps after the prefill's draw; rows that reach their length leave the decode.
+        steps += max(arrivals[i].tokens for i in batch) - 1
         for i, wav in zip(batch, wavs, strict=True):
             served[i] = Served(arrivals[i].at_s, started, finished, audio_seconds(wav))
     await feeder
