@@ -153,6 +153,11 @@ async def run_engine(engine: TurboEngine, arrivals: list[Arrival], name: str) ->
     return Run(list(served), after.tokens_generated - before.tokens_generated, after.steps - before.steps)
 
 
+def progress(line: str) -> None:
+    """A line on stderr as the run goes (a long run prints its table only at the end)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def row(engine: str, load: float, rate: float, run: Run) -> str:
     latency = np.array([s.finished_s - s.arrived_s for s in run.served])
     wait = np.array([s.started_s - s.arrived_s for s in run.served])
@@ -217,6 +222,7 @@ def main() -> None:
             capacity = sum(s.audio_s for s in capacity_run.served) / max(
                 s.finished_s for s in capacity_run.served
             )
+            progress(f"static capacity {capacity:.2f} audio s/s")
             mean_audio_s = float(np.mean(lengths)) / TOKEN_HZ + 0.12  # + S3Gen's trailing silence
             for load in loads:
                 rate = load * capacity / mean_audio_s  # requests per second
@@ -224,9 +230,11 @@ def main() -> None:
                 lines.append(
                     row("static", load, rate, asyncio.run(run_static(tts, arrivals, args.max_batch_size)))
                 )
+                progress(lines[-1])
                 lines.append(
                     row("engine", load, rate, asyncio.run(run_engine(engine, arrivals, f"load-{load}")))
                 )
+                progress(lines[-1])
         finally:
             engine.close()
 
