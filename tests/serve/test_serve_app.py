@@ -247,7 +247,9 @@ def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
     assert reached(before) >= 1
     # Once its client went, only the chunks it had in flight (at most its cap of 40) reached it.
     assert reached(gone) <= cap
-    assert second.chunks_cancelled > before.chunks_cancelled  # the one in flight was cancelled
+    # The chunk in flight was cancelled, in the engine too (its slot freed at the next step).
+    assert second.chunks_cancelled > before.chunks_cancelled
+    assert second.engine.requests_cancelled > before.engine.requests_cancelled
 
 
 def chunk_job(text: str, voice: SharedReference | None, request_id: str | None = None) -> ChunkJob:
