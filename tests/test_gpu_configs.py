@@ -35,9 +35,17 @@ def kv_bytes_per_slot() -> int:
     return SlotCache.nbytes_for(config, 1, positions, torch.bfloat16)
 
 
+def prefix_bytes_per_voice() -> int:
+    """The K/V of one voice's prefix (speaker embedding + 375 prompt tokens) the engine keeps per cached voice."""
+    full = SIZES["full"]
+    config = GPT2Config(width=full.t3_width, layers=full.t3_layers, positions=full.t3_positions)
+    return SlotCache.nbytes_for(config, 1, 1 + T3_PROMPT_TOKENS, torch.bfloat16)
+
+
 def test_kv_cache_per_slot_is_what_the_configs_state():
     assert kv_bytes_per_slot() == 2402 * 96 * 1024
     assert round(kv_bytes_per_slot() / 1e9, 3) == 0.236
+    assert round(prefix_bytes_per_voice() / 1e6) == 37
 
 
 @pytest.mark.parametrize(("name", "gpu_bytes"), [("gpu-24gb.yaml", 24e9), ("gpu-80gb.yaml", 80e9)])
@@ -49,7 +57,7 @@ def test_slots_are_the_most_that_fit_the_replicas_share(name: str, gpu_bytes: fl
     budget = USABLE * args.num_gpus * gpu_bytes
 
     def needed(slots: int) -> float:
-        return FIXED_BYTES + slots * kv_bytes_per_slot()
+        return FIXED_BYTES + args.voice_cache_size * prefix_bytes_per_voice() + slots * kv_bytes_per_slot()
 
     slots = args.max_batch_size
     assert slots % SLOT_STEP == 0
