@@ -57,13 +57,22 @@ def derive_seed(seed: int, stream: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     """A request with its seed, voice and text tokens fixed."""
 
     request: TTSRequest
     seed: int
     voice: Voice
     text_tokens: torch.Tensor
+
+    def t3_request(self) -> T3Request:
+        """T3's part of the job: its text, its voice's T3 conditionals, and the derived "t3" seed."""
+        return T3Request(
+            text_tokens=self.text_tokens,
+            speaker_emb=self.voice.conditionals.speaker_emb,
+            prompt_speech_tokens=self.voice.conditionals.t3_prompt_tokens,
+            sampling=replace(self.request.sampling, seed=derive_seed(self.seed, "t3")),
+        )
 
 
 class TurboTTS:
@@ -191,13 +200,13 @@ class TurboTTS:
 
     # ------------------------------------------------------------------------------- synthesis
 
-    def _jobs(self, requests: Sequence[TTSRequest]) -> list[_Job]:
+    def _jobs(self, requests: Sequence[TTSRequest]) -> list[Job]:
         """Tokenise every request's text and fix its seed and voice before any model work."""
         jobs = []
         for request in requests:
             seed = request.sampling.seed
             jobs.append(
-                _Job(
+                Job(
                     request=request,
                     seed=seed if seed is not None else secrets.randbits(63),
                     voice=request.voice.to(self.device) if request.voice is not None else self.default_voice,
@@ -206,19 +215,10 @@ class TurboTTS:
             )
         return jobs
 
-    def _t3(self, jobs: Sequence[_Job], ignore_stop_token: bool) -> list[torch.Tensor]:
-        t3_requests = [
-            T3Request(
-                text_tokens=job.text_tokens,
-                speaker_emb=job.voice.conditionals.speaker_emb,
-                prompt_speech_tokens=job.voice.conditionals.t3_prompt_tokens,
-                sampling=replace(job.request.sampling, seed=derive_seed(job.seed, "t3")),
-            )
-            for job in jobs
-        ]
-        return self.t3.generate(t3_requests, ignore_stop_token=ignore_stop_token)
+    def _t3(self, jobs: Sequence[Job], ignore_stop_token: bool) -> list[torch.Tensor]:
+        return self.t3.generate([job.t3_request() for job in jobs], ignore_stop_token=ignore_stop_token)
 
-    def _s3gen(self, jobs: Sequence[_Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    def _s3gen(self, jobs: Sequence[Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
         # A row with no speech tokens (it drew nothing but stop tokens) is vocoded too, as upstream
         # vocodes its 3 appended silence tokens: 120 ms of the voice's silence.
         s3gen_requests = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +86,26 @@ class KVCache(nn.Module):
         self.batch = len(rows)
 
 
+class CacheContext(Protocol):
+    """Where one forward's new keys and values go and what its queries may attend to.
+
+    Built once per forward and shared by every layer (as gpt-fast passes ``input_pos`` and a mask).
+    ``AttentionContext`` serves one left-padded batch (``T3.generate``); ``SlotContext``
+    (``t3/slots.py``) serves the engine's slot cache, where each row writes at its own positions.
+    """
+
+    mask: torch.Tensor  # (B, 1, T, kv_len): bool (True = may attend) or additive float
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer ``layer``'s new k, v (B, H, T, D); return the keys and values to attend to
+        (B, H, kv_len, D)."""
+        ...
+
+
 @dataclass(frozen=True)
 class AttentionContext:
-    """Where one forward's T new positions go in the cache and what they may attend to.
+    """Where one forward's T new positions go in a ``KVCache`` and what they may attend to.
 
-    Built once per forward and shared by every layer (as gpt-fast passes ``input_pos`` and a mask):
     ``slots`` (T,) int64 are the cache slots the T positions are written to (shared by all rows);
     attention reads the first ``kv_len`` slots under ``mask`` (B, 1, T, kv_len) bool, True = may attend.
     """
@@ -114,6 +130,9 @@ class AttentionContext:
         mask = mask | (key_slots[None, :] == slots[:, None])
         return cls(cache, slots, kv_len, mask)
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(layer, self.slots, k, v, self.kv_len)
+
 
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
@@ -122,12 +141,12 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.width, 3 * config.width)
         self.c_proj = nn.Linear(config.width, config.width)
 
-    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: CacheContext, layer: int) -> torch.Tensor:
         """x (B, T, W) -> (B, T, W); writes this layer's keys and values into the context's cache."""
         B, T, W = x.shape
         q, k, v = self.c_attn(x).split(W, dim=2)
         q, k, v = (t.view(B, T, self.heads, HEAD_DIM).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        k, v = context.cache.update(layer, context.slots, k, v, context.kv_len)  # (B, H, kv_len, D)
+        k, v = context.update(layer, k, v)  # (B, H, kv_len, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask)  # scale 1/sqrt(64)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, W))
 
@@ -150,7 +169,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.width, eps=config.eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: CacheContext, layer: int) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), context, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -165,9 +184,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(config.width, eps=config.eps)
 
-    def forward(
-        self, embeds: torch.Tensor, positions: torch.Tensor, context: AttentionContext
-    ) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, context: CacheContext) -> torch.Tensor:
         """Run T new positions per row, reading and extending the context's cache.
 
         embeds (B, T, W); positions (B, T) int64 per-row position ids. Returns the final-LayerNorm

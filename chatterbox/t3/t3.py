@@ -26,7 +26,7 @@ from chatterbox.constants import (
     T3_SPEECH_VOCAB_SIZE,
 )
 from chatterbox.sampling import SamplingParams
-from chatterbox.t3.gpt2 import GPT2, AttentionContext, GPT2Config, KVCache, linear_layout
+from chatterbox.t3.gpt2 import GPT2, AttentionContext, CacheContext, GPT2Config, KVCache, linear_layout
 from chatterbox.t3.sampler import process_logits, sample, seed_keys
 from chatterbox.weights import CheckpointError, load_strict, read_safetensors, require_keys, subdict
 
@@ -176,7 +176,7 @@ class T3(nn.Module):
             prompt.dtype.is_floating_point or prompt.min() < 0 or prompt.max() >= SPEECH_VOCAB_SIZE
         ):
             raise ValueError(f"{where}: prompt speech token ids must be integers in [0, {SPEECH_VOCAB_SIZE})")
-        needed = self._prefill_len(request) + steps
+        needed = self.prefill_len(request) + steps
         if needed > cfg.gpt2.positions:
             raise ValueError(
                 f"{where}: text too long for the position table: 1 speaker + {prompt.numel()} prompt"
@@ -185,7 +185,7 @@ class T3(nn.Module):
             )
 
     @staticmethod
-    def _prefill_len(request: T3Request) -> int:
+    def prefill_len(request: T3Request) -> int:
         return 1 + request.prompt_speech_tokens.numel() + request.text_tokens.numel() + 1
 
     def _prefill(
@@ -198,20 +198,7 @@ class T3(nn.Module):
         prefill length (the first free cache slot). The cache holds ``steps`` more slots.
         """
         device, dtype = self.device, self.speech_emb.weight.dtype
-        start = torch.tensor([START_SPEECH_TOKEN], device=device)
-        rows = []
-        for r in requests:
-            speaker = self.cond_enc.spkr_enc(r.speaker_emb.to(device, dtype)[None])  # (1, W)
-            rows.append(
-                torch.cat(
-                    (
-                        speaker,
-                        self.speech_emb(r.prompt_speech_tokens.to(device)),  # (P, W)
-                        self.text_emb(r.text_tokens.to(device)),  # (Lt, W)
-                        self.speech_emb(start),  # (1, W)
-                    )
-                )
-            )
+        rows = [torch.cat((self.prefix_embeds(r), self.text_embeds(r))) for r in requests]
         lengths = torch.tensor([len(row) for row in rows], device=device)
         prefill_len = int(lengths.max())
         embeds = torch.stack([F.pad(row, (0, 0, prefill_len - len(row), 0)) for row in rows])  # (B, L, W)
@@ -221,19 +208,33 @@ class T3(nn.Module):
         slots = torch.arange(prefill_len, device=device)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
         cache = KVCache(self.config.gpt2, len(requests), max_len, dtype, device)
-        hidden = self.tfmr(embeds, positions, AttentionContext.causal(cache, slots, key_valid, prefill_len))
-        logits = self.speech_head(hidden[:, -1].float())
-        return logits, lengths, key_valid, cache, prefill_len
+        context = AttentionContext.causal(cache, slots, key_valid, prefill_len)
+        return self.last_logits(embeds, positions, context), lengths, key_valid, cache, prefill_len
+
+    def prefix_embeds(self, request: T3Request) -> torch.Tensor:
+        """The voice part of a prefill row, ``[spkr_enc(speaker_emb) | speech_emb(prompt)]`` (1 + P, W)."""
+        device, dtype = self.device, self.speech_emb.weight.dtype
+        speaker = self.cond_enc.spkr_enc(request.speaker_emb.to(device, dtype)[None])  # (1, W)
+        return torch.cat((speaker, self.speech_emb(request.prompt_speech_tokens.to(device))))
+
+    def text_embeds(self, request: T3Request) -> torch.Tensor:
+        """The rest of a prefill row, ``[text_emb(text) | speech_emb(START)]`` (Lt + 1, W)."""
+        start = torch.tensor([START_SPEECH_TOKEN], device=self.device)
+        return torch.cat((self.text_emb(request.text_tokens.to(self.device)), self.speech_emb(start)))
+
+    def last_logits(
+        self, embeds: torch.Tensor, positions: torch.Tensor, context: CacheContext
+    ) -> torch.Tensor:
+        """Run embeds (B, T, W) at positions (B, T) through the backbone, extending the context's
+        cache; returns the logits after each row's last position (B, V) float32."""
+        hidden = self.tfmr(embeds, positions, context)
+        return self.speech_head(hidden[:, -1].float())
 
     def decode_step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, context: AttentionContext
+        self, tokens: torch.Tensor, positions: torch.Tensor, context: CacheContext
     ) -> torch.Tensor:
-        """Feed one token per row: tokens, positions (B,) int64 at the context's one cache slot.
-
-        Returns logits (B, V) float32.
-        """
-        hidden = self.tfmr(self.speech_emb(tokens)[:, None], positions[:, None], context)
-        return self.speech_head(hidden[:, 0].float())
+        """Feed one token per row: tokens, positions (B,) int64. Returns logits (B, V) float32."""
+        return self.last_logits(self.speech_emb(tokens)[:, None], positions[:, None], context)
 
     # ----------------------------------------------------------------------------------------
     # Public inference
