@@ -216,6 +216,15 @@ class S3GenStream:
         context = max(0, self.played - self.schedule.left_context)
         return Hop(context, self.played, stop, row_stop, final=stop == len(self.tokens) and self.finished)
 
+    def _advance(self, hop: Hop, seam: _Seam | None) -> None:
+        """``hop`` was played and left ``seam`` (None: it was the final hop)."""
+        self.played = hop.stop
+        self._seam = seam
+        if hop.final:
+            self.done = True
+        else:
+            self._last_hop = hop.stop - hop.start
+
     def _speech_frame(self, token: int) -> int:
         """Index of token ``token``'s first mel frame among the speech frames the full path returns
         (they start after the prompt mel, one frame into the first token after an odd prompt)."""
@@ -256,8 +265,12 @@ class StreamingS3Gen:
             if hop is None:
                 raise ValueError(f"stream {i} has no hop ready")
             hops.append(hop)
-        mels = self._flow(streams, hops)
-        return self._vocode(streams, hops, mels)
+        played = self._vocode(streams, hops, self._flow(streams, hops))
+        # Streams advance only once every hop of the step is decoded, so a step that raises leaves
+        # them as they were (a caller may retry each stream alone).
+        for stream, hop, (_, seam) in zip(streams, hops, played, strict=True):
+            stream._advance(hop, seam)
+        return [piece for piece, _ in played]
 
     def _flow(self, streams: Sequence[S3GenStream], hops: Sequence[Hop]) -> list[torch.Tensor]:
         """Each hop's mel from its first played frame to the end of its row (lookahead included)."""
@@ -293,8 +306,9 @@ class StreamingS3Gen:
 
     def _vocode(
         self, streams: Sequence[S3GenStream], hops: Sequence[Hop], mels: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Vocode [held-back frames | new frames | lookahead frames] per stream and join the seams."""
+    ) -> list[tuple[torch.Tensor, _Seam | None]]:
+        """Vocode [held-back frames | new frames | lookahead frames] per stream and join the seams:
+        each stream's new audio (CPU) and the seam it leaves (None after its final hop)."""
         segments = [
             torch.cat([s._seam.mel, mel], dim=1) if s._seam is not None else mel
             for s, mel in zip(streams, mels, strict=True)
@@ -302,21 +316,21 @@ class StreamingS3Gen:
         groups: dict[int, list[int]] = {}
         for i, segment in enumerate(segments):
             groups.setdefault(segment.shape[1] if self.s3gen.batch_vocoder else i, []).append(i)
-        pieces: list[torch.Tensor] = [torch.empty(0)] * len(streams)
+        played: list[tuple[torch.Tensor, _Seam | None]] = [(torch.empty(0), None)] * len(streams)
         for members in groups.values():
-            for i, piece in zip(
+            for i, outcome in zip(
                 members,
                 self._vocode_group(
                     [streams[i] for i in members], [hops[i] for i in members], [segments[i] for i in members]
                 ),
                 strict=True,
             ):
-                pieces[i] = piece
-        return pieces
+                played[i] = outcome
+        return played
 
     def _vocode_group(
         self, streams: Sequence[S3GenStream], hops: Sequence[Hop], segments: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    ) -> list[tuple[torch.Tensor, _Seam | None]]:
         """Segments of equal length through HiFT in one batch, each continuing its stream's sines."""
         hift, device = self.s3gen.mel2wav, self.s3gen.device
         held = [s._seam.mel.shape[1] if s._seam is not None else 0 for s in streams]
@@ -346,7 +360,7 @@ class StreamingS3Gen:
             if k:
                 excitation[g, 0, : k * SAMPLES_PER_FRAME] = stream._seam.excitation  # the source cache
         wavs = hift.decode(mel, excitation)
-        pieces = []
+        played = []
         for g, (stream, hop, k) in enumerate(zip(streams, hops, held, strict=True)):
             played_end = k + stream._speech_frame(hop.stop) - stream._speech_frame(hop.start)
             if hop.final:
@@ -359,21 +373,18 @@ class StreamingS3Gen:
                 fade = _fade_in(overlap, device)
                 wav[:overlap] = stream._seam.audio * (1 - fade) + wav[:overlap] * fade
             if hop.final:
-                stream._seam, stream.done = None, True
-                pieces.append(wav.cpu())
-            else:
-                keep = min(stream.schedule.overlap_frames, played_end - k)
-                cut = (played_end - keep) * SAMPLES_PER_FRAME
-                stream._seam = _Seam(
-                    mel=mel[g, :, played_end - keep : played_end],
-                    audio=wav[cut:].clone(),
-                    excitation=excitation[g, 0, cut : played_end * SAMPLES_PER_FRAME].clone(),
-                    cycles=(start_cycles[g] + frame_cycles[g, :, :played_end].sum(-1)) % 1,
-                )
-                stream._last_hop = hop.stop - hop.start
-                pieces.append(wav[:cut].cpu())
-            stream.played = hop.stop
-        return pieces
+                played.append((wav.cpu(), None))
+                continue
+            keep = min(stream.schedule.overlap_frames, played_end - k)
+            cut = (played_end - keep) * SAMPLES_PER_FRAME
+            seam = _Seam(
+                mel=mel[g, :, played_end - keep : played_end],
+                audio=wav[cut:].clone(),
+                excitation=excitation[g, 0, cut : played_end * SAMPLES_PER_FRAME].clone(),
+                cycles=(start_cycles[g] + frame_cycles[g, :, :played_end].sum(-1)) % 1,
+            )
+            played.append((wav[:cut].cpu(), seam))
+        return played
 
     def stream_tokens(
         self, requests: Sequence[S3GenRequest], tokens_per_push: int = 1
