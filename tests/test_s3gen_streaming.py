@@ -163,10 +163,12 @@ def test_misuse_is_refused(streaming):
     stream = streaming.open(make_request(20, 4))
     with pytest.raises(ValueError, match="stream 0 has no hop ready"):
         streaming.step([stream])
-    with pytest.raises(ValueError, match=r"speech_tokens must be in \[0, 6561\)"):
-        stream.push(torch.tensor([6561]))
-    with pytest.raises(ValueError, match="speech_tokens must hold integer ids"):
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, 6561\), got values in \[3, 6561\]"):
+        stream.push(torch.tensor([3, 6561]))
+    with pytest.raises(ValueError, match="tokens must be a 1-D tensor of integer ids"):
         stream.push(torch.ones(2))
+    with pytest.raises(ValueError, match="tokens must be a 1-D tensor of integer ids"):
+        stream.push(torch.ones(1, 2, dtype=torch.long))
     stream.finish()
     with pytest.raises(ValueError, match="the stream is finished"):
         stream.push(torch.tensor([1]))

@@ -48,6 +48,7 @@ from chatterbox.constants import (
     S3GEN_SILENCE_TOKEN,
     S3GEN_SILENCE_TOKENS_APPENDED,
     S3GEN_SR,
+    SPEECH_VOCAB_SIZE,
 )
 from chatterbox.s3gen.encoder import PRE_LOOKAHEAD_TOKENS
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, draw_source_noise
@@ -186,8 +187,19 @@ class S3GenStream:
         """Append speech tokens, a 1-D integer tensor of ids < 6561."""
         if self.finished:
             raise ValueError("the stream is finished: no more tokens")
-        dataclasses.replace(self.request, speech_tokens=tokens).validate(0)
-        self.tokens.extend(tokens.tolist())
+        integer = not (
+            tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool
+        )
+        if tokens.ndim != 1 or not integer:
+            raise ValueError(
+                f"tokens must be a 1-D tensor of integer ids, got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        ids = tokens.tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < SPEECH_VOCAB_SIZE:
+            raise ValueError(
+                f"tokens must be in [0, {SPEECH_VOCAB_SIZE}), got values in [{min(ids)}, {max(ids)}]"
+            )
+        self.tokens.extend(ids)
 
     def finish(self) -> None:
         """No more tokens: the final hop plays the rest and the 3 silence tokens of the full path."""
