@@ -207,10 +207,6 @@ class S3GenStream:
             self.tokens.extend([S3GEN_SILENCE_TOKEN] * S3GEN_SILENCE_TOKENS_APPENDED)
             self.finished = True
 
-    @property
-    def n_speech_tokens(self) -> int:
-        return len(self.tokens) - (S3GEN_SILENCE_TOKENS_APPENDED if self.finished else 0)
-
     def next_hop(self) -> Hop | None:
         """The hop the next step would play, or None while too few tokens have arrived."""
         if self.done:
