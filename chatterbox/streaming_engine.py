@@ -1,7 +1,7 @@
 """Token-level audio streaming over a TurboEngine (issue 15).
 
-    streamer = AudioStreamer(engine)  # a started TurboEngine
-    streamer.start()
+    streamer = AudioStreamer(engine)  # over a TurboEngine
+    streamer.start()  # starts the engine too
     async for piece in streamer.stream(TTSRequest("Hello there.", sampling=SamplingParams(seed=1))):
         play(piece)  # float32 24 kHz mono pieces, in order; together the whole utterance
 
@@ -12,9 +12,10 @@ it pushes the tokens in and, whenever streams have a hop ready, plays the next h
 prefill, ``first_hop + lookahead`` decode steps (19 by default) and one small S3Gen pass, while T3
 keeps decoding it and the others.
 
-A request's audio depends on its text, voice, settings, seed and hop schedule only. Cancelling (the
-consumer stops iterating, or ``cancel``) cancels the request in the engine, which frees its cache
-row, and drops its stream here, so no vocoder work is spent on it. A step that fails is retried
+A request's audio depends on its text, voice, settings, seed and hop schedule only. When the
+consumer stops iterating, the request is cancelled in the engine, which frees its cache row, and
+its stream is dropped here, so no vocoder work is spent on it (``TurboEngine.cancel`` of its id
+does the same, and the consumer gets CancelledError). A step that fails is retried
 stream by stream, so an error stays with the stream that causes it. Pieces are not watermarked
 (the Serve stitcher watermarks what it sends).
 """
@@ -137,12 +138,12 @@ class AudioStreamer:
                 yield item
         finally:
             if not ended:
-                self.cancel(entry)
+                self._cancel(entry)
             feeding.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeding
 
-    def cancel(self, entry: _Request) -> None:
+    def _cancel(self, entry: _Request) -> None:
         """Cancel the request in the engine (its cache row is freed) and its stream here."""
         entry.cancelled = True
         self.engine.cancel(entry.id)
@@ -153,7 +154,10 @@ class AudioStreamer:
         try:
             async for chunk in self.engine.stream(request, entry.id):
                 self._inbox.put((entry, chunk))
-        except (Exception, asyncio.CancelledError) as error:  # bad input, or cancelled in the engine
+        except Exception as error:  # e.g. text too long for the engine's rows: the consumer raises it
+            self._inbox.put((entry, error))
+            return
+        except asyncio.CancelledError as error:  # cancelled in the engine, or the consumer left
             self._inbox.put((entry, error))
             raise
         self._inbox.put((entry, _END))
@@ -230,7 +234,8 @@ class AudioStreamer:
 
     def _end(self, entry: _Request, error: BaseException | None) -> None:
         entry.closed = True
-        self._counts["done" if error is None else "failed"] += 1
+        outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else "failed"
+        self._counts["done" if error is None else outcome] += 1
         _post(entry, _END if error is None else error)
 
 

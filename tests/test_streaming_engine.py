@@ -131,6 +131,27 @@ def test_cancelling_mid_stream_frees_the_row_and_stops_the_vocoder(tts: TurboTTS
     assert (stats.streams_cancelled, stats.streams_done, stats.hops) == (1, 0, hops)  # no hop after
 
 
+def test_a_request_cancelled_in_the_engine_ends_its_stream_with_cancelled_error(tts: TurboTTS):
+    request = TTSRequest("Cancelled by id.", sampling=SamplingParams(seed=5, max_new_tokens=600))
+
+    async def listen(engine: TurboEngine, streamer: AudioStreamer) -> None:
+        async for _ in streamer.stream(request, "by-id"):
+            engine.cancel("by-id")  # after the first piece
+
+    async def run(engine: TurboEngine, streamer: AudioStreamer) -> None:
+        listening = asyncio.ensure_future(listen(engine, streamer))
+        await asyncio.wait([listening])
+        with pytest.raises(asyncio.CancelledError):
+            listening.result()
+        await wait_until(lambda: streamer.stats().live_streams == 0)
+
+    with streaming(tts) as (engine, streamer):
+        asyncio.run(run(engine, streamer))
+        stats = streamer.stats()
+    assert engine.stats().requests_cancelled == 1
+    assert (stats.streams_cancelled, stats.streams_done, stats.streams_failed) == (1, 0, 0)
+
+
 def test_bad_input_raises_before_any_audio(tts: TurboTTS):
     async def run(streamer: AudioStreamer) -> None:
         async for _ in streamer.stream(TTSRequest("   ")):
