@@ -584,6 +584,8 @@ class TurboEngine:
         with torch.inference_mode(), torch.cuda.stream(stream) if stream else contextlib.nullcontext():
             while True:
                 batch = [self._vocode_queue.get()]
+                if stream is not None:  # voices reach the device on the default stream
+                    stream.wait_stream(torch.cuda.default_stream(self._device))
                 while len(batch) < self.config.s3gen_max_batch:
                     try:
                         batch.append(self._vocode_queue.get_nowait())

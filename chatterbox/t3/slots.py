@@ -79,6 +79,10 @@ class SlotContext:
     kv_len: int
     mask: torch.Tensor
 
+    @property
+    def rows(self) -> slice:
+        return slice(self.first_row, self.first_row + self.write_positions.shape[0])
+
     @classmethod
     def decode(cls, cache: SlotCache, lengths: torch.Tensor, kv_len: int, dtype: torch.dtype) -> SlotContext:
         """One new position per row for rows 0..B-1: lengths (B,) int64 is where each row writes
@@ -102,13 +106,12 @@ class SlotContext:
         return cls(cache, row, positions[None], start + length, mask[None, None])  # mask (1, 1, T, kv_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B = k.shape[0]
-        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
-        k_rows = self.cache.k[layer, self.first_row : self.first_row + B]  # (B, H, positions, D)
-        v_rows = self.cache.v[layer, self.first_row : self.first_row + B]
-        # Advanced indices on dims 0 and 2 put the indexed dims first: the target is (B, T, H, D).
-        k_rows[rows, :, self.write_positions] = k.transpose(1, 2)
-        v_rows[rows, :, self.write_positions] = v.transpose(1, 2)
+        k_rows = self.cache.k[layer, self.rows]  # (B, H, positions, D)
+        v_rows = self.cache.v[layer, self.rows]
+        # Each row writes its T positions: scatter along the position dim with per-row indices.
+        index = self.write_positions[:, None, :, None].expand_as(k)  # (B, H, T, D)
+        k_rows.scatter_(2, index, k)
+        v_rows.scatter_(2, index, v)
         return k_rows[:, :, : self.kv_len], v_rows[:, :, : self.kv_len]
 
 
