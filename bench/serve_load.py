@@ -59,8 +59,8 @@ class Level:
     latencies: list[float]
     audio_s: float
     wall_s: float
-    batches: int
-    items: int
+    steps: int  # decode steps of the replica's engine
+    tokens: int  # speech tokens it sampled
 
 
 @dataclass
@@ -147,8 +147,8 @@ async def run_level(url: str, model, concurrency: int, rounds: int, budget_s: fl
         latencies,
         audio[0],
         wall,
-        after.batches_run - before.batches_run,
-        after.items_run - before.items_run,
+        after.engine.steps - before.engine.steps,
+        after.engine.tokens_generated - before.engine.tokens_generated,
     )
 
 
@@ -191,7 +191,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-new-tokens", type=int, default=100, help="speech tokens per chunk at most")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     parser.add_argument("--levels", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument("--stream-levels", default="1,8", help="concurrencies of streamed requests")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
@@ -208,7 +207,6 @@ def main() -> None:
         device=cli.device,
         max_new_tokens=cli.max_new_tokens,
         max_batch_size=cli.max_batch_size,
-        batch_wait_timeout_s=cli.batch_wait_timeout_s,
         watermark=not cli.no_watermark,
         model_num_cpus=0,
         model_max_ongoing_requests=cli.model_max_ongoing,
@@ -250,11 +248,12 @@ def main() -> None:
         f"{len(TEXT)}-character text in {n_chunks} chunks ({direct_audio_s:.1f} s of audio)\n"
     )
     print(
-        "| concurrency | requests | throughput (audio s/s) | p50 latency (s) | p95 latency (s) | mean batch |"
+        "| concurrency | requests | throughput (audio s/s) | p50 latency (s) | p95 latency (s) "
+        "| mean live batch |"
     )
     print("|---:|---:|---:|---:|---:|---:|")
     for level in levels:
-        mean_batch = level.items / level.batches if level.batches else float("nan")
+        mean_batch = level.tokens / level.steps if level.steps else float("nan")  # rows per step
         p50, p95 = percentile(level.latencies, 50), percentile(level.latencies, 95)
         print(
             f"| {level.concurrency} | {len(level.latencies)} | {level.audio_s / level.wall_s:.2f} | "

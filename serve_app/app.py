@@ -29,7 +29,7 @@ def build_app(args: AppArgs) -> Application:
     source = ModelSource.from_args(args)
     num_gpus = replica_num_gpus(args, visible_gpus())
     model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
-        source, args.voice_cache_size
+        source, args.engine, args.max_batch_size, args.voice_cache_size
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
     return serve.deployment(Ingress, **Ingress.get_deployment_options(args)).bind(

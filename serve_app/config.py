@@ -34,11 +34,22 @@ class _Strict(BaseModel):
 
 
 class BatchingConfig(_Strict):
-    """The model replicas' batcher settings (serve_app.batcher, not `@serve.batch`); also their
-    `user_config`, so they change live."""
+    """The model replicas' `user_config`: the slots of their engine's KV cache, i.e. the most chunks
+    decoding at once. A change rebuilds each replica's engine once it is idle (TurboModel.reconfigure)."""
 
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+
+
+class EngineSettings(_Strict):
+    """The rest of a model replica's TurboEngine (chatterbox.turbo_engine.EngineConfig): its slot
+    count is `max_batch_size` and its voice-prefix cache keeps `voice_cache_size` voices, as the
+    replica's voice cache does."""
+
+    # KV-cache positions per slot; None: the longest row a chunk can make. Lower it to fit more slots.
+    max_positions: int | None = Field(None, ge=2)
+    s3gen_max_batch: int = Field(8, ge=1, le=256)  # most finished chunks vocoded in one S3Gen call
+    # Split a long prefill across decode steps, so live rows keep sampling; None: in one piece.
+    prefill_chunk_tokens: int | None = Field(None, ge=1)
 
 
 class AutoscalingSettings(_Strict):
@@ -154,18 +165,19 @@ class AppArgs(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     num_gpus: float = Field(1.0, gt=0, le=1)  # GPU share of one model replica when on CUDA
     model_num_cpus: float = Field(1.0, ge=0)
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
-    # Chunks one model replica accepts at once; None: twice the batch size (one batch queued).
+    max_batch_size: int = Field(8, ge=1, le=256)  # KV-cache slots of each model replica's engine
+    # Chunks one model replica accepts at once; None: twice the batch size (as many again queued).
     model_max_ongoing_requests: int | None = Field(None, ge=1)
     # Chunks of one request sent to the model at once (the next as an earlier one finishes); None:
     # the batch size on GPU replicas, CPU_CHUNKS_IN_FLIGHT on CPU ones. More lets one long text fill
     # more of the replicas' batches, and hold short requests back longer.
     max_chunks_in_flight: int | None = Field(None, ge=1)
-    voice_cache_size: int = Field(64, ge=1)  # prepared voices kept per model replica
+    # Prepared voices kept per model replica, and voices whose prompt K/V its engine keeps.
+    voice_cache_size: int = Field(64, ge=1)
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True
+    engine: EngineSettings = EngineSettings()
     autoscaling: AutoscalingSettings = AutoscalingSettings()
     chunking: ChunkingConfig = ChunkingConfig()
     stitching: StitchingConfig = StitchingConfig()
@@ -182,7 +194,7 @@ class AppArgs(_Strict):
         ):
             raise ValueError(
                 f"model_max_ongoing_requests ({self.model_max_ongoing_requests}) must be at least "
-                f"max_batch_size ({self.max_batch_size}), or batches can never fill"
+                f"max_batch_size ({self.max_batch_size}), or the engine's slots can never fill"
             )
         return self
 
@@ -204,9 +216,7 @@ class AppArgs(_Strict):
 
     @property
     def batching(self) -> BatchingConfig:
-        return BatchingConfig(
-            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s
-        )
+        return BatchingConfig(max_batch_size=self.max_batch_size)
 
 
 class ModelSource(_Strict):

@@ -3,13 +3,13 @@
 Ray prefixes every name with `ray_` and exports a counter `x` as `ray_x_total`; Serve adds the
 `deployment`, `replica` and `application` tags. Each metric object is created on its first use, in
 the replica that records it: Serve reads those tags from the replica context at creation time.
-Recording costs a call into Ray's core worker, so callers record once per request, batch or chunk.
+Recording costs a call into Ray's core worker, so callers record once per request or chunk, and a
+model replica records its engine's state once a second.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -17,14 +17,15 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 _LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # Real-time factor: seconds of compute per second of audio (below 1: faster than real time).
 _RTF_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
-_BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 AUDIO_SECONDS = "chatterbox_audio_seconds"
 CHUNK_REAL_TIME_FACTOR = "chatterbox_chunk_real_time_factor"
 CHUNK_QUEUE_SECONDS = "chatterbox_chunk_queue_seconds"
-BATCH_SIZE = "chatterbox_batch_size_chunks"
-LIVE_BATCH_SIZE = "chatterbox_live_batch_size_chunks"
+ENGINE_LIVE_ROWS = "chatterbox_engine_live_rows"
+ENGINE_QUEUE_DEPTH = "chatterbox_engine_queue_depth"
+DECODE_STEPS = "chatterbox_decode_steps"
+PREFIX_CACHE_LOOKUPS = "chatterbox_prefix_cache_lookups"
 TIME_TO_FIRST_AUDIO = "chatterbox_time_to_first_audio_seconds"
 VOICE_CACHE_LOOKUPS = "chatterbox_voice_cache_lookups"
 REFUSALS = "chatterbox_refusals"
@@ -38,16 +39,26 @@ _METRICS: dict[str, tuple[type[Counter | Gauge | Histogram], str, dict[str, Any]
     ),
     CHUNK_REAL_TIME_FACTOR: (
         Histogram,
-        "Generation time of the batch that synthesised a chunk over the chunk's audio seconds.",
+        "A chunk's time in its replica's engine (queue, decode, vocoder) over its audio seconds.",
         {"boundaries": _RTF_BUCKETS},
     ),
     CHUNK_QUEUE_SECONDS: (
         Histogram,
-        "Time a chunk call waited in its model replica before its batch formed.",
+        "Time a chunk waited in its model replica's engine for a free KV-cache slot.",
         {"boundaries": _LATENCY_BUCKETS_S},
     ),
-    BATCH_SIZE: (Histogram, "Chunks in each batch a model replica ran.", {"boundaries": _BATCH_SIZE_BUCKETS}),
-    LIVE_BATCH_SIZE: (Gauge, "Chunks in the batch a model replica is running now (0 when idle).", {}),
+    ENGINE_LIVE_ROWS: (
+        Gauge,
+        "Chunks a model replica's engine is decoding now (its busy KV-cache slots).",
+        {},
+    ),
+    ENGINE_QUEUE_DEPTH: (Gauge, "Chunks waiting in a model replica's engine for a free slot.", {}),
+    DECODE_STEPS: (Counter, "Batched T3 decode steps the model replicas' engines ran.", {}),
+    PREFIX_CACHE_LOOKUPS: (
+        Counter,
+        "Chunks admitted to an engine slot, by whether their voice's prompt K/V was cached (hit, miss).",
+        {"tag_keys": ("result",)},
+    ),
     TIME_TO_FIRST_AUDIO: (
         Histogram,
         "From the ingress accepting a request to its first chunk's audio being ready.",
@@ -73,26 +84,30 @@ def _metric(name: str) -> Any:
     return kind(name, description=description, **options)
 
 
-def record_batch_started(queue_seconds: Sequence[float]) -> None:
-    """A batch of `len(queue_seconds)` chunks starts; each waited that long since it was submitted."""
-    for seconds in queue_seconds:
-        _metric(CHUNK_QUEUE_SECONDS).observe(seconds)
-    _metric(BATCH_SIZE).observe(len(queue_seconds))
-    _metric(LIVE_BATCH_SIZE).set(len(queue_seconds))
+def record_chunk_synthesised(
+    audio_seconds: float, queue_seconds: float | None, engine_seconds: float
+) -> None:
+    """A chunk of `audio_seconds` that spent `engine_seconds` of wall time in its replica's engine,
+    `queue_seconds` of them waiting for a slot (None: the engine no longer knows)."""
+    if queue_seconds is not None:
+        _metric(CHUNK_QUEUE_SECONDS).observe(queue_seconds)
+    if audio_seconds > 0:  # Ray refuses to add 0 to a counter
+        _metric(AUDIO_SECONDS).inc(audio_seconds)
+        _metric(CHUNK_REAL_TIME_FACTOR).observe(engine_seconds / audio_seconds)
 
 
-def record_batch_finished() -> None:
-    _metric(LIVE_BATCH_SIZE).set(0)
-
-
-def record_chunks_synthesised(audio_seconds: Sequence[float], batch_seconds: float) -> None:
-    """The chunks one batch synthesised in `batch_seconds` of wall time, by their audio seconds."""
-    total = float(sum(audio_seconds))
-    if total > 0:  # Ray refuses to add 0 to a counter
-        _metric(AUDIO_SECONDS).inc(total)
-    for seconds in audio_seconds:
-        if seconds > 0:
-            _metric(CHUNK_REAL_TIME_FACTOR).observe(batch_seconds / seconds)
+def record_engine_stats(
+    live_rows: int, queue_depth: int, steps: int, prefix_hits: int, prefix_misses: int
+) -> None:
+    """A replica engine's gauges now, and what its counters added since the last record."""
+    _metric(ENGINE_LIVE_ROWS).set(live_rows)
+    _metric(ENGINE_QUEUE_DEPTH).set(queue_depth)
+    if steps:
+        _metric(DECODE_STEPS).inc(steps)
+    if prefix_hits:
+        _metric(PREFIX_CACHE_LOOKUPS).inc(prefix_hits, tags={"result": "hit"})
+    if prefix_misses:
+        _metric(PREFIX_CACHE_LOOKUPS).inc(prefix_misses, tags={"result": "miss"})
 
 
 def record_voice_cache_lookups(hits: int, misses: int) -> None:

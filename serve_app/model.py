@@ -1,13 +1,15 @@
-"""TurboModel deployment: one TurboTTS per replica, batching chunk requests from all users.
+"""TurboModel deployment: one TurboTTS per replica, every chunk decoded by its TurboEngine.
 
-Every chunk is one `synthesize_chunk` call; a `Batcher` gathers calls from every request into one
-`TurboTTS.generate` batch, formed each time the model is free. Voices are prepared once per replica
-and kept in its `VoiceCache`. Audio comes back unwatermarked: the
-stitcher watermarks the joined audio once.
+Every chunk is one `synthesize_chunk` call, submitted to the replica's `TurboEngine`
+(chatterbox.turbo_engine): continuous batching over a fixed KV cache of `max_batch_size` slots,
+so a chunk joins the running decode at the next step instead of waiting for a batch to finish.
+Voices are prepared once per replica and kept in its `VoiceCache`; the engine keeps the same
+number of voices' prompt K/V. Audio comes back unwatermarked: the stitcher watermarks the joined
+audio once.
 
-A failure in a batch stays with the chunks that cause it (`run_bisecting`); the rest of the batch
-gets its audio. A CUDA error leaves the context unusable: the replica then refuses every chunk and
-fails its health check, so Serve replaces it.
+A failure stays with the chunk that causes it (the engine fails only that chunk; voice preparation
+goes through `run_bisecting`). A CUDA error leaves the context unusable: the replica then refuses
+every chunk and fails its health check, so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import asyncio
 import gc
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,18 +32,20 @@ from ray.serve.exceptions import RayServeException
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
+from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
 from chatterbox.voice import Voice
-from serve_app.batcher import Batcher
-from serve_app.config import AppArgs, BatchingConfig, ModelSource, replica_device
+from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSource, replica_device
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
-from serve_app.metrics import record_chunks_synthesised
-from serve_app.schemas import ChunkJob, ModelInfo
+from serve_app.metrics import record_chunk_synthesised, record_engine_stats
+from serve_app.schemas import ChunkJob, ModelInfo, SharedReference
 from serve_app.voice_cache import VoiceCache
 
 logger = logging.getLogger("ray.serve")
 
 Item = TypeVar("Item")
 Out = TypeVar("Out")
+
+ENGINE_METRICS_INTERVAL_S = 1.0  # how often the engine's gauges and counters are recorded
 
 
 # torch >= 2.8 raises accelerator faults as AcceleratorError; older releases as a RuntimeError
@@ -121,16 +126,31 @@ def replica_max_ongoing_requests() -> int | None:
     return context._deployment_config.max_ongoing_requests
 
 
+def slots_within_limit(max_batch_size: int) -> int:
+    """The engine's slot count for `max_batch_size`: at most the replica's `max_ongoing_requests`,
+    since the replica never holds more chunk calls than that, so more slots could never fill
+    (Serve updates the limit after calling reconfigure: a change of both at once sees the old one)."""
+    limit = replica_max_ongoing_requests()
+    if limit is not None and max_batch_size > limit:
+        logger.warning(
+            "max_batch_size %d exceeds max_ongoing_requests %d; using %d", max_batch_size, limit, limit
+        )
+        return limit
+    return max_batch_size
+
+
 @dataclass(frozen=True)
 class ReplicaStats:
-    """Counters of one replica since it started, and its current batch size."""
+    """Chunk calls of one replica since it started, and its engine's counters (since the engine was
+    built: a change of `max_batch_size` builds a new one)."""
 
-    batches_run: int
-    items_run: int
-    items_cancelled: int  # dropped before their batch formed: their request was cancelled
-    max_batch_size_seen: int
+    chunks_received: int  # synthesize_chunk calls taken by a healthy replica
+    chunks_submitted: int  # handed to the engine (their voice was ready)
+    chunks_finished: int  # answered with audio
+    chunks_cancelled: int  # their caller went away first (client gone, or a sibling chunk failed)
     voices_prepared: int
-    max_batch_size: int
+    max_batch_size: int  # the engine's KV-cache slots
+    engine: EngineStats
 
 
 class TurboModel:
@@ -153,43 +173,95 @@ class TurboModel:
             **args.shutdown.model_dump(),
         }
 
-    async def __init__(self, source: ModelSource, voice_cache_size: int) -> None:
+    async def __init__(
+        self, source: ModelSource, engine: EngineSettings, max_batch_size: int, voice_cache_size: int
+    ) -> None:
         device = replica_device(source.device, ray.get_gpu_ids())
         checkpoint = await asyncio.to_thread(
             resolve_model, source.model, source.revision, source.tiny_cache_dir
         )
         dtype = getattr(torch, source.dtype) if source.dtype else None
         self._tts = await asyncio.to_thread(TurboTTS.from_checkpoint, checkpoint, device, dtype)
+        self._broken: str | None = None
         self._voices = VoiceCache(
             voice_cache_size,
             voice_id=self._tts.voice_id,
             prepare=lambda clips: self._run_on_model(self._tts.prepare_voices, clips),
         )
-        batching = BatchingConfig()  # reconfigure() applies the deployment's user_config
-        self._batcher: Batcher[ChunkJob, np.ndarray] = Batcher(
-            self._run_batch,
-            owner=lambda job: job.request_id,
-            max_batch_size=batching.max_batch_size,
-            wait_s=batching.batch_wait_timeout_s,
+        # Voices being prepared, by reference id: the chunks of one new voice share one preparation.
+        self._preparing: dict[str, asyncio.Future[list[Voice | BaseException]]] = {}
+        self._engine_config = EngineConfig(
+            max_slots=slots_within_limit(max_batch_size),
+            max_positions=engine.max_positions,
+            prefix_cache_voices=voice_cache_size,
+            s3gen_max_batch=engine.s3gen_max_batch,
+            prefill_chunk_tokens=engine.prefill_chunk_tokens,
         )
-        self._broken: str | None = None
-        self._batches_run = 0
-        self._items_run = 0
-        self._max_batch_size_seen = 0
+        # A cache that does not fit fails the replica's start with EngineCapacityError, whose
+        # message names a capacity that would.
+        self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
+        self._accepting = asyncio.Event()  # cleared while the engine is rebuilt
+        self._accepting.set()
+        self._in_engine = 0  # chunks submitted and not yet answered
+        self._drained = asyncio.Event()  # set while no chunk is in the engine
+        self._drained.set()
+        self._reconfiguring = asyncio.Lock()
+        self._chunks_received = self._chunks_submitted = self._chunks_finished = 0
+        self._chunks_cancelled = 0
+        self._recorded = self._engine.stats()  # the engine counters the metrics have so far
+        self._metrics_task: asyncio.Task[None] | None = asyncio.create_task(self._record_engine_metrics())
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        batching = BatchingConfig.model_validate(user_config)
-        batch_size = batching.max_batch_size
-        # The replica never holds more chunk calls than this, so a larger batch could never fill
-        # (Serve updates the limit after calling reconfigure: a change of both at once sees the old one).
-        limit = replica_max_ongoing_requests()
-        if limit is not None and batch_size > limit:
-            logger.warning(
-                "max_batch_size %d exceeds max_ongoing_requests %d; using %d", batch_size, limit, limit
+    def __del__(self) -> None:
+        """Serve's shutdown of this replica: stop the engine's threads."""
+        task = getattr(self, "_metrics_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+        self._metrics_task = None
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.close()
+
+    def _start_engine(self, config: EngineConfig) -> TurboEngine:
+        engine = TurboEngine(self._tts, config)  # allocates the KV cache
+        engine.start()
+        logger.info(
+            "TurboEngine: %d slots, KV cache %.1f MiB %s",
+            config.max_slots,
+            engine.cache_bytes / 2**20,
+            engine.cache_dtype,
+        )
+        return engine
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new slot count builds a new engine once the chunks in the current one have finished;
+        chunk calls that arrive meanwhile wait for it. A cache that does not fit brings the old
+        engine back and raises the EngineCapacityError (Serve then fails this replica's update)."""
+        slots = slots_within_limit(BatchingConfig.model_validate(user_config).max_batch_size)
+        async with self._reconfiguring:
+            if slots == self._engine_config.max_slots:
+                return
+            logger.info(
+                "max_batch_size %d -> %d: rebuilding the engine once its %d chunks finish",
+                self._engine_config.max_slots,
+                slots,
+                self._in_engine,
             )
-            batch_size = limit
-        self._batcher.max_batch_size = batch_size
-        self._batcher.wait_s = batching.batch_wait_timeout_s
+            self._accepting.clear()
+            try:
+                await self._drained.wait()
+                self._record_engine_stats()
+                await asyncio.to_thread(self._engine.close)
+                config = replace(self._engine_config, max_slots=slots)
+                try:
+                    self._engine = await asyncio.to_thread(self._start_engine, config)
+                except EngineCapacityError:
+                    logger.exception("keeping %d slots", self._engine_config.max_slots)
+                    self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
+                    raise
+                self._engine_config = config
+            finally:
+                self._recorded = self._engine.stats()
+                self._accepting.set()
 
     def check_health(self) -> None:
         if self._broken is not None:
@@ -200,40 +272,102 @@ class TurboModel:
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(
-            batches_run=self._batches_run,
-            items_run=self._items_run,
-            items_cancelled=self._batcher.dropped,
-            max_batch_size_seen=self._max_batch_size_seen,
+            chunks_received=self._chunks_received,
+            chunks_submitted=self._chunks_submitted,
+            chunks_finished=self._chunks_finished,
+            chunks_cancelled=self._chunks_cancelled,
             voices_prepared=self._voices.prepared,
-            max_batch_size=self._batcher.max_batch_size,
+            max_batch_size=self._engine_config.max_slots,
+            engine=self._engine.stats(),
         )
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
         """(T,) float32 audio at the model's sample rate, unwatermarked."""
         self.check_health()  # fail fast instead of queueing on a replica that can run nothing
-        outcome = await self._batcher.submit(job)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        self._chunks_received += 1
+        try:
+            request = TTSRequest(job.text, await self._voice(job.voice), job.sampling)
+            audio = await self._run_in_engine(request)
+        except asyncio.CancelledError:  # Serve cancels the call when its caller goes away
+            self._chunks_cancelled += 1
+            raise
+        self._chunks_finished += 1
+        return audio
 
-    async def _run_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray | BaseException]:
-        """One outcome per job: its audio, or the exception that job alone should raise."""
-        self._batches_run += 1
-        self._items_run += len(jobs)
-        self._max_batch_size_seen = max(self._max_batch_size_seen, len(jobs))
-        shared = iter(await self._voices.resolve([job.voice for job in jobs if job.voice is not None]))
-        default = self._tts.default_voice
-        voices = [default if job.voice is None else next(shared) for job in jobs]
-        runnable = [i for i, v in enumerate(voices) if isinstance(v, Voice)]
-        requests = [TTSRequest(jobs[i].text, voices[i], jobs[i].sampling) for i in runnable]
-        started_at = time.monotonic()
-        audio = await self._run_on_model(self._generate, requests)
-        record_chunks_synthesised(
-            [len(wav) / self._tts.sample_rate for wav in audio if isinstance(wav, np.ndarray)],
-            time.monotonic() - started_at,
+    async def _voice(self, reference: SharedReference | None) -> Voice:
+        """The voice of a chunk: the built-in one, or its reference's (cached or prepared now)."""
+        if reference is None:
+            return self._tts.default_voice
+        key = reference.reference_id
+        preparing = self._preparing.get(key)
+        if preparing is None:
+            preparing = asyncio.ensure_future(self._voices.resolve([reference]))
+            self._preparing[key] = preparing
+            preparing.add_done_callback(lambda _: self._preparing.pop(key, None))
+        # Shielded: one chunk's cancellation does not cancel the others' preparation.
+        (voice,) = await asyncio.shield(preparing)
+        if isinstance(voice, BaseException):
+            raise voice
+        return voice
+
+    async def _run_in_engine(self, request: TTSRequest) -> np.ndarray:
+        await self._accepting.wait()
+        self.check_health()  # the replica may have broken while this chunk waited
+        engine, chunk_id = self._engine, uuid.uuid4().hex
+        self._in_engine += 1
+        self._drained.clear()
+        self._chunks_submitted += 1
+        submitted_at = time.monotonic()
+        try:
+            # Cancelling this call (Serve does when its caller goes away) cancels the chunk in the
+            # engine: submit frees its slot, or its place in the queue, at the engine's next step.
+            audio = await engine.submit(request, request_id=chunk_id, watermark=False)
+        except Exception as error:
+            raise self._chunk_error(error) from error
+        finally:
+            self._in_engine -= 1
+            if not self._in_engine:
+                self._drained.set()
+        times = engine.stage_times(chunk_id)
+        record_chunk_synthesised(
+            audio_seconds=len(audio) / self._tts.sample_rate,
+            queue_seconds=times.admitted - times.submitted if times and times.admitted else None,
+            engine_seconds=time.monotonic() - submitted_at,
         )
-        audio_by_job = dict(zip(runnable, audio, strict=True))
-        return [audio_by_job.get(i, voice) for i, voice in enumerate(voices)]  # voice: its error
+        return audio
+
+    def _chunk_error(self, error: Exception) -> Exception:
+        """What a chunk's caller gets for the engine's error: a CUDA error breaks this replica for good."""
+        if is_cuda_error(error):
+            if self._broken is None:
+                logger.error("CUDA error; this replica is broken and will be replaced: %s", error)
+                self._broken = str(error)
+            return ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}")
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return ChunkOutOfMemoryError(
+                "a chunk does not fit in accelerator memory even alone; lower "
+                "chunking.max_chunk_chars or give each model replica more memory"
+            )
+        return error
+
+    async def _record_engine_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(ENGINE_METRICS_INTERVAL_S)
+            self._record_engine_stats()
+
+    def _record_engine_stats(self) -> None:
+        """The engine's gauges now, and what its counters added since the last record."""
+        stats, before = self._engine.stats(), self._recorded
+        if stats == before:
+            return
+        record_engine_stats(
+            live_rows=stats.live_rows,
+            queue_depth=stats.queue_depth,
+            steps=stats.steps - before.steps,
+            prefix_hits=stats.prefix_hits - before.prefix_hits,
+            prefix_misses=stats.prefix_misses - before.prefix_misses,
+        )
+        self._recorded = stats
 
     async def _run_on_model(
         self, fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]
@@ -246,6 +380,3 @@ class TurboModel:
                 logger.exception("CUDA error; this replica is broken and will be replaced")
                 self._broken = str(error)
         return [ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}") for _ in items]
-
-    def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
-        return self._tts.generate(requests, watermark=False)

@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppArgs, BatchingConfig, replica_device, replica_num_gpus
+from serve_app.config import AppArgs, BatchingConfig, EngineSettings, replica_device, replica_num_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -21,7 +21,8 @@ def test_defaults_are_production_defaults():
     assert args.device == "auto"
     assert args.watermark is True
     assert args.chunking.max_chunk_chars == 300
-    assert args.batching == BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.02)
+    assert args.batching == BatchingConfig(max_batch_size=8)
+    assert args.engine == EngineSettings(max_positions=None, s3gen_max_batch=8, prefill_chunk_tokens=None)
 
 
 def test_command_line_strings_are_coerced():
@@ -48,6 +49,8 @@ def test_command_line_strings_are_coerced():
         # A voice needs more than 5 s: a 5 s bound would refuse every reference.
         ({"limits": {"max_reference_seconds": 5}}, "max_reference_seconds"),
         ({"max_batch_sise": 8}, "max_batch_sise"),  # typos are errors, not silently ignored
+        ({"batch_wait_timeout_s": 0.02}, "batch_wait_timeout_s"),  # gone with the static batcher
+        ({"engine": {"s3gen_max_batch": 0}}, "s3gen_max_batch"),
     ],
 )
 def test_bad_args_are_rejected(overrides, message):

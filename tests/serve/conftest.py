@@ -65,7 +65,6 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
             device="cpu",
             model_num_cpus=0,
             max_batch_size=8,
-            batch_wait_timeout_s=0.05,
             max_new_tokens=CHUNK_MAX_NEW_TOKENS,
             watermark=True,
             limits={

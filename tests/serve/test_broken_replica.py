@@ -1,9 +1,10 @@
-"""A model replica after a CUDA error: it fails its batch as retryable, refuses further work at once
-and fails its health check, so Serve replaces it.
+"""A model replica after a CUDA error: it fails the chunks in its engine as retryable, refuses
+further work at once and fails its health check, so Serve replaces it.
 
-A CPU cannot raise a CUDA error on purpose, so a TurboModel whose generate raises the error torch
-gives for an illegal memory access stands in, run in this process on the session's Ray (which
-`ray.get_gpu_ids()` in the replica's constructor would otherwise start by itself).
+A CPU cannot raise a CUDA error on purpose, so the replica runs in this process on the session's Ray
+(which `ray.get_gpu_ids()` in the replica's constructor would otherwise start by itself), and a
+forward hook on T3's speech head raises the error torch gives for an illegal memory access while
+the fault is on: the real engine meets it inside its prefill and decode steps.
 """
 
 import asyncio
@@ -12,21 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox.engine import TTSRequest
 from chatterbox.sampling import SamplingParams
-from serve_app.config import ModelSource
+from serve_app.config import EngineSettings, ModelSource
 from serve_app.errors import ReplicaBrokenError, model_error
 from serve_app.model import ReplicaStats, TurboModel
 from serve_app.schemas import ChunkJob
-
-TRIGGER = "Trigger the fault."
-
-
-class IllegalMemoryAccessModel(TurboModel):
-    def _generate(self, requests: list[TTSRequest]) -> list[np.ndarray]:
-        if any(request.text == TRIGGER for request in requests):
-            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
-        return super()._generate(requests)
 
 
 def job(text: str) -> ChunkJob:
@@ -34,26 +25,45 @@ def job(text: str) -> ChunkJob:
 
 
 def test_a_cuda_error_breaks_the_replica(serve_app):
-    async def scenario() -> tuple[object, list, list, ReplicaStats, IllegalMemoryAccessModel]:
-        model = IllegalMemoryAccessModel.__new__(IllegalMemoryAccessModel)
-        await model.__init__(ModelSource.from_args(serve_app.args), voice_cache_size=2)
+    fault = {"on": False}
+
+    def illegal_memory_access(module: torch.nn.Module, args: tuple) -> None:
+        if fault["on"]:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def scenario() -> tuple[object, list, list, ReplicaStats, TurboModel]:
+        model = TurboModel.__new__(TurboModel)
+        await model.__init__(
+            ModelSource.from_args(serve_app.args), EngineSettings(), max_batch_size=4, voice_cache_size=2
+        )
+        model._tts.t3.speech_head.register_forward_pre_hook(illegal_memory_access)
         healthy = await model.synthesize_chunk(job("Before the fault."))
         model.check_health()
-        # One batch: the chunk that hits the fault and an innocent one beside it.
-        in_batch = await asyncio.gather(
-            model.synthesize_chunk(job(TRIGGER)),
+        fault["on"] = True
+        # Two chunks in the engine at once: the one the fault hits first and another one.
+        in_engine = await asyncio.gather(
+            model.synthesize_chunk(job("Hit by the fault.")),
             model.synthesize_chunk(job("Beside it.")),
             return_exceptions=True,
         )
         later = await asyncio.gather(model.synthesize_chunk(job("After the fault.")), return_exceptions=True)
-        return healthy, in_batch, later, await model.stats(), model
+        stats = await model.stats()
+        for _ in range(100):  # the engine counts a failure just after handing it to its caller
+            if stats.engine.requests_failed == 2:
+                break
+            await asyncio.sleep(0.01)
+            stats = await model.stats()
+        model.__del__()  # what Serve calls when it stops the replica
+        return healthy, in_engine, later, stats, model
 
-    healthy, in_batch, later, stats, model = asyncio.run(scenario())
+    healthy, in_engine, later, stats, model = asyncio.run(scenario())
     assert isinstance(healthy, np.ndarray) and len(healthy) > 0
-    assert all(isinstance(outcome, ReplicaBrokenError) for outcome in in_batch + later), in_batch + later
-    assert "illegal memory access" in str(in_batch[1])
+    assert all(isinstance(outcome, ReplicaBrokenError) for outcome in in_engine + later), in_engine + later
+    assert "illegal memory access" in str(in_engine[1])
     with pytest.raises(ReplicaBrokenError):
         model.check_health()
-    assert (stats.batches_run, stats.items_run) == (2, 3)  # the chunk after the fault never queued
-    error = model_error(in_batch[1])  # what the ingress answers the innocent chunk's client
+    # The chunk after the fault was refused at once: never taken, never in the engine.
+    assert (stats.chunks_received, stats.chunks_submitted, stats.chunks_finished) == (3, 3, 1)
+    assert stats.engine.requests_failed == 2
+    error = model_error(in_engine[1])  # what the ingress answers the other chunk's client
     assert (error.status, error.code) == (503, "replica_unavailable")

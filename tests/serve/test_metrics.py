@@ -1,6 +1,7 @@
 """The service's metrics, read from the Prometheus endpoint of the session's local Ray after real
-traffic: a cloned voice twice (a voice-cache miss, then a hit), a refusal over HTTP and one over the
-handle API. Ray exports every few seconds, so the test polls (bounded) until the traffic shows.
+traffic: a cloned voice twice (a voice-cache and engine prefix-cache miss, then a hit of each), a
+refusal over HTTP and one over the handle API. Ray exports every few seconds, so the test polls
+(bounded) until the traffic shows.
 
 Counters are cumulative over the session, so it compares with a scrape taken before the traffic,
 once whatever earlier tests recorded has been exported.
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.errors import SynthesisError
 from serve_app.schemas import SynthesisRequest
-from tests.serve.conftest import voice_wav
+from tests.serve.conftest import CHUNK_MAX_NEW_TOKENS, voice_wav
 
 EXPORT_TIMEOUT_S = 60.0
 # Each process pushes its metrics this often (Ray's default metrics_report_interval_ms, 10 s).
@@ -25,10 +26,12 @@ AUDIO_SECONDS = "ray_chatterbox_audio_seconds_total"
 REFUSALS = "ray_chatterbox_refusals_total"
 VOICE_CACHE_LOOKUPS = "ray_chatterbox_voice_cache_lookups_total"
 TIME_TO_FIRST_AUDIO = "ray_chatterbox_time_to_first_audio_seconds"
-CHUNK_QUEUE = "ray_chatterbox_chunk_queue_seconds"
 CHUNK_RTF = "ray_chatterbox_chunk_real_time_factor"
-BATCH_SIZE = "ray_chatterbox_batch_size_chunks"
-LIVE_BATCH_SIZE = "ray_chatterbox_live_batch_size_chunks"
+CHUNK_QUEUE = "ray_chatterbox_chunk_queue_seconds"
+PREFIX_CACHE_LOOKUPS = "ray_chatterbox_prefix_cache_lookups_total"
+DECODE_STEPS = "ray_chatterbox_decode_steps_total"
+LIVE_ROWS = "ray_chatterbox_engine_live_rows"
+QUEUE_DEPTH = "ray_chatterbox_engine_queue_depth"
 
 
 class Scrape:
@@ -87,10 +90,12 @@ def test_traffic_shows_on_rays_metrics_endpoint(serve_app):
         (REFUSALS, {"code": "text_too_long"}, 2),
         (VOICE_CACHE_LOOKUPS, {"result": "hit"}, 1),
         (VOICE_CACHE_LOOKUPS, {"result": "miss"}, 1),
+        (PREFIX_CACHE_LOOKUPS, {"result": "hit"}, 1),
+        (PREFIX_CACHE_LOOKUPS, {"result": "miss"}, 1),
+        (DECODE_STEPS, {}, 2),
         (f"{TIME_TO_FIRST_AUDIO}_count", {}, 2),
-        (f"{CHUNK_QUEUE}_count", {}, 2),
         (f"{CHUNK_RTF}_count", {}, 2),
-        (f"{BATCH_SIZE}_count", {}, 2),
+        (f"{CHUNK_QUEUE}_count", {}, 2),
     ]
     deadline = time.monotonic() + EXPORT_TIMEOUT_S
     after = scrape(serve_app)
@@ -108,16 +113,21 @@ def test_traffic_shows_on_rays_metrics_endpoint(serve_app):
     # The first request prepared the voice, the second found it (one replica in this app).
     assert delta(after, VOICE_CACHE_LOOKUPS, result="miss") == 1
     assert delta(after, VOICE_CACHE_LOOKUPS, result="hit") == 1
+    # The engine computed the voice's prompt K/V for the first chunk and copied it for the second.
+    assert delta(after, PREFIX_CACHE_LOOKUPS, result="miss") == 1
+    assert delta(after, PREFIX_CACHE_LOOKUPS, result="hit") == 1
     # Both good requests had a first chunk; neither refusal reached the model. (Ray estimates a
     # histogram's _sum from bucket midpoints, so the buckets are what to check.)
     assert delta(after, f"{TIME_TO_FIRST_AUDIO}_count") == 2
     assert delta(after, f"{TIME_TO_FIRST_AUDIO}_bucket", le="+Inf") == 2
     assert delta(after, f"{TIME_TO_FIRST_AUDIO}_bucket", le="0.01") == 0  # a chunk takes longer
-    assert delta(after, f"{CHUNK_QUEUE}_count") == 2
     assert delta(after, f"{CHUNK_RTF}_count") == 2
-    # Sequential requests: batches of one chunk each, and no batch running now.
-    assert delta(after, f"{BATCH_SIZE}_bucket", le="1.0") == delta(after, f"{BATCH_SIZE}_count") == 2
-    assert after.has(LIVE_BATCH_SIZE) and after.total(LIVE_BATCH_SIZE) == 0
+    assert delta(after, f"{CHUNK_QUEUE}_count") == 2
+    # Two chunks of at most CHUNK_MAX_NEW_TOKENS tokens: one decode step per token after the first.
+    assert 2 <= delta(after, DECODE_STEPS) <= 2 * CHUNK_MAX_NEW_TOKENS
+    # Nothing decoding or waiting now.
+    assert after.has(LIVE_ROWS) and after.total(LIVE_ROWS) == 0
+    assert after.has(QUEUE_DEPTH) and after.total(QUEUE_DEPTH) == 0
     # Serve tags every series with its deployment.
     refusal_tags = [s.labels for s in after.samples if s.name == REFUSALS]
     assert all(tags.get("deployment") == "Ingress" for tags in refusal_tags), refusal_tags

@@ -1,9 +1,18 @@
-"""TurboModel's batch splitting and retries, and the options the app builder gives each deployment
-(no Ray started). Building the tiny checkpoint a replica loads is tested in tests/test_hub.py."""
+"""TurboModel: its voice-preparation retries and the options the app builder gives each deployment
+(no Ray started), then its engine on the session's real local Ray (tiny checkpoint, CPU): chunks
+decoded together get their solo audio, cancellation reaches the engine, the slot count holds, and a
+new slot count rebuilds the engine. Building the tiny checkpoint a replica loads is tested in
+tests/test_hub.py."""
 
+import asyncio
 import gc
+import threading
+import time
 import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -11,11 +20,16 @@ from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.deployment import deployment_to_schema
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
+from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
+from chatterbox.hub import resolve_model
+from chatterbox.sampling import SamplingParams
+from chatterbox.turbo_engine import EngineCapacityError
 from serve_app.app import build_app
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, EngineSettings, ModelSource
 from serve_app.errors import ChunkOutOfMemoryError
-from serve_app.model import is_cuda_error, run_bisecting
+from serve_app.model import ReplicaStats, TurboModel, is_cuda_error, run_bisecting
+from serve_app.schemas import ChunkJob
 
 
 def fits_in_memory(max_batch: int, too_big: set[str]):
@@ -170,8 +184,8 @@ def test_app_graph_and_cpu_options():
     assert set(deployments) == {"Ingress", "TurboModel", "Stitcher"}
     model = deployments["TurboModel"]
     assert model.ray_actor_options == {"num_cpus": 3, "num_gpus": 0.0}
-    assert model.user_config == {"max_batch_size": 12, "batch_wait_timeout_s": 0.02}
-    assert model.max_ongoing_requests == 24  # one batch running, one queued
+    assert model.user_config == {"max_batch_size": 12}  # the engine's slots, live
+    assert model.max_ongoing_requests == 24  # every slot busy, as many chunks again queued
     assert model._deployment_config.autoscaling_config.target_ongoing_requests == 12
     assert deployments["Ingress"].max_ongoing_requests == 256
     assert deployments["Ingress"].max_queued_requests == 256  # a burst beyond this gets 503 at once
@@ -200,3 +214,134 @@ def test_gpu_share_and_serve_build_output():
     )
     config = {"applications": [app_schema.model_dump(exclude_unset=True)]}
     ServeDeploySchema.model_validate(yaml.safe_load(yaml.safe_dump(config)))
+
+
+# ------------------------------------------------------------------- the engine, on a real local Ray
+
+SENTENCES = [
+    "The lighthouse keeper climbed the stairs before dawn.",
+    "Gulls wheeled over the harbour, loud and hungry.",
+    "She wrote the weather in a small green notebook.",
+    "Nobody had asked her to, but somebody should.",
+    "By noon the fog had lifted from the bay.",
+    "The evening ferry was late again.",
+]
+
+
+def chunk(request_id: str, text: str, seed: int, max_new_tokens: int) -> ChunkJob:
+    return ChunkJob(
+        request_id=request_id,
+        text=text,
+        voice=None,
+        sampling=SamplingParams(seed=seed, max_new_tokens=max_new_tokens),
+    )
+
+
+def stats(serve_app) -> ReplicaStats:
+    return serve_app.model.stats.remote().result()
+
+
+def wait_until(condition: Callable[[ReplicaStats], bool], serve_app, timeout_s: float = 60.0) -> ReplicaStats:
+    deadline = time.monotonic() + timeout_s
+    while not condition(now := stats(serve_app)):
+        assert time.monotonic() < deadline, now
+        time.sleep(0.02)
+    return now
+
+
+def test_chunks_of_several_requests_decoded_together_get_their_solo_audio(serve_app):
+    # Three requests of two chunks each, of different lengths; the second half arrives while the
+    # first decodes, so rows join and leave the running decode at different steps.
+    jobs = [chunk(f"request-{i % 3}", SENTENCES[i], seed=40 + i, max_new_tokens=20 + 8 * i) for i in range(6)]
+    before = stats(serve_app)
+    first = [serve_app.model.synthesize_chunk.remote(job) for job in jobs[:3]]
+    wait_until(lambda s: s.engine.steps - before.engine.steps >= 5, serve_app)
+    second = [serve_app.model.synthesize_chunk.remote(job) for job in jobs[3:]]
+    audio = [response.result() for response in first + second]
+    after = stats(serve_app)
+
+    tts = TurboTTS.from_checkpoint(resolve_model("tiny", None, serve_app.args.tiny_cache_dir), "cpu")
+    for job, wav in zip(jobs, audio, strict=True):
+        alone = tts.generate([TTSRequest(job.text, None, job.sampling)], watermark=False)[0]
+        assert wav.dtype == np.float32 and wav.shape == alone.shape, job.text
+        np.testing.assert_allclose(wav, alone, rtol=0, atol=1e-5, err_msg=job.text)
+    assert after.chunks_finished - before.chunks_finished == 6
+    # They shared decode steps: more tokens were sampled than steps were run.
+    steps = after.engine.steps - before.engine.steps
+    assert after.engine.tokens_generated - before.engine.tokens_generated > steps
+
+
+def test_a_cancelled_chunk_call_leaves_the_engine_at_its_next_step(serve_app):
+    before = stats(serve_app)
+    long = chunk("cancelled-request", SENTENCES[0], seed=1, max_new_tokens=1000)
+    response = serve_app.model.synthesize_chunk.remote(long)
+    decoding = wait_until(lambda s: s.engine.live_rows == 1, serve_app)
+    response.cancel()  # what the ingress does when the chunk's client goes away
+    after = wait_until(lambda s: s.engine.requests_cancelled > before.engine.requests_cancelled, serve_app)
+    assert after.engine.live_rows == 0  # its slot is free again
+    assert after.chunks_cancelled - before.chunks_cancelled == 1
+    assert after.chunks_finished == before.chunks_finished
+    # It stopped long before its 1000 tokens (on 2 cores the tiny model samples ~100 a second).
+    assert after.engine.tokens_generated - decoding.engine.tokens_generated < 500
+
+
+def test_no_more_chunks_decode_at_once_than_the_engine_has_slots(serve_app):
+    slots = serve_app.args.max_batch_size
+    # One call fewer than the replica takes at once (2 x slots), so the stats calls get in too.
+    jobs = [chunk(f"burst-{i}", SENTENCES[i % 6], seed=i, max_new_tokens=60) for i in range(2 * slots - 1)]
+    seen: list[ReplicaStats] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(stats(serve_app))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        watcher = pool.submit(watch)
+        try:
+            audio = [r.result() for r in [serve_app.model.synthesize_chunk.remote(job) for job in jobs]]
+        finally:
+            done.set()
+        watcher.result()
+    assert all(isinstance(wav, np.ndarray) and len(wav) > 0 for wav in audio)
+    assert max(s.engine.live_rows for s in seen) == slots  # full, never over
+    assert max(s.engine.queue_depth for s in seen) > 0  # the rest waited for a slot
+    assert seen[-1].engine.peak_live_rows == slots
+
+
+def test_a_new_slot_count_rebuilds_the_engine_once_its_chunks_finish(serve_app):
+    batching = serve_app.args.batching
+    before = stats(serve_app)
+    response = serve_app.model.synthesize_chunk.remote(
+        chunk("rebuild", SENTENCES[1], seed=3, max_new_tokens=150)
+    )
+    wait_until(lambda s: s.engine.live_rows == 1, serve_app)
+    try:
+        serve_app.model.reconfigure.remote({"max_batch_size": 2}).result()
+        # The chunk in the old engine finished first, with its audio.
+        assert isinstance(response.result(timeout_s=0), np.ndarray)
+        rebuilt = stats(serve_app)
+        assert rebuilt.max_batch_size == 2
+        assert rebuilt.engine.cache_bytes * 4 == before.engine.cache_bytes  # 2 slots of 8
+        assert rebuilt.engine.steps == 0  # a new engine
+        wav = serve_app.model.synthesize_chunk.remote(
+            chunk("after", SENTENCES[2], seed=4, max_new_tokens=20)
+        ).result()
+        assert len(wav) > 0
+    finally:
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
+    assert stats(serve_app).engine.cache_bytes == before.engine.cache_bytes
+
+
+def test_a_kv_cache_that_does_not_fit_fails_the_replica_start_naming_one_that_would(serve_app):
+    # Far beyond any machine's memory, so the engine refuses before allocating anything. In this
+    # process on the session's Ray, as Serve would construct it (outside Serve: no slot clamp).
+    model = TurboModel.__new__(TurboModel)
+    start = model.__init__(
+        ModelSource.from_args(serve_app.args),
+        EngineSettings(max_positions=4000),
+        max_batch_size=10**6,
+        voice_cache_size=2,
+    )
+    with pytest.raises(EngineCapacityError, match=r"max_slots=\d+ \(at max_positions=4000\).* would fit"):
+        asyncio.run(start)

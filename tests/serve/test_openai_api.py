@@ -208,7 +208,7 @@ def test_handle_streams_typed_pieces(serve_app):
 def test_long_stream_starts_before_its_last_chunk_and_equals_the_whole_response(serve_app):
     text = paragraph(3000, 0)[:3000]
     num_chunks = len(split_text(text, serve_app.args.chunking.max_chunk_chars))
-    items_before = serve_app.model.stats.remote().result().items_run
+    submitted_before = serve_app.model.stats.remote().result().chunks_submitted
     body = {"model": SERVED_MODEL_ID, "input": text, "response_format": "pcm", "seed": 21}
     started_at = time.monotonic()
     with httpx.stream("POST", f"{serve_app.url}/v1/audio/speech", json=body, timeout=300) as response:
@@ -216,8 +216,8 @@ def test_long_stream_starts_before_its_last_chunk_and_equals_the_whole_response(
         parts = response.iter_bytes()
         first = next(parts)
         first_at = time.monotonic()
-        # Chunks the model has started by now (it counts a chunk when its batch starts).
-        started_by_first_audio = serve_app.model.stats.remote().result().items_run - items_before
+        # Chunks the model has started by now (handed to its engine).
+        started_by_first_audio = serve_app.model.stats.remote().result().chunks_submitted - submitted_before
         streamed = first + b"".join(parts)
         finished_at = time.monotonic()
     # Measured (tiny, 2-core CPU): 11 chunks, first audio 0.87 s, whole 6.90 s.

@@ -44,7 +44,6 @@ def app_args(tiny_cache_dir: str, **overrides: Any) -> AppArgs:
         "device": "cpu",
         "model_num_cpus": 0,
         "max_batch_size": 4,
-        "batch_wait_timeout_s": 0.02,
         "max_new_tokens": 25,  # 1 s of audio per chunk at most
         "watermark": False,  # the two cores go to the model, which is what these tests load
         "ingress": {"num_cpus": 0},

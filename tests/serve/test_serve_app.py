@@ -92,9 +92,10 @@ def test_concurrent_requests_are_batched(serve_app):
         responses = list(pool.map(lambda t: post(serve_app, {"text": t, "format": "pcm"}), texts))
     assert [r.status_code for r in responses] == [200] * 8
     after = serve_app.model.stats.remote().result()
-    assert after.items_run - before.items_run == 8  # one chunk each
-    assert after.batches_run - before.batches_run < 8  # so some batch held more than one request
-    assert after.max_batch_size_seen > 1
+    assert after.chunks_finished - before.chunks_finished == 8  # one chunk each
+    steps = after.engine.steps - before.engine.steps
+    tokens = after.engine.tokens_generated - before.engine.tokens_generated
+    assert tokens > steps  # so some decode steps sampled for more than one request
 
 
 def test_clients_that_hang_up_mid_request_leave_the_replica_serving(serve_app):
@@ -113,7 +114,7 @@ def test_clients_that_hang_up_mid_request_leave_the_replica_serving(serve_app):
     assert response.status_code == 200, response.text
     assert len(base64.b64decode(response.json()["audio_base64"])) > 0
     after = serve_app.model.stats.remote().result()
-    assert after.batches_run > before.batches_run  # the same replica (a new one would count from 0)
+    assert after.chunks_received > before.chunks_received  # the same replica (a new one counts from 0)
 
 
 def test_a_burst_beyond_the_queue_is_refused_at_once(serve_app):
@@ -192,16 +193,16 @@ def test_readyz_answers_at_once_while_the_model_replica_is_saturated(serve_app):
 LONG_TEXT = "\n\n".join(f"Line {i} of a long script." for i in range(40))
 
 
-def wait_for_items_run(serve_app, more_than: int, timeout_s: float = 120.0) -> None:
+def wait_for_chunks_submitted(serve_app, more_than: int, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while serve_app.model.stats.remote().result().items_run <= more_than:
+    while serve_app.model.stats.remote().result().chunks_submitted <= more_than:
         assert time.monotonic() < deadline, "the replica ran nothing"
         time.sleep(0.05)
 
 
 def stats_after_probes(serve_app) -> tuple[ReplicaStats, ReplicaStats]:
-    """Replica stats after one one-chunk request, and after a second one. Anything still queued or
-    sent before the first probe would run beside or before the second."""
+    """Replica stats after one one-chunk request, and after a second one. Anything still sent
+    after the first probe would reach the replica before the second one finishes."""
     snapshots = []
     for i in range(2):
         response = post(serve_app, {"text": f"Probe {i}.", "format": "pcm"})
@@ -213,20 +214,20 @@ def stats_after_probes(serve_app) -> tuple[ReplicaStats, ReplicaStats]:
 def test_a_short_request_behind_a_long_one_finishes_first(serve_app):
     before = serve_app.model.stats.remote().result()
     long = serve_app.ingress.synthesize.remote(SynthesisRequest(text=LONG_TEXT, format="pcm"))
-    wait_for_items_run(serve_app, before.items_run)  # the long request's first batch is running
+    wait_for_chunks_submitted(serve_app, before.chunks_submitted)  # the long request is decoding
     short = post(serve_app, {"text": "A short one.", "format": "pcm"})
     assert short.status_code == 200, short.text
     with pytest.raises(TimeoutError):  # the long request is still running
         long.result(timeout_s=0)
 
-    # Cancelling it (as its caller going away does) cancels its chunk calls: it runs no more batches.
+    # Cancelling it (as its caller going away does) cancels its chunk calls: it sends no more.
     long.cancel()
     with pytest.raises((RequestCancelledError, TaskCancelledError)):
         long.result()
     first, second = stats_after_probes(serve_app)
-    assert (second.items_run - first.items_run, second.batches_run - first.batches_run) == (1, 1)
-    long_items = second.items_run - before.items_run - 3  # the short request and the two probes
-    assert long_items <= 3 * serve_app.args.max_batch_size < 40
+    assert second.chunks_received - first.chunks_received == 1
+    long_chunks = second.chunks_received - before.chunks_received - 3  # the short request and the two probes
+    assert long_chunks <= 3 * serve_app.args.max_batch_size < 40
 
 
 def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
@@ -236,16 +237,17 @@ def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
         post(serve_app, {"text": LONG_TEXT, "format": "pcm"}, timeout=2.0)
     gone = serve_app.model.stats.remote().result()
     first, second = stats_after_probes(serve_app)
-    assert (second.items_run - first.items_run, second.batches_run - first.batches_run) == (1, 1)
+    assert second.chunks_received - first.chunks_received == 1
 
     def reached(since: ReplicaStats) -> int:
-        """The long request's chunks that reached the replica (run or dropped) since `since`."""
+        """The long request's chunks that reached the replica since `since`."""
         probes = 2
-        return second.items_run - since.items_run - probes + second.items_cancelled - since.items_cancelled
+        return second.chunks_received - since.chunks_received - probes
 
     assert reached(before) >= 1
-    # Once its client went, only the chunks it had in flight (at most its cap of 40) ran or were dropped.
+    # Once its client went, only the chunks it had in flight (at most its cap of 40) reached it.
     assert reached(gone) <= cap
+    assert second.chunks_cancelled > before.chunks_cancelled  # the one in flight was cancelled
 
 
 def chunk_job(text: str, voice: SharedReference | None, request_id: str | None = None) -> ChunkJob:
@@ -275,7 +277,8 @@ def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
     with pytest.raises(AttributeError) as raised:
         responses[1].result()
     after = serve_app.model.stats.remote().result()
-    assert (after.batches_run - before.batches_run, after.items_run - before.items_run) == (1, 3)
+    assert after.chunks_received - before.chunks_received == 3
+    assert after.chunks_finished - before.chunks_finished == 2
     assert after.voices_prepared - before.voices_prepared == 1
     error = model_error(raised.value)  # what the ingress answers the owner of the broken job
     assert (error.status, error.code) == (503, "synthesis_failed")
@@ -283,7 +286,7 @@ def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
 
 def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
     # The ingress's chunk fan-out, run here against the real model deployment: one bad chunk first,
-    # then 19 good ones, in batches of 2 so that the failure arrives while others still wait.
+    # then 19 good ones, on 2 engine slots so that the failure arrives while others still wait.
     cap = serve_app.args.max_batch_size
     ingress = SimpleNamespace(_model=serve_app.model, _max_chunks_in_flight=cap)
     jobs = [chunk_job("Broken voice.", broken_voice(), "one-request")]
@@ -298,10 +301,13 @@ def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
         first, second = stats_after_probes(serve_app)
     finally:
         serve_app.model.reconfigure.remote(batching.model_dump()).result()
-    ran = first.items_run - before.items_run - 1  # less the first probe
-    dropped = second.items_cancelled - before.items_cancelled
-    assert ran + dropped == cap  # the chunks after the first `cap` were never sent
-    assert ran <= 4 and dropped >= cap - 4  # the bad chunk's batch, and one formed before the cancel
+    # Calls still queued for the replica when cancelled never reach it.
+    received = first.chunks_received - before.chunks_received - 1  # less the first probe
+    assert 1 <= received <= cap  # the chunks after the first `cap` were never sent
+    finished = first.chunks_finished - before.chunks_finished - 1
+    cancelled = second.chunks_cancelled - before.chunks_cancelled
+    assert finished + cancelled == received - 1  # every good chunk that arrived: finished first, or cancelled
+    assert finished <= 4  # those in the engine's two slots, and two that took them before the cancel
 
 
 def test_reconfigure_never_raises_the_batch_size_above_max_ongoing_requests(serve_app):
