@@ -79,6 +79,9 @@ api = FastAPI(title="Chatterbox Turbo TTS", version="1")
 READINESS_TIMEOUT_S = 5.0
 # Shortest piece a stream sends before its last: fewer, larger pieces, each long enough to watermark.
 MIN_PIECE_SECONDS = 0.1
+# The watermark keeps a piece's length only when it is a multiple of 10 ms (PerTh's STFT hop at
+# 32 kHz), so a streamed chunk is cut at such multiples.
+PIECE_GRANULE_SECONDS = 0.01
 # Handle-API field names that HTTP clients know under another name, per endpoint.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
 _OPENAI_FIELDS = {"text": "input", "format": "response_format"}
@@ -476,6 +479,7 @@ class Ingress:
         # What `joiner.add` holds back of the first chunk (at least one sample, so the chunk's end
         # always comes with a piece that says it is done).
         held = max(1, plan.crossfade if len(jobs) > 1 else 0)
+        granule = round(PIECE_GRANULE_SECONDS * plan.sample_rate)
         try:
             parts: list[np.ndarray] = []
             sent = 0
@@ -483,7 +487,7 @@ class Ingress:
                 if not parts:
                     record_time_to_first_audio(time.monotonic() - accepted_at)
                 parts.append(part)
-                final = sum(len(p) for p in parts) - held
+                final = (sum(len(p) for p in parts) - held) // granule * granule
                 if final > sent:
                     yield np.concatenate(parts)[sent:final], 0
                     sent = final
