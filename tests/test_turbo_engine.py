@@ -23,6 +23,7 @@ from chatterbox.sampling import SamplingParams
 from chatterbox.t3.slots import SlotCache
 from chatterbox.turbo_engine import (
     EngineCapacityError,
+    EngineClosedError,
     EngineConfig,
     StageTimes,
     TurboEngine,
@@ -95,6 +96,7 @@ def test_a_request_joining_mid_decode_gets_its_solo_tokens_and_audio(tts: TurboT
     async def run(engine: TurboEngine) -> tuple[np.ndarray, np.ndarray]:
         first_audio = asyncio.ensure_future(engine.submit(first, "first", ignore_stop_token=True))
         await wait_until(lambda: engine.stats().steps >= 5)
+        assert engine.stats().steps_per_s > 0
         joiner_audio = await engine.submit(joiner, "joiner", ignore_stop_token=True)
         return await first_audio, joiner_audio
 
@@ -293,14 +295,35 @@ def test_stream_yields_exactly_the_submit_tokens(tts: TurboTTS, voices: list[Voi
 
 
 def test_a_cache_that_cannot_fit_fails_at_construction_naming_one_that_would(tts: TurboTTS):
+    per_position = SlotCache.nbytes_for(tts.t3.config.gpt2, 1, 1, torch.float32)  # one row, one position
+    too_many = 4 * _free_memory(torch.device("cpu")) // (per_position * 2402) + 4  # 4x what is free
     with pytest.raises(EngineCapacityError) as info:
-        TurboEngine(tts, EngineConfig(max_slots=100_000))
+        TurboEngine(tts, EngineConfig(max_slots=too_many))
     message = str(info.value)
-    assert "max_slots=100000 x max_positions=2402 (torch.float32)" in message
-    fitting = re.search(r"max_slots=(\d+) \(at max_positions=2402\) or max_positions=(\d+)", message)
+    assert f"max_slots={too_many} x max_positions=2402 (torch.float32)" in message
+    fitting = re.search(
+        r"([\d.]+) GiB is free; max_slots=(\d+) \(at max_positions=2402\) or max_positions=(\d+)", message
+    )
     assert fitting, message
-    slots, positions = map(int, fitting.groups())
-    per_position = SlotCache.nbytes_for(tts.t3.config.gpt2, 1, 1, torch.float32)
-    free = _free_memory(torch.device("cpu"))
-    assert 1 <= slots < 100_000 and slots * 2402 * per_position <= free
-    assert 2 <= positions < 2402 and 100_000 * positions * per_position <= free
+    free = (float(fitting[1]) + 0.01) * 2**30
+    slots, positions = int(fitting[2]), int(fitting[3])
+    assert 1 <= slots < too_many and slots * 2402 * per_position <= free
+    assert 2 <= positions < 2402 and too_many * positions * per_position <= free
+
+
+def test_close_fails_unfinished_requests_clearly(tts: TurboTTS):
+    long = TTSRequest("Never finishes.", sampling=SamplingParams(seed=6, max_new_tokens=500))
+
+    async def run(engine: TurboEngine) -> None:
+        live = asyncio.ensure_future(engine.submit(long, "live", ignore_stop_token=True))
+        waiting = asyncio.ensure_future(engine.submit(long, "waiting", ignore_stop_token=True))
+        await wait_until(lambda: engine.stats().steps >= 2)
+        engine.close()
+        for call, request_id in ((live, "live"), (waiting, "waiting")):
+            with pytest.raises(EngineClosedError, match=f"closed before request {request_id} finished"):
+                await call
+        with pytest.raises(EngineClosedError, match="closed"):
+            await engine.submit(long)
+
+    with running(tts, max_slots=1) as engine:
+        asyncio.run(run(engine))

@@ -1,9 +1,11 @@
 """GPT-2 backbone of T3 with a preallocated KV cache and per-row positions (turbo-spec 3.1-3.3).
 
 Pre-LN blocks, learned absolute positions, ``gelu_new`` (tanh approximation), LayerNorm eps 1e-5,
-64-wide heads. No token embedding: T3 feeds ``inputs_embeds`` of its own. Rows of one batch may
-hold sequences of different lengths: they are left-padded into shared cache slots, a key-validity
-mask hides each row's padding and ``positions`` restart at 0 on each row's first real token.
+64-wide heads. No token embedding: T3 feeds ``inputs_embeds`` of its own. Where keys and values
+go is the ``CacheContext``'s business: for ``T3.generate`` rows of different lengths are
+left-padded into shared cache slots, a key-validity mask hides each row's padding and
+``positions`` restart at 0 on each row's first real token (``KVCache``, ``AttentionContext``); the
+serving engine gives each request a cache row of its own (``t3/slots.py``).
 """
 
 from __future__ import annotations
