@@ -125,7 +125,8 @@ async def run_static(tts: TurboTTS, arrivals: list[Arrival], max_batch_size: int
             tts.generate, [arrivals[i].request for i in batch], watermark=False, ignore_stop_token=True
         )
         finished = time.monotonic() - start
-        steps += max(arrivals[i].tokens for i in batch)  # finished rows leave the decode
+        # Decode steps after the prefill's draw; rows that reach their length leave the decode.
+        steps += max(arrivals[i].tokens for i in batch) - 1
         for i, wav in zip(batch, wavs, strict=True):
             served[i] = Served(arrivals[i].at_s, started, finished, audio_seconds(wav))
     await feeder
@@ -150,6 +151,11 @@ async def run_engine(engine: TurboEngine, arrivals: list[Arrival], name: str) ->
     served = await asyncio.gather(*(serve_one(i, a) for i, a in enumerate(arrivals)))
     after = engine.stats()
     return Run(list(served), after.tokens_generated - before.tokens_generated, after.steps - before.steps)
+
+
+def progress(line: str) -> None:
+    """A line on stderr as the run goes (a long run prints its table only at the end)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def row(engine: str, load: float, rate: float, run: Run) -> str:
@@ -216,6 +222,7 @@ def main() -> None:
             capacity = sum(s.audio_s for s in capacity_run.served) / max(
                 s.finished_s for s in capacity_run.served
             )
+            progress(f"static capacity {capacity:.2f} audio s/s")
             mean_audio_s = float(np.mean(lengths)) / TOKEN_HZ + 0.12  # + S3Gen's trailing silence
             for load in loads:
                 rate = load * capacity / mean_audio_s  # requests per second
@@ -223,9 +230,11 @@ def main() -> None:
                 lines.append(
                     row("static", load, rate, asyncio.run(run_static(tts, arrivals, args.max_batch_size)))
                 )
+                progress(lines[-1])
                 lines.append(
                     row("engine", load, rate, asyncio.run(run_engine(engine, arrivals, f"load-{load}")))
                 )
+                progress(lines[-1])
         finally:
             engine.close()
 

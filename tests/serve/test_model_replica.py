@@ -24,7 +24,7 @@ from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineCapacityError
+from chatterbox.turbo_engine import EngineCapacityError, _free_memory
 from serve_app.app import build_app
 from serve_app.config import AppArgs, EngineSettings, ModelSource
 from serve_app.errors import ChunkOutOfMemoryError
@@ -345,3 +345,29 @@ def test_a_kv_cache_that_does_not_fit_fails_the_replica_start_naming_one_that_wo
     )
     with pytest.raises(EngineCapacityError, match=r"max_slots=\d+ \(at max_positions=4000\).* would fit"):
         asyncio.run(start)
+
+
+def test_a_new_slot_count_that_does_not_fit_keeps_the_engine_it_has(serve_app):
+    settings = EngineSettings(max_positions=8000)
+    asked = 256  # the most AppArgs allows: 256 x 8000 positions of the tiny T3, ~50 GB of float32
+
+    async def scenario() -> tuple[ReplicaStats, np.ndarray, ReplicaStats]:
+        model = TurboModel.__new__(TurboModel)
+        await model.__init__(
+            ModelSource.from_args(serve_app.args), settings, max_batch_size=1, voice_cache_size=2
+        )
+        try:
+            before = await model.stats()
+            needed = asked * before.engine.cache_bytes
+            if needed < _free_memory(torch.device("cpu")):  # what the engine checks against
+                pytest.skip(f"this machine could hold a {needed / 2**30:.0f} GiB cache")
+            with pytest.raises(EngineCapacityError, match=rf"max_slots={asked} .* would fit"):
+                await model.reconfigure({"max_batch_size": asked})
+            wav = await model.synthesize_chunk(chunk("still", SENTENCES[0], seed=1, max_new_tokens=10))
+            return before, wav, await model.stats()
+        finally:
+            model.__del__()
+
+    before, wav, after = asyncio.run(scenario())
+    assert after.max_batch_size == 1 and after.engine.cache_bytes == before.engine.cache_bytes
+    assert len(wav) > 0  # the engine it kept still serves
