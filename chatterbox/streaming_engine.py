@@ -187,6 +187,8 @@ class AudioStreamer:
                     self._receive(entry, item)
                 ready = self._ready()
                 if ready:
+                    if cuda_stream is not None:  # voices reach the device on the default stream
+                        cuda_stream.wait_stream(torch.cuda.default_stream(device))
                     self._step(ready[: self.max_batch])
 
     def _ready(self) -> list[_Request]:
