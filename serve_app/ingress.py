@@ -98,6 +98,9 @@ api.add_middleware(ApiKeyMiddleware, keys=lambda: serve.get_replica_context().se
 READINESS_TIMEOUT_S = 5.0
 # Shortest piece a stream sends before its last: fewer, larger pieces, each long enough to watermark.
 MIN_PIECE_SECONDS = 0.1
+# The watermark keeps a piece's length only when it is a multiple of 10 ms (PerTh's STFT hop at
+# 32 kHz), so a streamed chunk is cut at such multiples.
+PIECE_GRANULE_SECONDS = 0.01
 # Handle-API field names that HTTP clients know under another name, per endpoint.
 _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
 _OPENAI_FIELDS = {"text": "input", "format": "response_format"}
@@ -124,11 +127,12 @@ def _record_first_audio(accepted_at: float) -> Callable[[asyncio.Future], None]:
 
 
 async def finished_in_order(
-    model: DeploymentHandle, jobs: list[ChunkJob], max_in_flight: int, accepted_at: float
+    model: DeploymentHandle, jobs: list[ChunkJob], max_in_flight: int, accepted_at: float | None
 ) -> AsyncIterator[tuple[asyncio.Future, DeploymentResponse]]:
     """The `model.synthesize_chunk` calls of `jobs`, each (its result future, its response) yielded
     in order once it and every call before it have finished; the first one's finishing is recorded
-    as the request's time to first audio (since `accepted_at`).
+    as the request's time to first audio (since `accepted_at`; None: its first audio comes from
+    elsewhere).
 
     At most `max_in_flight` calls of one request run at once, the next sent as an earlier
     one finishes, so a long text does not fill every replica's queue ahead of later requests.
@@ -144,7 +148,7 @@ async def finished_in_order(
                 await _first_finished(running)
             response = model.synthesize_chunk.remote(job)
             call = asyncio.ensure_future(response)
-            if not calls:
+            if not calls and accepted_at is not None:
                 call.add_done_callback(_record_first_audio(accepted_at))
             calls.append((call, response))
             running[call] = response
@@ -435,37 +439,77 @@ class Ingress(VoicesRoutes):
                 yield piece
 
     async def _stream(self, request: SynthesisRequest, accepted_at: float) -> AsyncIterator[AudioPiece]:
-        """The request's audio in pieces: each chunk joined (crossfade and pause) onto the ones before
-        it as it finishes, in order; a piece leaves once it has MIN_PIECE_SECONDS of final samples
+        """The request's audio in pieces, in order, joined (crossfade and pause) as in the whole
+        response (`_joined_audio`); a piece leaves once it has MIN_PIECE_SECONDS of final samples
         (or is the last), watermarked on its own by the stitcher."""
         with self._admitted():
             jobs, plan = await self._prepare(request)
-            joiner = StreamingStitch(plan.pauses, plan.crossfade)
             min_piece = MIN_PIECE_SECONDS * plan.sample_rate
             pending: list[np.ndarray] = []
             start = 0
             try:
-                done = 0
-                calls = finished_in_order(self._model, jobs, self._max_chunks_in_flight, accepted_at)
-                async for call, _ in calls:
-                    pending.append(joiner.add(call.result()))
-                    done += 1
-                    samples = np.concatenate(pending)
-                    if len(samples) < min_piece and done < len(jobs):
-                        continue
-                    pending = []
-                    audio = await self._stitcher.encode_piece.remote(samples, plan.sample_rate)
-                    yield AudioPiece(
-                        audio=audio,
-                        sample_rate=plan.sample_rate,
-                        start_sample=start,
-                        num_samples=len(samples),
-                        chunks_done=done,
-                        chunks_total=len(jobs),
-                    )
-                    start += len(samples)
+                async with contextlib.aclosing(self._joined_audio(jobs, plan, accepted_at)) as joined:
+                    async for final, done in joined:
+                        pending.append(final)
+                        samples = np.concatenate(pending)
+                        if len(samples) < min_piece and done < len(jobs):
+                            continue
+                        pending = []
+                        audio = await self._stitcher.encode_piece.remote(samples, plan.sample_rate)
+                        yield AudioPiece(
+                            audio=audio,
+                            sample_rate=plan.sample_rate,
+                            start_sample=start,
+                            num_samples=len(samples),
+                            chunks_done=done,
+                            chunks_total=len(jobs),
+                        )
+                        start += len(samples)
             except Exception as error:
                 raise model_error(error) from None
+
+    async def _joined_audio(
+        self, jobs: list[ChunkJob], plan: StitchPlan, accepted_at: float
+    ) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """(joined samples that no later chunk can change, chunks done) as they become final.
+
+        The first chunk streams token by token (`TurboModel.stream_chunk`): its pieces pass on as
+        they come, less the tail a next chunk's crossfade still changes. Meanwhile the later chunks
+        are synthesised whole (`finished_in_order`) and joined in order once the first has ended.
+        """
+        joiner = StreamingStitch(plan.pauses, plan.crossfade)
+        first = self._model.options(stream=True).stream_chunk.remote(jobs[0])
+        later = finished_in_order(self._model, jobs[1:], max(1, self._max_chunks_in_flight - 1), None)
+        next_later = asyncio.ensure_future(anext(later, None))  # sends the later chunks' calls now
+        # What `joiner.add` holds back of the first chunk (at least one sample, so the chunk's end
+        # always comes with a piece that says it is done).
+        held = max(1, plan.crossfade if len(jobs) > 1 else 0)
+        granule = round(PIECE_GRANULE_SECONDS * plan.sample_rate)
+        try:
+            parts: list[np.ndarray] = []
+            sent = 0
+            async for part in first:
+                if not parts:
+                    record_time_to_first_audio(time.monotonic() - accepted_at)
+                parts.append(part)
+                final = (sum(len(p) for p in parts) - held) // granule * granule
+                if final > sent:
+                    yield np.concatenate(parts)[sent:final], 0
+                    sent = final
+            # The first chunk is not faded in, so `add` returns the samples passed on unchanged.
+            yield joiner.add(np.concatenate(parts))[sent:], 1
+            done = 1
+            while (item := await next_later) is not None:
+                call, _ = item
+                done += 1
+                yield joiner.add(call.result()), done
+                next_later = asyncio.ensure_future(anext(later, None))
+        finally:
+            first.cancel()
+            next_later.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its error was raised above
+                await next_later
+            await later.aclose()  # cancels the later chunks' calls still running
 
     async def _prepare(self, request: SynthesisRequest) -> tuple[list[ChunkJob], StitchPlan]:
         """Check the request and make its chunk jobs (the built-in or its decoded voice) and stitch plan."""

@@ -15,11 +15,12 @@ every chunk and fails its health check, so Serve replaces it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from ray.serve.exceptions import RayServeException
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
+from chatterbox.streaming_engine import AudioStreamer
 from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
 from chatterbox.voice import Voice
 from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSource, replica_device
@@ -200,6 +202,7 @@ class TurboModel:
         # A cache that does not fit fails the replica's start with EngineCapacityError, whose
         # message names a capacity that would.
         self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
+        self._streamer: AudioStreamer | None = None  # made when the first chunk streams
         self._accepting = asyncio.Event()  # cleared while the engine is rebuilt
         self._accepting.set()
         self._in_engine = 0  # chunks submitted and not yet answered
@@ -217,6 +220,9 @@ class TurboModel:
         if task is not None and not task.done():
             task.cancel()
         self._metrics_task = None
+        streamer = getattr(self, "_streamer", None)
+        if streamer is not None:
+            streamer.close()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()
@@ -310,24 +316,58 @@ class TurboModel:
             raise voice
         return voice
 
-    async def _run_in_engine(self, request: TTSRequest) -> np.ndarray:
+    async def stream_chunk(self, job: ChunkJob) -> AsyncIterator[np.ndarray]:
+        """The chunk's float32 audio in pieces as the engine decodes it, unwatermarked: token-level
+        streaming (the first piece after ~19 decode steps and one small S3Gen pass); together the
+        pieces are the chunk's audio. Call with `handle.options(stream=True)`."""
+        self.check_health()
+        self._chunks_received += 1
+        try:
+            request = TTSRequest(job.text, await self._voice(job.voice), job.sampling)
+            async with (
+                self._engine_call() as engine,
+                contextlib.aclosing(self._audio_streamer(engine).stream(request)) as pieces,
+            ):
+                async for piece in pieces:
+                    yield piece
+        except asyncio.CancelledError:  # Serve cancels the call when its caller goes away
+            self._chunks_cancelled += 1
+            raise
+        self._chunks_finished += 1
+
+    def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
+        """The token-level streamer over `engine`: made on first use, and again after a rebuild."""
+        if self._streamer is None or self._streamer.engine is not engine:
+            if self._streamer is not None:
+                self._streamer.close()
+            self._streamer = AudioStreamer(engine, max_batch=self._engine_config.max_slots)
+            self._streamer.start()
+        return self._streamer
+
+    @contextlib.asynccontextmanager
+    async def _engine_call(self) -> AsyncIterator[TurboEngine]:
+        """The engine for one chunk, which counts as in it until the block ends (a rebuild waits)."""
         await self._accepting.wait()
         self.check_health()  # the replica may have broken while this chunk waited
-        engine, chunk_id = self._engine, uuid.uuid4().hex
         self._in_engine += 1
         self._drained.clear()
         self._chunks_submitted += 1
-        submitted_at = time.monotonic()
         try:
-            # Cancelling this call (Serve does when its caller goes away) cancels the chunk in the
-            # engine: submit frees its slot, or its place in the queue, at the engine's next step.
-            audio = await engine.submit(request, request_id=chunk_id, watermark=False)
+            yield self._engine
         except Exception as error:
             raise self._chunk_error(error) from error
         finally:
             self._in_engine -= 1
             if not self._in_engine:
                 self._drained.set()
+
+    async def _run_in_engine(self, request: TTSRequest) -> np.ndarray:
+        chunk_id = uuid.uuid4().hex
+        submitted_at = time.monotonic()
+        async with self._engine_call() as engine:
+            # Cancelling this call (Serve does when its caller goes away) cancels the chunk in the
+            # engine: submit frees its slot, or its place in the queue, at the engine's next step.
+            audio = await engine.submit(request, request_id=chunk_id, watermark=False)
         times = engine.stage_times(chunk_id)
         record_chunk_synthesised(
             audio_seconds=len(audio) / self._tts.sample_rate,

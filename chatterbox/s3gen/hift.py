@@ -129,13 +129,26 @@ class SourceModule(nn.Module):
         super().__init__()
         self.l_linear = nn.Linear(HARMONICS, 1)
 
-    def forward(self, f0: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """f0 (B, L) Hz, phases (B, 9) radians, noise (B, 9, 480L) standard normal -> (B, 1, 480L)."""
+    def forward(
+        self,
+        f0: torch.Tensor,
+        phases: torch.Tensor,
+        noise: torch.Tensor,
+        start_cycles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """f0 (B, L) Hz, phases (B, 9) radians, noise (B, 9, 480L) standard normal -> (B, 1, 480L).
+
+        ``start_cycles`` (B, 9): each harmonic's running phase, in cycles, before the first sample
+        (a stream's next segment continues the previous one's sines; None: 0, a whole utterance).
+        """
         f0 = F.interpolate(f0[:, None], scale_factor=float(SAMPLES_PER_FRAME), mode="nearest")  # (B, 1, S)
         harmonic = torch.arange(1, HARMONICS + 1, device=f0.device, dtype=f0.dtype)[:, None]
         cycles = f0 * harmonic / S3GEN_SR  # (B, 9, S) cycles per sample
+        running = torch.cumsum(cycles, dim=-1)
+        if start_cycles is not None:
+            running = running + start_cycles[:, :, None]
         # The running phase wraps to [0, 1) cycles before scaling by 2π, as the reference does.
-        theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
+        theta = 2 * math.pi * (running % 1)
         sines = SINE_AMP * torch.sin(theta + phases[:, :, None])
         voiced = (f0 > VOICED_THRESHOLD).to(f0.dtype)
         noise_amp = voiced * NOISE_STD + (1 - voiced) * SINE_AMP / 3
@@ -179,8 +192,12 @@ class HiFT(nn.Module):
 
     def forward(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """mel (B, 80, L) float32, source randomness as in ``source`` -> waveform (B, 480L)."""
+        return self.decode(mel, self.source(mel, phases, noise))
+
+    def decode(self, mel: torch.Tensor, excitation: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, L) float32 and its source excitation (B, 1, 480L) -> waveform (B, 480L)."""
         spec = torch.stft(
-            self.source(mel, phases, noise).squeeze(1),
+            excitation.squeeze(1),
             N_FFT,
             HOP,
             N_FFT,

@@ -1,0 +1,161 @@
+"""Time to first audio: token-level streaming (AudioStreamer) vs chunk-level streaming (issue 15).
+
+    python -m chatterbox.fixtures make-checkpoint /tmp/nano --size nano --seed 0
+    python -m bench.streaming_ttfa --checkpoint /tmp/nano                 # CPU, levels 1 and 8
+    python -m bench.streaming_ttfa --checkpoint DIR --device cuda         # levels 1, 8 and 32
+
+The request is the first chunk the Serve ingress cuts from a long text (``--max-chunk-chars``, the
+service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
+its first audio is ``TurboEngine.submit`` of that chunk. Token-level streaming sends each hop as
+``AudioStreamer`` decodes it. Both run the same engine, request and seed, alternately,
+``--repeats`` times, at concurrency 1: the side-by-side table. A fixture checkpoint's random T3
+rarely draws STOP, so each request samples as many tokens as a real voice speaks its text in
+(``--chars-per-second``; 25 tokens per second of audio).
+
+Then per concurrency level, that many token streams at once (different seeds): time to first
+audio p50/p95, the stream's real-time factor (wall time from the request to its last piece over
+its audio's length) and underruns: a listener starts playing at the first piece, and an underrun
+is a piece arriving more than 100 ms after everything before it finished playing (vLLM-Omni's
+harness counts gaps over 100 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatterbox.constants import S3GEN_SR, TOKEN_HZ
+from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.hub import local_checkpoint
+from chatterbox.sampling import SamplingParams
+from chatterbox.streaming_engine import AudioStreamer
+from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from serve_app.chunking import split_text
+from serve_app.config import ChunkingConfig
+
+TEXT = (
+    "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
+    "years. Gulls wheeled over the harbour, loud and hungry, and the fishing boats were already "
+    "leaving. She wrote the weather in a small green notebook: wind from the west, light rain."
+)
+UNDERRUN_GAP_S = 0.1
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    first_audio_s: float  # request to first piece
+    last_piece_s: float  # request to last piece
+    audio_s: float
+    underruns: int
+
+    @property
+    def rtf(self) -> float:
+        return self.last_piece_s / self.audio_s
+
+
+def underruns(arrivals: list[float], durations: list[float]) -> int:
+    """Gaps over UNDERRUN_GAP_S for a listener who starts at the first piece and plays in order."""
+    count, played_until = 0, arrivals[0]
+    for arrival, duration in zip(arrivals, durations, strict=True):
+        if arrival > played_until + UNDERRUN_GAP_S:
+            count += 1
+        played_until = max(played_until, arrival) + duration
+    return count
+
+
+async def token_stream(streamer: AudioStreamer, request: TTSRequest) -> StreamRun:
+    start = time.perf_counter()
+    arrivals, durations = [], []
+    async for piece in streamer.stream(request):
+        arrivals.append(time.perf_counter() - start)
+        durations.append(len(piece) / S3GEN_SR)
+    return StreamRun(arrivals[0], arrivals[-1], sum(durations), underruns(arrivals, durations))
+
+
+async def chunk_level_first_audio(engine: TurboEngine, request: TTSRequest) -> float:
+    start = time.perf_counter()
+    await engine.submit(request)
+    return time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+async def run(args: argparse.Namespace) -> None:
+    tts = TurboTTS.from_checkpoint(local_checkpoint(args.checkpoint), device=args.device)
+    chunk = split_text(TEXT, args.max_chunk_chars, tts.max_text_tokens)[0].text
+    tokens = args.max_new_tokens or math.ceil(TOKEN_HZ * len(chunk) / args.chars_per_second)
+    levels = [int(level) for level in args.levels.split(",")] if args.levels else [1, 8]
+    if args.device == "cuda" and not args.levels:
+        levels.append(32)
+    engine = TurboEngine(tts, EngineConfig(max_slots=max(levels)))
+    streamer = AudioStreamer(engine, max_batch=max(levels))
+    streamer.start()
+
+    def request(seed: int) -> TTSRequest:
+        return TTSRequest(chunk, sampling=SamplingParams(seed=seed, max_new_tokens=tokens))
+
+    try:
+        await token_stream(streamer, request(0))  # warm-up (allocator, kernels)
+        print(
+            f"{args.checkpoint.name} on {args.device}, {torch.get_num_threads()} torch threads; first chunk "
+            f"of the text ({len(chunk)} chars, max_chunk_chars {args.max_chunk_chars}): {tokens} tokens "
+            f"= {tokens / TOKEN_HZ:.1f} s of audio\n"
+        )
+        print(
+            "| run | chunk-level first audio (s) | token-level first audio (s) | ratio |\n|---|---|---|---|"
+        )
+        ratios = []
+        for k in range(args.repeats):
+            chunk_s = await chunk_level_first_audio(engine, request(1 + k))
+            token_s = (await token_stream(streamer, request(1 + k))).first_audio_s
+            ratios.append(chunk_s / token_s)
+            print(f"| {k + 1} | {chunk_s:.2f} | {token_s:.2f} | {ratios[-1]:.1f}x |")
+        print(f"\nmedian ratio {statistics.median(ratios):.1f}x\n")
+        print(
+            "| concurrency | streams | first audio p50 (s) | first audio p95 (s) | stream RTF p50 "
+            "| underruns (gaps > 100 ms) | streams with an underrun |\n|---|---|---|---|---|---|---|"
+        )
+        for level in levels:
+            runs = await asyncio.gather(
+                *(token_stream(streamer, request(100 * level + i)) for i in range(level))
+            )
+            first = [r.first_audio_s for r in runs]
+            print(
+                f"| {level} | {len(runs)} | {percentile(first, 50):.2f} | {percentile(first, 95):.2f} "
+                f"| {statistics.median(r.rtf for r in runs):.2f} | {sum(r.underruns for r in runs)} "
+                f"| {sum(r.underruns > 0 for r in runs)} |"
+            )
+    finally:
+        streamer.close()
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. Nano)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--levels", help="comma-separated concurrency levels (default 1,8; 1,8,32 on cuda)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-chunk-chars", type=int, default=ChunkingConfig().max_chunk_chars)
+    parser.add_argument("--chars-per-second", type=float, default=15.0, help="speaking rate of the text")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per request (default: from the rate)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
