@@ -74,6 +74,17 @@ class Job:
             sampling=replace(self.request.sampling, seed=derive_seed(self.seed, "t3")),
         )
 
+    def s3gen_request(self, speech_tokens: torch.Tensor) -> S3GenRequest:
+        """S3Gen's part of the job: the tokens to vocode, its voice's S3Gen conditionals, the "s3gen" seed."""
+        conditionals = self.voice.conditionals
+        return S3GenRequest(
+            speech_tokens=speech_tokens,
+            prompt_tokens=conditionals.prompt_tokens,
+            prompt_feat=conditionals.prompt_feat,
+            embedding=conditionals.embedding,
+            seed=derive_seed(self.seed, "s3gen"),
+        )
+
 
 class TurboTTS:
     """Chatterbox Turbo (or Nano): T3, S3Gen, voice conditioning, tokenizer and watermark."""
@@ -200,7 +211,7 @@ class TurboTTS:
 
     # ------------------------------------------------------------------------------- synthesis
 
-    def _jobs(self, requests: Sequence[TTSRequest]) -> list[Job]:
+    def jobs(self, requests: Sequence[TTSRequest]) -> list[Job]:
         """Tokenise every request's text and fix its seed and voice before any model work."""
         jobs = []
         for request in requests:
@@ -218,19 +229,10 @@ class TurboTTS:
     def _t3(self, jobs: Sequence[Job], ignore_stop_token: bool) -> list[torch.Tensor]:
         return self.t3.generate([job.t3_request() for job in jobs], ignore_stop_token=ignore_stop_token)
 
-    def _s3gen(self, jobs: Sequence[Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    def vocode_jobs(self, jobs: Sequence[Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
         # A row with no speech tokens (it drew nothing but stop tokens) is vocoded too, as upstream
         # vocodes its 3 appended silence tokens: 120 ms of the voice's silence.
-        s3gen_requests = [
-            S3GenRequest(
-                speech_tokens=tokens,
-                prompt_tokens=job.voice.conditionals.prompt_tokens,
-                prompt_feat=job.voice.conditionals.prompt_feat,
-                embedding=job.voice.conditionals.embedding,
-                seed=derive_seed(job.seed, "s3gen"),
-            )
-            for job, tokens in zip(jobs, speech_tokens, strict=True)
-        ]
+        s3gen_requests = [job.s3gen_request(tokens) for job, tokens in zip(jobs, speech_tokens, strict=True)]
         return [wav.float().cpu().numpy() for wav in self.s3gen.generate(s3gen_requests)]
 
     @torch.inference_mode()
@@ -238,7 +240,7 @@ class TurboTTS:
         self, requests: Sequence[TTSRequest], ignore_stop_token: bool = False
     ) -> list[torch.Tensor]:
         """The T3 stage alone: each request's speech tokens (25 per second of audio)."""
-        return self._t3(self._jobs(requests), ignore_stop_token) if requests else []
+        return self._t3(self.jobs(requests), ignore_stop_token) if requests else []
 
     @torch.inference_mode()
     def generate(
@@ -251,8 +253,8 @@ class TurboTTS:
         """
         if not requests:
             return []
-        jobs = self._jobs(requests)
-        wavs = self._s3gen(jobs, self._t3(jobs, ignore_stop_token))
+        jobs = self.jobs(requests)
+        wavs = self.vocode_jobs(jobs, self._t3(jobs, ignore_stop_token))
         return [self.watermark(wav) for wav in wavs] if watermark else wavs
 
     def watermark(self, wav: np.ndarray) -> np.ndarray:

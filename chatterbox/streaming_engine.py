@@ -33,8 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from chatterbox.engine import TTSRequest, derive_seed
-from chatterbox.s3gen import S3GenRequest
+from chatterbox.engine import TTSRequest
 from chatterbox.s3gen.streaming import HopSchedule, S3GenStream, StreamingS3Gen
 from chatterbox.turbo_engine import EngineClosedError, TurboEngine
 
@@ -109,17 +108,8 @@ class AudioStreamer:
         raises CancelledError; leaving the loop early cancels the request."""
         if self._thread is None:
             raise EngineClosedError("the streamer is not started")
-        job = self.engine.tts._jobs([request])[0]  # checks the text, fixes the seed and the voice
-        conditionals = job.voice.conditionals
-        stream = self.streaming.open(
-            S3GenRequest(
-                speech_tokens=torch.zeros(0, dtype=torch.long),
-                prompt_tokens=conditionals.prompt_tokens,
-                prompt_feat=conditionals.prompt_feat,
-                embedding=conditionals.embedding,
-                seed=derive_seed(job.seed, "s3gen"),
-            )
-        )
+        job = self.engine.tts.jobs([request])[0]  # checks the text, fixes the seed and the voice
+        stream = self.streaming.open(job.s3gen_request(torch.zeros(0, dtype=torch.long)))
         entry = _Request(request_id or uuid.uuid4().hex, stream, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put((entry, _OPEN))
         # The engine draws T3's tokens from the seed the S3Gen stream's seed was derived from.

@@ -366,7 +366,7 @@ class TurboEngine:
         stream: bool,
     ) -> _Row:
         loop = asyncio.get_running_loop()
-        job = self.tts._jobs([request])[0]  # tokenises and checks the text, fixes seed and voice
+        job = self.tts.jobs([request])[0]  # tokenises and checks the text, fixes seed and voice
         t3_request = job.t3_request()
         max_new_tokens = t3_request.sampling.max_new_tokens
         self._t3._check_request(0, t3_request, max_new_tokens)
@@ -621,7 +621,7 @@ class TurboEngine:
         for row in rows:
             row.times.s3gen_start = start
         try:
-            wavs = self.tts._s3gen([row.job for row in rows], [row.speech_tokens() for row in rows])
+            wavs = self.tts.vocode_jobs([row.job for row in rows], [row.speech_tokens() for row in rows])
         except Exception as error:
             if len(rows) == 1:
                 self._fail(rows[0], error)

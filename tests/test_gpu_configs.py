@@ -36,7 +36,7 @@ def kv_bytes_per_slot() -> int:
 
 
 def prefix_bytes_per_voice() -> int:
-    """The K/V of one voice's prefix (speaker embedding + 375 prompt tokens) the engine keeps per cached voice."""
+    """K/V of one voice's prefix (speaker embedding + 375 prompt tokens), kept per cached voice."""
     full = SIZES["full"]
     config = GPT2Config(width=full.t3_width, layers=full.t3_layers, positions=full.t3_positions)
     return SlotCache.nbytes_for(config, 1, 1 + T3_PROMPT_TOKENS, torch.bfloat16)

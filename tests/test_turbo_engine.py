@@ -167,7 +167,7 @@ def test_cancel_frees_the_row_at_the_next_iteration(tts: TurboTTS):
 
 def _prefill_logits(engine: TurboEngine, request: TTSRequest) -> torch.Tensor:
     """Logits after START from the engine's own admission path, driven here in place of its loop."""
-    job = engine.tts._jobs([request])[0]
+    job = engine.tts.jobs([request])[0]
     row = _Row(
         id="probe",
         job=job,
@@ -201,7 +201,7 @@ def test_prefix_cached_prefill_equals_uncached_and_the_cache_is_lru(tts: TurboTT
     torch.testing.assert_close(cached, computed, atol=1e-5, rtol=0)
     # ... and both equal T3.generate's one-forward prefill of the whole row
     with torch.inference_mode():
-        whole_row = tts.t3._prefill([tts._jobs([request])[0].t3_request()], 1)[0][0]
+        whole_row = tts.t3._prefill([tts.jobs([request])[0].t3_request()], 1)[0][0]
     torch.testing.assert_close(cached, whole_row, atol=1e-5, rtol=0)
 
     # LRU: a hit makes a voice the most recent, so C evicts B (first-in-first-out would evict A).
