@@ -33,7 +33,7 @@ from ray.serve.exceptions import RayServeException
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
-from chatterbox.streaming_engine import AudioStreamer
+from chatterbox.streaming_engine import AudioStreamer, StreamerStats
 from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
 from chatterbox.voice import Voice
 from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSource, replica_device
@@ -153,6 +153,7 @@ class ReplicaStats:
     voices_prepared: int
     max_batch_size: int  # the engine's KV-cache slots
     engine: EngineStats
+    streaming: StreamerStats | None  # token-level streams' vocoder stage; None until one streams
 
 
 class TurboModel:
@@ -285,6 +286,7 @@ class TurboModel:
             voices_prepared=self._voices.prepared,
             max_batch_size=self._engine_config.max_slots,
             engine=self._engine.stats(),
+            streaming=None if self._streamer is None else self._streamer.stats(),
         )
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
