@@ -247,15 +247,10 @@ def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
     assert reached(before) >= 1
     # Once its client went, only the chunks it had in flight (at most its cap of 40) reached it.
     assert reached(gone) <= cap
-    # The chunk in flight was cancelled where it was: in the engine (its slot freed at the next
-    # step) or, the streamed first chunk once T3 finished it, in the streaming vocoder stage.
+    # The chunk in flight was cancelled in the replica. Whether its engine row was still live by then
+    # is a race (it may be vocoding already); that a cancelled call leaves the engine is
+    # test_model_replica's test_a_cancelled_chunk_call_leaves_the_engine_at_its_next_step.
     assert second.chunks_cancelled > before.chunks_cancelled
-
-    def cancelled_in_model(stats: ReplicaStats) -> int:
-        streamed = stats.streaming.streams_cancelled if stats.streaming is not None else 0
-        return stats.engine.requests_cancelled + streamed
-
-    assert cancelled_in_model(second) > cancelled_in_model(before)
 
 
 def chunk_job(text: str, voice: SharedReference | None, request_id: str | None = None) -> ChunkJob:

@@ -114,15 +114,19 @@ def test_upload_list_use_by_name_and_id_then_delete(voices_app, http):
     assert listed["object"] == "list"
     assert voice in listed["data"]
 
+    clip_base64 = base64.b64encode(CLIP).decode()
+    # /v1/audio/speech streams wav (its first chunk token by token), /v1/tts answers whole: each is
+    # compared with the same route given the clip inline.
     by_name = speech_samples(speech(http, voice="narrator"))  # prepared now, and stored
-    inline = speech_samples(speech(http, reference_audio=base64.b64encode(CLIP).decode()))
+    inline = speech_samples(speech(http, reference_audio=clip_base64))
     assert np.array_equal(by_name, inline)
     assert np.array_equal(speech_samples(speech(http, voice=voice["id"])), inline)
-    assert np.array_equal(tts_samples(tts(http, voice="narrator")), inline)
-    assert np.array_equal(tts_samples(tts(http, voice=voice["id"])), inline)
+    inline_whole = tts_samples(tts(http, reference_audio_base64=clip_base64))
+    assert np.array_equal(tts_samples(tts(http, voice="narrator")), inline_whole)
+    assert np.array_equal(tts_samples(tts(http, voice=voice["id"])), inline_whole)
     handle = serve.get_app_handle(APP)
     result = handle.synthesize.remote(SynthesisRequest(text=TEXT, voice="narrator", seed=7)).result()
-    assert np.array_equal(samples(result.audio), inline)
+    assert np.array_equal(samples(result.audio), inline_whole)
     # The stored conditionals are this model's, filed under its voice id.
     assert len(list((voices_app.store / voice["id"]).glob("*.safetensors"))) == 1
 
