@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,13 @@ def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def hardware_name(device: str) -> str:
+    """The accelerator's name on CUDA, else the CPU's (what every table's heading states)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
 
 
 def add_reference_args(parser: argparse.ArgumentParser) -> None:

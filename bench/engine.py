@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from bench.common import DTYPES, add_reference_args, timed
+from bench.common import DTYPES, add_reference_args, hardware_name, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.fixtures import SIZES, make_checkpoint, t3_state_dict
@@ -141,11 +140,7 @@ def main() -> None:
 
     t3 = tts.t3.config.gpt2
     prompt = tts.default_voice.conditionals.prompt_tokens.numel()
-    hardware = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
+    hardware = hardware_name(args.device)
     print(
         f"\nEnd-to-end TTS, {args.size} T3 ({t3.width}x{t3.layers}) + Turbo S3Gen, ours {args.dtype} / "
         f"upstream fp32 on {args.device} ({hardware}, {args.threads} threads, {os.cpu_count()} cores), "

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import DTYPES
+from bench.common import DTYPES, hardware_name
 from bench.engine import TEXTS, checkpoint_dir
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import TTSRequest, TurboTTS
@@ -239,11 +238,7 @@ def main() -> None:
             engine.close()
 
     t3 = tts.t3.config.gpt2
-    hardware = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
+    hardware = hardware_name(args.device)
     print(
         f"\nOpen-loop Poisson load, {args.size} checkpoint (T3 {t3.width}x{t3.layers}), {args.dtype} on "
         f"{args.device} ({hardware}, {args.threads} threads, {os.cpu_count()} cores), "

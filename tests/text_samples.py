@@ -33,3 +33,12 @@ TEXTS = [
     " ,comma after space",
     "[laugh][chuckle][sigh][gasp][cough][clear throat][sniff][groan][shush][whispering]",
 ]
+
+# Plain sentences that make several-chunk requests in the Serve tests.
+SENTENCES = [
+    "The lighthouse keeper climbed the stairs before dawn.",
+    "Gulls wheeled over the harbour, loud and hungry.",
+    "She wrote the weather in a small green notebook.",
+    "Nobody had asked her to, but somebody should.",
+    "By noon the fog had lifted from the bay.",
+]

@@ -30,6 +30,7 @@ from serve_app.config import AppArgs, EngineSettings, ModelSource
 from serve_app.errors import ChunkOutOfMemoryError
 from serve_app.model import ReplicaStats, TurboModel, is_cuda_error, run_bisecting
 from serve_app.schemas import ChunkJob
+from tests.text_samples import SENTENCES as TEXT_SENTENCES
 
 
 def fits_in_memory(max_batch: int, too_big: set[str]):
@@ -218,14 +219,7 @@ def test_gpu_share_and_serve_build_output():
 
 # ------------------------------------------------------------------- the engine, on a real local Ray
 
-SENTENCES = [
-    "The lighthouse keeper climbed the stairs before dawn.",
-    "Gulls wheeled over the harbour, loud and hungry.",
-    "She wrote the weather in a small green notebook.",
-    "Nobody had asked her to, but somebody should.",
-    "By noon the fog had lifted from the bay.",
-    "The evening ferry was late again.",
-]
+SENTENCES = [*TEXT_SENTENCES, "The evening ferry was late again."]
 
 
 def chunk(request_id: str, text: str, seed: int, max_new_tokens: int) -> ChunkJob:

@@ -27,15 +27,9 @@ from serve_app.ingress import Ingress
 from serve_app.model import ReplicaStats
 from serve_app.schemas import ChunkJob, SharedReference, SynthesisRequest
 from tests.serve.conftest import APP_NAME, CHUNK_MAX_NEW_TOKENS, voice_wav
+from tests.text_samples import SENTENCES
 
 SR = 24_000
-SENTENCES = [
-    "The lighthouse keeper climbed the stairs before dawn.",
-    "Gulls wheeled over the harbour, loud and hungry.",
-    "She wrote the weather in a small green notebook.",
-    "Nobody had asked her to, but somebody should.",
-    "By noon the fog had lifted from the bay.",
-]
 
 
 def paragraph(n_chars: int, offset: int) -> str:
