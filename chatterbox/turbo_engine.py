@@ -324,6 +324,11 @@ class TurboEngine:
                 row.cancelled = True
                 self._lock.notify_all()
 
+    @property
+    def graph_capture_s(self) -> float | None:
+        """Seconds spent capturing the decode step's CUDA graphs at construction; None when eager."""
+        return self._graphed_decode.capture_s if self._graphed_decode.graphed else None
+
     def stats(self) -> EngineStats:
         with self._lock:
             queue_depth = len(self._waiting)

@@ -50,6 +50,9 @@ class EngineSettings(_Strict):
     s3gen_max_batch: int = Field(8, ge=1, le=256)  # most finished chunks vocoded in one S3Gen call
     # Split a long prefill across decode steps, so live rows keep sampling; None: in one piece.
     prefill_chunk_tokens: int | None = Field(None, ge=1)
+    # On CUDA, decode steps replay CUDA graphs captured per batch-size bucket at replica start
+    # (chatterbox/t3/graphs.py); false runs them eagerly. No effect on CPU.
+    cuda_graphs: bool = True
 
 
 class AutoscalingSettings(_Strict):

@@ -199,6 +199,7 @@ class TurboModel:
             prefix_cache_voices=voice_cache_size,
             s3gen_max_batch=engine.s3gen_max_batch,
             prefill_chunk_tokens=engine.prefill_chunk_tokens,
+            cuda_graphs=engine.cuda_graphs,
         )
         # A cache that does not fit fails the replica's start with EngineCapacityError, whose
         # message names a capacity that would.
@@ -231,11 +232,13 @@ class TurboModel:
     def _start_engine(self, config: EngineConfig) -> TurboEngine:
         engine = TurboEngine(self._tts, config)  # allocates the KV cache
         engine.start()
+        capture_s = engine.graph_capture_s
         logger.info(
-            "TurboEngine: %d slots, KV cache %.1f MiB %s",
+            "TurboEngine: %d slots, KV cache %.1f MiB %s, decode %s",
             config.max_slots,
             engine.cache_bytes / 2**20,
             engine.cache_dtype,
+            "eager" if capture_s is None else f"as CUDA graphs (captured in {capture_s:.1f} s)",
         )
         return engine
 
