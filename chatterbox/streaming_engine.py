@@ -35,7 +35,7 @@ import torch
 
 from chatterbox.engine import TTSRequest
 from chatterbox.s3gen.streaming import HopSchedule, S3GenStream, StreamingS3Gen
-from chatterbox.turbo_engine import EngineClosedError, TurboEngine
+from chatterbox.turbo_engine import EngineClosedError, TurboEngine, call_in_loop
 
 _OPEN = object()  # a new request: the worker holds it from now on
 _END = object()  # a request's tokens are all in / its audio is all out
@@ -233,5 +233,4 @@ class AudioStreamer:
 
 def _post(entry: _Request, item: object) -> None:
     """Put item on the consumer's queue, on the consumer's event loop."""
-    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening any more
-        entry.loop.call_soon_threadsafe(entry.pieces.put_nowait, item)
+    call_in_loop(entry.loop, entry.pieces.put_nowait, item)

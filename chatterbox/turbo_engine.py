@@ -677,10 +677,15 @@ class TurboEngine:
             _post(row, row.token_chunks.put_nowait, error)
 
 
+def call_in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """Run callback(*args) on a caller's event loop, from an engine thread."""
+    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(callback, *args)
+
+
 def _post(row: _Row, callback: Callable[..., object], *args: object) -> None:
     """Run callback(*args) on the row's caller's event loop."""
-    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
-        row.loop.call_soon_threadsafe(callback, *args)
+    call_in_loop(row.loop, callback, *args)
 
 
 def _set_result(future: asyncio.Future[np.ndarray], audio: np.ndarray) -> None:
