@@ -294,16 +294,20 @@ class TurboModel:
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
         """(T,) float32 audio at the model's sample rate, unwatermarked."""
+        async with self._chunk_call(job) as request:
+            return await self._run_in_engine(request)
+
+    @contextlib.asynccontextmanager
+    async def _chunk_call(self, job: ChunkJob) -> AsyncIterator[TTSRequest]:
+        """One chunk call, counted as received, then cancelled or finished; yields its request."""
         self.check_health()  # fail fast instead of queueing on a replica that can run nothing
         self._chunks_received += 1
         try:
-            request = TTSRequest(job.text, await self._voice(job.voice), job.sampling)
-            audio = await self._run_in_engine(request)
+            yield TTSRequest(job.text, await self._voice(job.voice), job.sampling)
         except asyncio.CancelledError:  # Serve cancels the call when its caller goes away
             self._chunks_cancelled += 1
             raise
         self._chunks_finished += 1
-        return audio
 
     async def _voice(self, reference: SharedReference | None) -> Voice:
         """The voice of a chunk: the built-in one, or its reference's (cached or prepared now)."""
@@ -325,20 +329,13 @@ class TurboModel:
         """The chunk's float32 audio in pieces as the engine decodes it, unwatermarked: token-level
         streaming (the first piece after ~19 decode steps and one small S3Gen pass); together the
         pieces are the chunk's audio. Call with `handle.options(stream=True)`."""
-        self.check_health()
-        self._chunks_received += 1
-        try:
-            request = TTSRequest(job.text, await self._voice(job.voice), job.sampling)
-            async with (
-                self._engine_call() as engine,
-                contextlib.aclosing(self._audio_streamer(engine).stream(request)) as pieces,
-            ):
-                async for piece in pieces:
-                    yield piece
-        except asyncio.CancelledError:  # Serve cancels the call when its caller goes away
-            self._chunks_cancelled += 1
-            raise
-        self._chunks_finished += 1
+        async with (
+            self._chunk_call(job) as request,
+            self._engine_call() as engine,
+            contextlib.aclosing(self._audio_streamer(engine).stream(request)) as pieces,
+        ):
+            async for piece in pieces:
+                yield piece
 
     def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
         """The token-level streamer over `engine`: made on first use, and again after a rebuild."""
