@@ -38,7 +38,7 @@ from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
 from chatterbox.streaming_engine import AudioStreamer
 from chatterbox.turbo_engine import EngineConfig, TurboEngine
-from serve_app.chunking import split_text
+from serve_app.synthesis.chunking import split_text
 from serve_app.config import ChunkingConfig
 
 TEXT = (

@@ -13,9 +13,9 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app.config import AppArgs, ModelSource, replica_num_gpus
-from serve_app.ingress import Ingress
-from serve_app.model import TurboModel
-from serve_app.stitcher import Stitcher
+from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.model import TurboModel
+from serve_app.deployments.stitcher import Stitcher
 
 
 def visible_gpus() -> float:

@@ -154,7 +154,7 @@ def front_deployment_options(
 
 
 class VoicesConfig(_Strict):
-    """Saved voices (serve_app.voice_store): one directory every ingress and model replica reads,
+    """Saved voices (serve_app.voices.store): one directory every ingress and model replica reads,
     so in a cluster a volume all their nodes mount (cluster/rayservice.yaml: /mnt/voices)."""
 
     store_dir: str = f"{DEFAULT_TINY_CACHE_DIR}/voices"
@@ -162,10 +162,10 @@ class VoicesConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    """API keys of the HTTP API (serve_app.auth). With none here and no file named by the
+    """API keys of the HTTP API (serve_app.api.auth). With none here and no file named by the
     CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open.
 
-    The keys are checked where they are loaded (`serve_app.auth.load_api_keys`): a validation error
+    The keys are checked where they are loaded (`serve_app.api.auth.load_api_keys`): a validation error
     here would print the refused key.
     """
 

@@ -9,8 +9,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
-from serve_app.audio import AudioFormat
-from serve_app.voice_store import BUILT_IN_VOICE
+from serve_app.synthesis.audio import AudioFormat
+from serve_app.voices.store import BUILT_IN_VOICE
 
 
 def _sampling_field(name: str, bounds: Bounds | None = None) -> Any:
@@ -31,7 +31,7 @@ class SynthesisParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str
-    # A saved voice (serve_app.voice_store), by id or name; None or "default": the built-in voice (or
+    # A saved voice (serve_app.voices.store), by id or name; None or "default": the built-in voice (or
     # the reference clip, if one is sent).
     voice: str | None = None
     format: AudioFormat = "wav"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serve_app.audio import chunk_starts, encode_audio, ms_to_samples, stitch, to_pcm16
+from serve_app.synthesis.audio import chunk_starts, encode_audio, ms_to_samples, stitch, to_pcm16
 
 SR = 24_000
 

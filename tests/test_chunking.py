@@ -6,7 +6,7 @@ import re
 import pytest
 
 from chatterbox.text import TextTokenizer, normalize_text
-from serve_app.chunking import TextChunk, chunk_fits, split_paragraphs, split_text
+from serve_app.synthesis.chunking import TextChunk, chunk_fits, split_paragraphs, split_text
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -15,8 +15,8 @@ from chatterbox.errors import TTSInputError
 from chatterbox.hub import local_checkpoint
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio
 from serve_app.schemas import StoredVoiceReference
-from serve_app.voice_cache import VoiceCache
-from serve_app.voice_store import (
+from serve_app.voices.cache import VoiceCache
+from serve_app.voices.store import (
     STALE_AFTER_S,
     VoiceExistsError,
     VoiceLimitError,

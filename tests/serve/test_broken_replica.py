@@ -16,7 +16,7 @@ import torch
 from chatterbox.sampling import SamplingParams
 from serve_app.config import EngineSettings, ModelSource
 from serve_app.errors import ReplicaBrokenError, model_error
-from serve_app.model import ReplicaStats, TurboModel
+from serve_app.deployments.model import ReplicaStats, TurboModel
 from serve_app.schemas import ChunkJob
 
 

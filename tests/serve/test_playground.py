@@ -22,7 +22,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 from chatterbox.constants import PARALINGUISTIC_TAGS, S3GEN_SR
 from serve_app.app import build_app
 from serve_app.config import AuthConfig, VoicesConfig
-from serve_app.playground import render_page
+from serve_app.api.playground import render_page
 from tests.serve.conftest import REPO_ROOT, voice_wav
 from tests.serve.test_serve_app import paragraph
 
@@ -64,7 +64,7 @@ def test_static_files_are_served(serve_app, path, content_type):
     response = httpx.get(f"{serve_app.url}/static/{path}", timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith(content_type)
-    assert response.content == (REPO_ROOT / "serve_app" / "static" / path).read_bytes()
+    assert response.content == (REPO_ROOT / "serve_app" / "api" / "static" / path).read_bytes()
 
 
 def test_a_missing_static_file_is_a_404_in_the_error_shape(serve_app):

@@ -6,8 +6,8 @@ from pydantic import ValidationError
 
 from chatterbox.errors import TTSInputError
 from chatterbox.sampling import SAMPLING_BOUNDS, SamplingParams
-from serve_app.audio import StitchPlan, stitch_plan
-from serve_app.chunking import TextChunk
+from serve_app.synthesis.audio import StitchPlan, stitch_plan
+from serve_app.synthesis.chunking import TextChunk
 from serve_app.config import StitchingConfig
 from serve_app.schemas import SynthesisParams
 

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from ray import serve
 
-from serve_app.openai_api import SERVED_MODEL_ID
+from serve_app.api.openai import SERVED_MODEL_ID
 from serve_app.schemas import AudioPiece, SynthesisRequest
 from tests.serve.conftest import APP_NAME
 from tests.serve.test_serve_app import SR

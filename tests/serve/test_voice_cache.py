@@ -11,7 +11,7 @@ from chatterbox.engine import TurboTTS
 from chatterbox.hub import local_checkpoint
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio
 from serve_app.schemas import SharedReference
-from serve_app.voice_cache import VoiceCache
+from serve_app.voices.cache import VoiceCache
 from tests.serve.conftest import voice_wav
 
 

@@ -17,7 +17,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs, VoicesConfig
 from serve_app.errors import SynthesisError
-from serve_app.openai_api import SERVED_MODEL_ID, SpeechRequest
+from serve_app.api.openai import SERVED_MODEL_ID, SpeechRequest
 from serve_app.schemas import SynthesisRequest, TTSHttpRequest
 from tests.serve.conftest import voice_wav
 

@@ -16,11 +16,11 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.audio import AudioFormat
+from serve_app.synthesis.audio import AudioFormat
 from serve_app.errors import SynthesisError
 from serve_app.metrics import record_refusal
 from serve_app.schemas import SynthesisParams, SynthesisRequest
-from serve_app.voice_store import BUILT_IN_VOICE
+from serve_app.voices.store import BUILT_IN_VOICE
 
 SERVED_MODEL_ID = "chatterbox-turbo"
 # OpenAI's speech model names, accepted so that existing clients work unchanged; all are Turbo here.

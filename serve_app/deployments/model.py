@@ -40,7 +40,7 @@ from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSourc
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats
 from serve_app.schemas import ChunkJob, ModelInfo, SharedReference
-from serve_app.voice_cache import VoiceCache
+from serve_app.voices.cache import VoiceCache
 
 logger = logging.getLogger("ray.serve")
 

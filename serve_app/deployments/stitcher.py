@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.audio import StitchPlan, chunk_starts, encode_audio, stitch, to_s16le
+from serve_app.synthesis.audio import StitchPlan, chunk_starts, encode_audio, stitch, to_s16le
 from serve_app.config import AppArgs, front_deployment_options
 from serve_app.schemas import ChunkInfo, SynthesisResult
 

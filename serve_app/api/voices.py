@@ -4,7 +4,7 @@
 The routes are methods of `VoicesRoutes`, which the ingress deployment inherits (Serve binds them
 to its replica); the ingress mounts `router`. Errors are in OpenAI's shape. An upload is decoded
 and normalised here, as a per-request reference is; model replicas prepare its conditionals on first
-use and keep them in the store (serve_app.voice_cache).
+use and keep them in the store (serve_app.voices.cache).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from chatterbox.errors import TTSInputError
 from chatterbox.voice import ReferenceAudio, decode_reference_audio
 from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError, input_error, validation_error
-from serve_app.http_body import media_type, read_body, read_json
-from serve_app.openai_api import OpenAIErrorResponse, decode_reference, openai_error_response
-from serve_app.voice_store import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, SavedVoice, VoiceStore
+from serve_app.api.http_body import media_type, read_body, read_json
+from serve_app.api.openai import OpenAIErrorResponse, decode_reference, openai_error_response
+from serve_app.voices.store import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, SavedVoice, VoiceStore
 
 logger = logging.getLogger("ray.serve")
 

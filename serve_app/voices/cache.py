@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from chatterbox.voice import ReferenceAudio, Voice
 from serve_app.metrics import record_voice_cache_lookups
 from serve_app.schemas import SharedReference, StoredVoiceReference
-from serve_app.voice_store import VoiceStore
+from serve_app.voices.store import VoiceStore
 
 VoiceReference = SharedReference | StoredVoiceReference
 

@@ -20,7 +20,7 @@ from typing import Literal, get_args
 import numpy as np
 import soundfile as sf
 
-from serve_app.chunking import TextChunk
+from serve_app.synthesis.chunking import TextChunk
 from serve_app.config import StitchingConfig
 
 AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container

@@ -32,9 +32,9 @@ from starlette.exceptions import HTTPException
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
-from serve_app.audio import StitchPlan, StreamingStitch, stitch_plan
-from serve_app.auth import ApiKeyMiddleware, ApiKeys, load_api_keys
-from serve_app.chunking import split_text
+from serve_app.synthesis.audio import StitchPlan, StreamingStitch, stitch_plan
+from serve_app.api.auth import ApiKeyMiddleware, ApiKeys, load_api_keys
+from serve_app.synthesis.chunking import split_text
 from serve_app.config import (
     AppArgs,
     AuthConfig,
@@ -52,9 +52,9 @@ from serve_app.errors import (
     model_error,
     validation_error,
 )
-from serve_app.http_body import read_json
+from serve_app.api.http_body import read_json
 from serve_app.metrics import record_refusal, record_time_to_first_audio
-from serve_app.openai_api import (
+from serve_app.api.openai import (
     CONTENT_TYPES,
     SERVED_MODEL_ID,
     SSE_CONTENT_TYPE,
@@ -69,7 +69,7 @@ from serve_app.openai_api import (
     stream_content_type,
     streaming_wav_header,
 )
-from serve_app.playground import STATIC_DIR, render_page
+from serve_app.api.playground import STATIC_DIR, render_page
 from serve_app.schemas import (
     AudioPiece,
     ChunkJob,
@@ -82,9 +82,9 @@ from serve_app.schemas import (
     TTSHttpRequest,
     TTSHttpResponse,
 )
-from serve_app.voice_store import VoiceStore
-from serve_app.voices_api import VoicesRoutes
-from serve_app.voices_api import router as voices_router
+from serve_app.voices.store import VoiceStore
+from serve_app.api.voices import VoicesRoutes
+from serve_app.api.voices import router as voices_router
 
 logger = logging.getLogger("ray.serve")
 
@@ -246,7 +246,7 @@ class Ingress(VoicesRoutes):
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self, request: Request) -> HTMLResponse:
-        """The playground page (`serve_app.playground`), for the route prefix the app is mounted at."""
+        """The playground page (`serve_app.api.playground`), for the route prefix the app is mounted at."""
         return HTMLResponse(render_page(request.scope.get("root_path", "")))
 
     @api.get("/healthz")
