@@ -36,11 +36,11 @@ from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.watermark import apply_watermark
+from serve_app.api.openai import SERVED_MODEL_ID
 from serve_app.app import build_app
+from serve_app.config import AppArgs
 from serve_app.synthesis.audio import encode_audio, stitch, stitch_plan
 from serve_app.synthesis.chunking import split_text
-from serve_app.config import AppArgs
-from serve_app.api.openai import SERVED_MODEL_ID
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "

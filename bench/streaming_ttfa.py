@@ -38,8 +38,8 @@ from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
 from chatterbox.streaming_engine import AudioStreamer
 from chatterbox.turbo_engine import EngineConfig, TurboEngine
-from serve_app.synthesis.chunking import split_text
 from serve_app.config import ChunkingConfig
+from serve_app.synthesis.chunking import split_text
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "

@@ -186,3 +186,25 @@ def detect_watermark(wav: np.ndarray, sample_rate: int) -> float:
         magspec, _ = net.magnitude_and_phase(torch.from_numpy(np.ascontiguousarray(wav)).float())
         confidence = net.decoder(magspec[None])[0].clip(0.0, 1.0)
     return float(confidence.round())
+
+
+# Lengths for audio marked piece by piece (a stream), so that every piece is marked and keeps its
+# length: the one place these rules are stated.
+# A marked signal keeps its length only when it is a multiple of the STFT hop (10 ms at 32 kHz).
+PIECE_GRANULE_SECONDS = PERTH_HOP / PERTH_SR
+# The STFT's reflect padding needs more than half its window (1024 samples at 32 kHz); shorter
+# audio stays unmarked.
+MIN_MARKED_SECONDS = 0.04
+# Shortest piece a stream sends before its last: long enough to mark, and few pieces per second.
+MIN_PIECE_SECONDS = 0.1
+
+
+def piece_length(available: int, sample_rate: int) -> int:
+    """The longest piece of at most `available` samples whose marked copy keeps its length."""
+    granule = round(PIECE_GRANULE_SECONDS * sample_rate)
+    return available // granule * granule
+
+
+def is_markable(num_samples: int, sample_rate: int) -> bool:
+    """Whether audio of `num_samples` is long enough for `apply_watermark` to mark."""
+    return num_samples >= MIN_MARKED_SECONDS * sample_rate

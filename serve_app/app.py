@@ -12,7 +12,7 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppArgs, ModelSource, replica_num_gpus
+from serve_app.config import AppArgs, replica_num_gpus
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.model import TurboModel
 from serve_app.deployments.stitcher import Stitcher
@@ -26,22 +26,16 @@ def visible_gpus() -> float:
 
 
 def build_app(args: AppArgs) -> Application:
-    source = ModelSource.from_args(args)
+    """Ingress -> TurboModel -> Stitcher, each bound with its one config object. A further deployment
+    is bound here and passed to the deployment that calls it."""
     num_gpus = replica_num_gpus(args, visible_gpus())
     model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
-        source, args.engine, args.max_batch_size, args.voice_cache_size
+        args.model_args()
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
-    return serve.deployment(Ingress, **Ingress.get_deployment_options(args)).bind(
-        model,
-        stitcher,
-        args.chunking,
-        args.stitching,
-        args.limits,
-        args.voices,
-        args.auth,
-        args.max_new_tokens,
-        args.chunks_in_flight(on_gpu=num_gpus > 0),
+    ingress_options = Ingress.get_deployment_options(args)
+    return serve.deployment(Ingress, **ingress_options).bind(
+        model, stitcher, args.ingress_args(on_gpu=num_gpus > 0)
     )
 
 

@@ -8,7 +8,8 @@ set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the res
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -20,6 +21,7 @@ from chatterbox.constants import (
     TURBO_REPO_ID,
 )
 from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
+from chatterbox.turbo_engine import EngineConfig
 
 # On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
 # little there, while a batch full of them holds a short request back for all of it. Tiny CPU
@@ -27,6 +29,11 @@ from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
 # machine, median of 5): 5.3x with all 7 in flight, 1.2x with 1.
 CPU_CHUNKS_IN_FLIGHT = 1
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
+ENGINE_DEFAULTS = EngineConfig()
+# The slots of each model replica's engine (EngineConfig.max_slots): the most chunks decoding at once.
+MaxBatchSize = Annotated[int, Field(ge=1, le=256)]
+# EngineConfig fields that AppArgs sets from its own top-level fields, so each is set in one place.
+_ENGINE_FIELDS_FROM_ARGS = {"max_slots": "max_batch_size", "prefix_cache_voices": "voice_cache_size"}
 
 
 class _Strict(BaseModel):
@@ -34,25 +41,10 @@ class _Strict(BaseModel):
 
 
 class BatchingConfig(_Strict):
-    """The model replicas' `user_config`: the slots of their engine's KV cache, i.e. the most chunks
-    decoding at once. A change rebuilds each replica's engine once it is idle (TurboModel.reconfigure)."""
+    """The model replicas' `user_config`: the slots of their engine's KV cache. A change rebuilds each
+    replica's engine once it is idle (TurboModel.reconfigure)."""
 
-    max_batch_size: int = Field(8, ge=1, le=256)
-
-
-class EngineSettings(_Strict):
-    """The rest of a model replica's TurboEngine (chatterbox.turbo_engine.EngineConfig): its slot
-    count is `max_batch_size` and its voice-prefix cache keeps `voice_cache_size` voices, as the
-    replica's voice cache does."""
-
-    # KV-cache positions per slot; None: the longest row a chunk can make. Lower it to fit more slots.
-    max_positions: int | None = Field(None, ge=2)
-    s3gen_max_batch: int = Field(8, ge=1, le=256)  # most finished chunks vocoded in one S3Gen call
-    # Split a long prefill across decode steps, so live rows keep sampling; None: in one piece.
-    prefill_chunk_tokens: int | None = Field(None, ge=1)
-    # On CUDA, decode steps replay CUDA graphs captured per batch-size bucket at replica start
-    # (chatterbox/t3/graphs.py); false runs them eagerly. No effect on CPU.
-    cuda_graphs: bool = True
+    max_batch_size: MaxBatchSize
 
 
 class AutoscalingSettings(_Strict):
@@ -102,9 +94,9 @@ class LimitsConfig(_Strict):
     max_reference_seconds: float = Field(MAX_REFERENCE_SECONDS, gt=MIN_REFERENCE_SECONDS)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # whole HTTP body (base64 adds 4/3)
     # Requests one ingress replica works on at once; beyond it, 503 `overloaded` at once, in our JSON
-    # shape. Below `ingress.max_ongoing_requests`, so a request reaches this check before Serve queues
-    # it (Serve's own refusal is plain text). None: no check of our own.
-    max_active_requests: int | None = Field(None, ge=1)
+    # shape with Retry-After. Below `ingress.max_ongoing_requests`: the slots above it are where the
+    # ingress answers its refusals, so Serve never holds a request back (or refuses it in plain text).
+    max_active_requests: int = Field(192, ge=1)
     retry_after_s: int = Field(2, ge=1)  # the Retry-After header of every 503 and 429
 
 
@@ -126,12 +118,13 @@ class ShutdownConfig(_Strict):
 
 
 class IngressConfig(FrontDeploymentConfig):
-    """The ingress, which admits user requests: `max_ongoing_requests` run at once per replica and up
-    to `max_queued_requests` more wait at each caller (HTTP proxy or handle); callers beyond that are
-    refused at once, HTTP with 503 and handle callers with `BackPressureError`, instead of waiting
-    without bound. -1: no limit (Serve's default)."""
+    """The ingress, which admits user requests: `limits.max_active_requests` run at once per replica,
+    the rest of its `max_ongoing_requests` are refused at once in our JSON shape. Serve queues callers
+    beyond `max_ongoing_requests` (at the HTTP proxy or a handle) only for the moment a refusal takes,
+    so by default its queue has no limit (-1): a limit would make Serve itself refuse a burst, over
+    HTTP with a plain-text 503 that has no Retry-After."""
 
-    max_queued_requests: int = Field(256, ge=-1)
+    max_queued_requests: int = Field(-1, ge=-1)
 
     @model_validator(mode="after")
     def _check_queue(self) -> IngressConfig:
@@ -187,19 +180,23 @@ class AppArgs(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     num_gpus: float = Field(1.0, gt=0, le=1)  # GPU share of one model replica when on CUDA
     model_num_cpus: float = Field(1.0, ge=0)
-    max_batch_size: int = Field(8, ge=1, le=256)  # KV-cache slots of each model replica's engine
+    # KV-cache slots of each model replica's engine: sets `engine.max_slots` (the engine's default).
+    max_batch_size: MaxBatchSize = ENGINE_DEFAULTS.max_slots
     # Chunks one model replica accepts at once; None: twice the batch size (as many again queued).
     model_max_ongoing_requests: int | None = Field(None, ge=1)
     # Chunks of one request sent to the model at once (the next as an earlier one finishes); None:
     # the batch size on GPU replicas, CPU_CHUNKS_IN_FLIGHT on CPU ones. More lets one long text fill
     # more of the replicas' batches, and hold short requests back longer.
     max_chunks_in_flight: int | None = Field(None, ge=1)
-    # Prepared voices kept per model replica, and voices whose prompt K/V its engine keeps.
+    # Prepared voices kept per model replica, and voices whose prompt K/V its engine keeps (sets
+    # `engine.prefix_cache_voices`).
     voice_cache_size: int = Field(64, ge=1)
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True
-    engine: EngineSettings = EngineSettings()
+    # The replicas' TurboEngine, as the engine defines it (its defaults); its `max_slots` and
+    # `prefix_cache_voices` are max_batch_size and voice_cache_size above (`_engine_follows_args`).
+    engine: EngineConfig = ENGINE_DEFAULTS
     autoscaling: AutoscalingSettings = AutoscalingSettings()
     chunking: ChunkingConfig = ChunkingConfig()
     stitching: StitchingConfig = StitchingConfig()
@@ -209,6 +206,23 @@ class AppArgs(_Strict):
     shutdown: ShutdownConfig = ShutdownConfig()
     voices: VoicesConfig = VoicesConfig()
     auth: AuthConfig = AuthConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_follows_args(cls, data: Any) -> Any:
+        """`engine.max_slots` and `engine.prefix_cache_voices` come from their top-level fields."""
+        if not isinstance(data, dict):
+            return data
+        engine = data.get("engine", {})
+        engine = dict(asdict(engine) if isinstance(engine, EngineConfig) else engine)
+        fields = cls.model_fields
+        for name, source in _ENGINE_FIELDS_FROM_ARGS.items():
+            given = engine.pop(name, None)
+            value = data.get(source, fields[source].default)
+            if given is not None and given != value:
+                raise ValueError(f"engine.{name}: set {source} instead")
+            engine[name] = value
+        return {**data, "engine": engine}
 
     @model_validator(mode="after")
     def _check_ongoing(self) -> AppArgs:
@@ -225,7 +239,7 @@ class AppArgs(_Strict):
     @model_validator(mode="after")
     def _check_admission(self) -> AppArgs:
         active = self.limits.max_active_requests
-        if active is not None and active >= self.ingress.max_ongoing_requests:
+        if active >= self.ingress.max_ongoing_requests:
             raise ValueError(
                 f"limits.max_active_requests ({active}) must be below ingress.max_ongoing_requests "
                 f"({self.ingress.max_ongoing_requests}): Serve would queue requests before the ingress "
@@ -241,6 +255,30 @@ class AppArgs(_Strict):
     @property
     def batching(self) -> BatchingConfig:
         return BatchingConfig(max_batch_size=self.max_batch_size)
+
+    @property
+    def model_max_ongoing(self) -> int:
+        """Chunks one model replica accepts at once (Serve's `max_ongoing_requests` of TurboModel)."""
+        return self.model_max_ongoing_requests or 2 * self.max_batch_size
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(
+            source=ModelSource.from_args(self),
+            engine=self.engine,
+            voice_cache_size=self.voice_cache_size,
+            max_ongoing_requests=self.model_max_ongoing,
+        )
+
+    def ingress_args(self, on_gpu: bool) -> IngressArgs:
+        return IngressArgs(
+            chunking=self.chunking,
+            stitching=self.stitching,
+            limits=self.limits,
+            voices=self.voices,
+            auth=self.auth,
+            max_new_tokens=self.max_new_tokens,
+            max_chunks_in_flight=self.chunks_in_flight(on_gpu),
+        )
 
 
 class ModelSource(_Strict):
@@ -262,6 +300,29 @@ class ModelSource(_Strict):
             device=device or args.device,
             dtype=args.dtype,
         )
+
+
+class ModelArgs(_Strict):
+    """What one TurboModel replica is built with."""
+
+    source: ModelSource
+    engine: EngineConfig
+    voice_cache_size: int = Field(ge=1)
+    # The deployment's `max_ongoing_requests`: the replica never holds more chunk calls, so more
+    # engine slots could never fill. None: not in Serve (no such limit).
+    max_ongoing_requests: int | None = None
+
+
+class IngressArgs(_Strict):
+    """What one ingress replica is built with."""
+
+    chunking: ChunkingConfig
+    stitching: StitchingConfig
+    limits: LimitsConfig
+    voices: VoicesConfig
+    auth: AuthConfig
+    max_new_tokens: int
+    max_chunks_in_flight: int = Field(ge=1)
 
 
 def replica_num_gpus(args: AppArgs, visible_gpus: float) -> float:

@@ -1,18 +1,16 @@
 """Errors of the Serve graph in one place: the exception types, the HTTP status of every error code,
-and the mappers from engine, replica and validation errors to what a client hears."""
+and the mappers from engine, replica and validation errors to what a client hears (how it hears
+them over HTTP: `serve_app.api.errors`)."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from chatterbox.errors import TTSInputError
-from serve_app.metrics import record_refusal
-from serve_app.schemas import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")
 
@@ -120,13 +118,3 @@ def model_error(error: Exception) -> SynthesisError:
         )
     logger.error("synthesis failed", exc_info=cause)
     return SynthesisError("synthesis_failed", "synthesis failed; retry, or see the server log")
-
-
-def error_response(error: SynthesisError, status: int | None = None) -> JSONResponse:
-    """`{"error": {"code", "message", "field"}}` with the code's status (or ``status``, for
-    Starlette's own errors, which keep theirs), counted in the refusals metric: every HTTP refusal
-    is answered here."""
-    status = status or error.status
-    record_refusal(error.code, status)
-    body = ErrorResponse(error=ErrorDetail(code=error.code, message=error.message, field=error.field))
-    return JSONResponse(body.model_dump(), status_code=status)

@@ -14,6 +14,8 @@ from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from chatterbox.turbo_engine import EngineStats
+
 _LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # Real-time factor: seconds of compute per second of audio (below 1: faster than real time).
 _RTF_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
@@ -34,7 +36,7 @@ REFUSALS = "chatterbox_refusals"
 _METRICS: dict[str, tuple[type[Counter | Gauge | Histogram], str, dict[str, Any]]] = {
     AUDIO_SECONDS: (
         Counter,
-        "Seconds of audio synthesised by the model replicas (chunks, before stitching).",
+        "Seconds of audio synthesised by the model replicas (chunks, whole or streamed, before stitching).",
         {},
     ),
     CHUNK_REAL_TIME_FACTOR: (
@@ -96,18 +98,18 @@ def record_chunk_synthesised(
         _metric(CHUNK_REAL_TIME_FACTOR).observe(engine_seconds / audio_seconds)
 
 
-def record_engine_stats(
-    live_rows: int, queue_depth: int, steps: int, prefix_hits: int, prefix_misses: int
-) -> None:
-    """A replica engine's gauges now, and what its counters added since the last record."""
-    _metric(ENGINE_LIVE_ROWS).set(live_rows)
-    _metric(ENGINE_QUEUE_DEPTH).set(queue_depth)
-    if steps:
+def record_engine_stats(now: EngineStats, before: EngineStats) -> None:
+    """A replica engine's gauges now, and what its counters added since `before` (the last record)."""
+    if now == before:
+        return
+    _metric(ENGINE_LIVE_ROWS).set(now.live_rows)
+    _metric(ENGINE_QUEUE_DEPTH).set(now.queue_depth)
+    if steps := now.steps - before.steps:
         _metric(DECODE_STEPS).inc(steps)
-    if prefix_hits:
-        _metric(PREFIX_CACHE_LOOKUPS).inc(prefix_hits, tags={"result": "hit"})
-    if prefix_misses:
-        _metric(PREFIX_CACHE_LOOKUPS).inc(prefix_misses, tags={"result": "miss"})
+    if hits := now.prefix_hits - before.prefix_hits:
+        _metric(PREFIX_CACHE_LOOKUPS).inc(hits, tags={"result": "hit"})
+    if misses := now.prefix_misses - before.prefix_misses:
+        _metric(PREFIX_CACHE_LOOKUPS).inc(misses, tags={"result": "miss"})
 
 
 def record_voice_cache_lookups(hits: int, misses: int) -> None:

@@ -1,4 +1,5 @@
-"""Messages of the Serve graph: the HTTP API, the handle API, and what deployments pass each other."""
+"""Messages of the Serve graph: the handle API, and what deployments pass each other (each HTTP
+API's own bodies are in its module of `serve_app.api`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
 from serve_app.synthesis.audio import AudioFormat
-from serve_app.voices.store import BUILT_IN_VOICE
+from serve_app.voices.store import BUILT_IN_VOICE, VOICE_NAME
 
 
 def _sampling_field(name: str, bounds: Bounds | None = None) -> Any:
@@ -23,6 +24,15 @@ def _sampling_field(name: str, bounds: Bounds | None = None) -> Any:
 _REQUEST_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"max_new_tokens"}
 # Narrower than the engine's seed bound, so that chunk i's seed (seed + i) is always a valid one.
 MAX_REQUEST_SEED = 2**31
+# Characters no speech text has and that break encoders downstream: C0/C1 controls other than tab,
+# newline and carriage return, and lone surrogates (JSON "\ud800" decodes to one; UTF-8 has none).
+FORBIDDEN_TEXT_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff"
+# Text as the ingress takes it, for the published schema: no forbidden character, and something
+# besides whitespace (text that is only whitespace is refused as `empty_text`).
+SPEAKABLE_TEXT = rf"^[^{FORBIDDEN_TEXT_CHARS}]*[^\s{FORBIDDEN_TEXT_CHARS}][^{FORBIDDEN_TEXT_CHARS}]*$"
+TEXT_SCHEMA = {"minLength": 1, "pattern": SPEAKABLE_TEXT}
+# A saved voice's id or name (the store refuses anything else), or "default".
+VOICE_SCHEMA = {"pattern": f"^{VOICE_NAME.pattern}$"}
 
 
 class SynthesisParams(BaseModel):
@@ -30,10 +40,10 @@ class SynthesisParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str
+    text: str = Field(json_schema_extra=TEXT_SCHEMA)
     # A saved voice (serve_app.voices.store), by id or name; None or "default": the built-in voice (or
     # the reference clip, if one is sent).
-    voice: str | None = None
+    voice: str | None = Field(None, json_schema_extra=VOICE_SCHEMA)
     format: AudioFormat = "wav"
     seed: int | None = _sampling_field("seed", replace(SAMPLING_BOUNDS["seed"], lt=MAX_REQUEST_SEED))
     temperature: float = _sampling_field("temperature")
@@ -58,25 +68,6 @@ class SynthesisRequest(SynthesisParams):
     the built-in voice."""
 
     reference_audio: bytes | None = None  # an encoded file: wav, flac, ogg or mp3, >= 5 s
-
-
-class TTSHttpRequest(SynthesisParams):
-    """Body of `POST /v1/tts`."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"text": "Hello from Chatterbox Turbo.", "format": "wav", "seed": 7},
-                {
-                    "text": "Cloned for this one request.",
-                    "format": "mp3",
-                    "reference_audio_base64": "UklGR...",
-                },
-            ]
-        }
-    )
-
-    reference_audio_base64: str | None = None
 
 
 class ChunkInfo(BaseModel):
@@ -107,26 +98,6 @@ class AudioPiece(BaseModel):
     num_samples: int
     chunks_done: int  # chunks of the text joined so far
     chunks_total: int
-
-
-class TTSHttpResponse(BaseModel):
-    audio_base64: str
-    sample_rate: int
-    duration_s: float
-    format: AudioFormat
-    chunks: list[ChunkInfo]
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Body of every 4xx/5xx answer: `{"error": {"code", "message", "field"}}`."""
-
-    error: ErrorDetail
 
 
 @dataclass(frozen=True)

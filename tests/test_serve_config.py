@@ -8,7 +8,8 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppArgs, BatchingConfig, EngineSettings, replica_device, replica_num_gpus
+from chatterbox.turbo_engine import EngineConfig
+from serve_app.config import AppArgs, BatchingConfig, replica_device, replica_num_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -22,7 +23,7 @@ def test_defaults_are_production_defaults():
     assert args.watermark is True
     assert args.chunking.max_chunk_chars == 300
     assert args.batching == BatchingConfig(max_batch_size=8)
-    assert args.engine == EngineSettings(max_positions=None, s3gen_max_batch=8, prefill_chunk_tokens=None)
+    assert args.engine == EngineConfig(max_slots=8, prefix_cache_voices=64)  # the engine's other defaults
 
 
 def test_command_line_strings_are_coerced():

@@ -17,9 +17,9 @@ from pathlib import Path
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve_app.api.errors import error_response, openai_error_response
 from serve_app.config import AuthConfig
-from serve_app.errors import SynthesisError, error_response
-from serve_app.api.openai import openai_error_response
+from serve_app.errors import SynthesisError
 
 API_KEYS_FILE_ENV = "CHATTERBOX_API_KEYS_FILE"
 # Visible ASCII (a header value), long enough not to be guessed.

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from serve_app.errors import SynthesisError
+from serve_app.errors import SynthesisError, validation_error
+
+Body = TypeVar("Body", bound=BaseModel)
+# Strict, padded base64 (what `decode_base64` accepts), as the published schema states it.
+BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+BASE64_SCHEMA = {"contentEncoding": "base64", "pattern": f"^{BASE64}$"}
+# An audio clip field that also takes a data URL (`data:<type>;base64,<data>`).
+CLIP_SCHEMA = {"pattern": rf"^(?:data:[^,]*;base64,)?{BASE64}$"}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -52,3 +62,25 @@ async def read_json(request: Request, limit: int) -> Any:
         raise SynthesisError("invalid_json", f"request body is not valid JSON: {error}") from None
     except RecursionError:
         raise SynthesisError("invalid_json", "request body is nested too deeply") from None
+
+
+async def parse_json(request: Request, model: type[Body], limit: int) -> Body:
+    """The JSON body as `model`, refused naming the field at fault."""
+    try:
+        return model.model_validate(await read_json(request, limit))
+    except ValidationError as error:
+        raise validation_error(error) from None
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads its JSON itself (to bound and check it first)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """A base64 field's bytes, refused (naming `field`) unless it is strict, padded base64."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:  # ValueError: characters outside ASCII
+        raise SynthesisError("invalid_base64", f"{field} is not valid base64: {error}", field) from None

@@ -1,27 +1,40 @@
-"""OpenAI-compatible speech API (`POST /v1/audio/speech`, `GET /v1/models`): its request and error
-schemas and pure helpers (content types, the streamed WAV header, Server-Sent Events, the error
-response of every OpenAI route).
+"""OpenAI-compatible speech API: `POST /v1/audio/speech` and `GET /v1/models`, their schemas, and the
+framing of streamed answers (the open-ended WAV header, Server-Sent Events).
 
-A request is translated into our `SynthesisRequest` here; everything after that is the `/v1/tts` path.
+A request is translated into our `SynthesisRequest` here; everything after that is the `/v1/tts`
+path. No `from __future__ import annotations` (see `serve_app.api.tts`).
 """
 
-from __future__ import annotations
-
 import base64
-import binascii
 import json
+import logging
 import struct
+import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.synthesis.audio import AudioFormat
+from serve_app.api.errors import (
+    OpenAIErrorResponse,
+    count_refusal,
+    openai_error,
+    openai_error_response,
+    renamed,
+)
+from serve_app.api.http_body import CLIP_SCHEMA, decode_base64, json_body, parse_json
+from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
-from serve_app.metrics import record_refusal
-from serve_app.schemas import SynthesisParams, SynthesisRequest
+from serve_app.schemas import TEXT_SCHEMA, VOICE_SCHEMA, AudioPiece, SynthesisParams, SynthesisRequest
+from serve_app.synthesis.audio import AudioFormat
+from serve_app.synthesis.pipeline import Synthesis
 from serve_app.voices.store import BUILT_IN_VOICE
 
+logger = logging.getLogger("ray.serve")
+
+router = APIRouter()
 SERVED_MODEL_ID = "chatterbox-turbo"
 # OpenAI's speech model names, accepted so that existing clients work unchanged; all are Turbo here.
 MODEL_ALIASES = frozenset({SERVED_MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
@@ -39,29 +52,52 @@ SSE_CONTENT_TYPE = "text/event-stream"
 UNKNOWN_LENGTH = 0xFFFFFFFF  # RIFF and data sizes of a WAV whose length is not known yet
 
 
+def _speech_schema(schema: dict[str, Any]) -> None:
+    """The published schema of a speech request: what `synthesis_request` refuses is outside it
+    (OpenAI's values Turbo does not support are accepted by the model only to name them in the error)."""
+    properties = schema["properties"]
+    properties["model"]["enum"] = sorted(MODEL_ALIASES)
+    properties["response_format"]["enum"] = [f for f in properties["response_format"]["enum"] if f != "aac"]
+    properties["speed"]["const"] = 1.0
+    properties["instructions"] = {"type": "null", "default": None, "title": "Instructions"}
+    schema["allOf"] = [
+        {  # sse streams only what is streamed
+            "if": {"properties": {"stream_format": {"const": "sse"}}, "required": ["stream_format"]},
+            "then": {
+                "properties": {"response_format": {"enum": sorted(STREAMED_FORMATS)}},
+                "required": ["response_format"],
+            },
+        },
+        {  # a one-off clip, or a saved voice, not both
+            "if": {"properties": {"reference_audio": {"type": "string"}}, "required": ["reference_audio"]},
+            "then": {"properties": {"voice": {"const": BUILT_IN_VOICE}}},
+        },
+    ]
+    schema["examples"] = [
+        {"model": SERVED_MODEL_ID, "input": "Hello from Chatterbox Turbo.", "voice": "default"},
+        {
+            "model": SERVED_MODEL_ID,
+            "input": "Streamed as it is made.",
+            "voice": "default",
+            "response_format": "pcm",
+            "stream_format": "sse",
+            "seed": 7,
+        },
+    ]
+
+
 class SpeechRequest(BaseModel):
     """Body of `POST /v1/audio/speech`: OpenAI's fields, then Turbo's sampling and one-off cloning."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"model": SERVED_MODEL_ID, "input": "Hello from Chatterbox Turbo.", "voice": "default"},
-                {
-                    "model": SERVED_MODEL_ID,
-                    "input": "Streamed as it is made.",
-                    "voice": "default",
-                    "response_format": "pcm",
-                    "stream_format": "sse",
-                    "seed": 7,
-                },
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_speech_schema)
 
     model: str
-    input: str
-    voice: str = Field(BUILT_IN_VOICE, description="'default' (built in), or a saved voice's id or name")
+    input: str = Field(json_schema_extra=TEXT_SCHEMA)
+    voice: str = Field(
+        BUILT_IN_VOICE,
+        description="'default' (built in), or a saved voice's id or name",
+        json_schema_extra=VOICE_SCHEMA,
+    )
     response_format: Literal["wav", "flac", "mp3", "opus", "pcm", "aac"] = "mp3"
     speed: float = 1.0
     instructions: str | None = None
@@ -71,7 +107,9 @@ class SpeechRequest(BaseModel):
     top_p: float = SynthesisParams.model_fields["top_p"]
     top_k: int = SynthesisParams.model_fields["top_k"]
     repetition_penalty: float = SynthesisParams.model_fields["repetition_penalty"]
-    reference_audio: str | None = Field(None, description="one-off voice: base64 or a data: URL of a clip")
+    reference_audio: str | None = Field(
+        None, description="one-off voice: base64 or a data: URL of a clip", json_schema_extra=CLIP_SCHEMA
+    )
 
     def synthesis_request(self) -> SynthesisRequest:
         """Our request for this one; raises SynthesisError for what Turbo cannot do."""
@@ -121,10 +159,7 @@ def decode_reference(value: str | None, field: str = "reference_audio") -> bytes
             raise SynthesisError(
                 "invalid_base64", f"{field}: a data URL must be base64 (data:<type>;base64,...)", field
             )
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise SynthesisError("invalid_base64", f"{field} is not valid base64: {error}", field) from None
+    return decode_base64(value, field)
 
 
 class ModelCard(BaseModel):
@@ -137,39 +172,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorResponse(BaseModel):
-    """OpenAI's error body, which its clients turn into their typed exceptions."""
-
-    error: OpenAIErrorDetail
-
-
-def openai_error(error: SynthesisError) -> tuple[OpenAIErrorResponse, int]:
-    """Our error in OpenAI's shape and status: a refused input is 400 there (ours: 422)."""
-    status = 400 if error.status == 422 else error.status
-    if status < 500:
-        kind = "invalid_request_error"
-    elif error.code == "overloaded":
-        kind = "overloaded_error"
-    else:
-        kind = "server_error"
-    detail = OpenAIErrorDetail(message=error.message, type=kind, param=error.field, code=error.code)
-    return OpenAIErrorResponse(error=detail), status
-
-
-def openai_error_response(error: SynthesisError) -> JSONResponse:
-    """The HTTP answer of an OpenAI route's refusal, counted in the refusals metric."""
-    body, status = openai_error(error)
-    record_refusal(error.code, status)
-    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def streaming_wav_header(sample_rate: int) -> bytes:
@@ -197,3 +199,104 @@ def audio_delta_event(audio: bytes) -> bytes:
 
 def stream_content_type(audio_format: AudioFormat, stream_format: str) -> str:
     return SSE_CONTENT_TYPE if stream_format == "sse" else CONTENT_TYPES[audio_format]
+
+
+def done_event(text: str, num_samples: int, sample_rate: int, first_audio_s: float, total_s: float) -> bytes:
+    """The last event of an SSE stream: usage (Turbo counts no tokens) and timings."""
+    return sse_event(
+        {
+            "type": "speech.audio.done",
+            "usage": {"input_characters": len(text), "output_audio_seconds": num_samples / sample_rate},
+            "timings": {"time_to_first_audio_s": first_audio_s, "total_s": total_s},
+        }
+    )
+
+
+# Handle-API field names that OpenAI's clients know under another name.
+_OPENAI_FIELDS = {"text": "input", "format": "response_format"}
+
+
+class OpenAIRoutes:
+    """The routes; the ingress that inherits them sets these attributes."""
+
+    _synthesis: Synthesis
+    _limits: LimitsConfig
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        """OpenAI-compatible: the served model (OpenAI's speech model names are accepted as aliases)."""
+        return ModelList(data=[ModelCard(id=SERVED_MODEL_ID)])
+
+    @router.post(
+        "/v1/audio/speech",
+        responses={
+            200: {
+                "description": "the audio: a whole file, or a stream (pcm, wav, or Server-Sent Events)",
+                "content": {t: {} for t in (*CONTENT_TYPES.values(), SSE_CONTENT_TYPE)},
+            },
+            "4XX": {"model": OpenAIErrorResponse},
+            "5XX": {"model": OpenAIErrorResponse},
+        },
+        openapi_extra=json_body(SpeechRequest),
+    )
+    async def speech(self, request: Request) -> Response:
+        """OpenAI-compatible speech. pcm and wav (and `stream_format=sse`) are streamed in order as
+        chunks finish; flac, mp3 and opus arrive whole. Errors are in OpenAI's shape."""
+        accepted_at = time.monotonic()
+        try:
+            speech = await parse_json(request, SpeechRequest, self._limits.max_request_bytes)
+            synthesis = speech.synthesis_request()
+            if speech.streamed:
+                return await self._streaming_response(speech, synthesis, accepted_at)
+            result = await self._synthesis.synthesize(synthesis, accepted_at)
+        except SynthesisError as error:
+            return openai_error_response(renamed(error, _OPENAI_FIELDS), self._limits.retry_after_s)
+        except Exception:
+            logger.exception("unexpected error in POST /v1/audio/speech")
+            error = SynthesisError("internal_error", "internal error; see the server log")
+            return openai_error_response(error, self._limits.retry_after_s)
+        return Response(result.audio, media_type=CONTENT_TYPES[result.format])
+
+    async def _streaming_response(
+        self, speech: SpeechRequest, synthesis: SynthesisRequest, accepted_at: float
+    ) -> StreamingResponse:
+        """Waits for the first piece, so that a refusal is still an HTTP error; then streams."""
+        pieces = self._synthesis.stream(synthesis, accepted_at)
+        try:
+            first = await anext(pieces)
+        except BaseException:
+            await pieces.aclose()
+            raise
+        body = _stream_body(speech, synthesis.text, first, pieces, accepted_at)
+        return StreamingResponse(body, media_type=stream_content_type(synthesis.format, speech.stream_format))
+
+
+async def _stream_body(
+    speech: SpeechRequest,
+    text: str,
+    first: AudioPiece,
+    pieces: AsyncIterator[AudioPiece],
+    accepted_at: float,
+) -> AsyncIterator[bytes]:
+    """The streamed body: raw audio (a WAV header first) or SSE events, from `first` on."""
+    sse = speech.stream_format == "sse"
+    header = streaming_wav_header(first.sample_rate) if speech.response_format == "wav" else b""
+    first_audio_s = time.monotonic() - accepted_at
+    piece: AudioPiece | None = first
+    num_samples = 0
+    try:
+        while piece is not None:
+            audio, header = header + piece.audio, b""
+            yield audio_delta_event(audio) if sse else audio
+            num_samples += piece.num_samples
+            piece = await anext(pieces, None)
+    except SynthesisError as error:
+        count_refusal(error.code, error.status)
+        if not sse:
+            raise  # the connection is dropped mid-body: the client sees a broken stream
+        yield sse_event({"type": "error", **openai_error(error)[0].model_dump()})
+        return
+    finally:
+        await pieces.aclose()
+    if sse:
+        yield done_event(text, num_samples, first.sample_rate, first_audio_s, time.monotonic() - accepted_at)

@@ -3,17 +3,20 @@
 `index.html` is rendered per request with two values only the server knows: the base URL of the
 application (Serve's route prefix, so the page's relative URLs work wherever the app is mounted) and
 the page's settings (the paralinguistic tags of the checkpoint's tokenizer, the rate of raw `pcm`).
+No `from __future__ import annotations` (see `serve_app.api.tts`).
 """
-
-from __future__ import annotations
 
 import html
 import json
 from functools import cache
 from pathlib import Path
 
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
 from chatterbox.constants import PARALINGUISTIC_TAGS, S3GEN_SR
 
+router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
 _BASE_HREF = "{{base_href}}"
 _SETTINGS = "{{settings_json}}"
@@ -35,3 +38,12 @@ def render_page(root_path: str) -> str:
     # "</" would end the <script> element that holds the JSON; "<\/" is the same JSON string.
     settings = json.dumps(page_settings()).replace("</", "<\\/")
     return _template().replace(_BASE_HREF, base_href).replace(_SETTINGS, settings)
+
+
+class PlaygroundRoutes:
+    """The page's route (its files are mounted at /static by the ingress)."""
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self, request: Request) -> HTMLResponse:
+        """The playground page, for the route prefix the app is mounted at."""
+        return HTMLResponse(render_page(request.scope.get("root_path", "")))

@@ -2,7 +2,7 @@
 `GET /v1/voices`, `GET /v1/voices/{voice_id}`, `DELETE /v1/voices/{voice_id}`.
 
 The routes are methods of `VoicesRoutes`, which the ingress deployment inherits (Serve binds them
-to its replica); the ingress mounts `router`. Errors are in OpenAI's shape. An upload is decoded
+to its replica); the ingress includes `router`. Errors are in OpenAI's shape. An upload is decoded
 and normalised here, as a per-request reference is; model replicas prepare its conditionals on first
 use and keep them in the store (serve_app.voices.cache).
 """
@@ -22,10 +22,12 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import ReferenceAudio, decode_reference_audio
+from serve_app.api.errors import OpenAIErrorResponse, openai_error_response
+from serve_app.api.http_body import CLIP_SCHEMA, media_type, parse_json, read_body
+from serve_app.api.openai import decode_reference
 from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError, input_error, validation_error
-from serve_app.api.http_body import media_type, read_body, read_json
-from serve_app.api.openai import OpenAIErrorResponse, decode_reference, openai_error_response
+from serve_app.schemas import VOICE_SCHEMA
 from serve_app.voices.store import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, SavedVoice, VoiceStore
 
 logger = logging.getLogger("ray.serve")
@@ -69,14 +71,17 @@ class VoiceFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(max_length=MAX_NAME_CHARS)
+    name: str = Field(max_length=MAX_NAME_CHARS, json_schema_extra=VOICE_SCHEMA)
     description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
 
 
 class VoiceUpload(VoiceFields):
     """JSON body of `POST /v1/voices`."""
 
-    audio: str = Field(description="the reference clip (wav, flac, ogg or mp3, > 5 s): base64 or a data: URL")
+    audio: str = Field(
+        description="the reference clip (wav, flac, ogg or mp3, > 5 s): base64 or a data: URL",
+        json_schema_extra=CLIP_SCHEMA,
+    )
 
 
 # The OpenAPI body of an upload: a multipart form, or the same fields as JSON.
@@ -90,7 +95,7 @@ _UPLOAD_BODY = {
                     "required": ["file", "name"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS, **VOICE_SCHEMA},
                         "description": {"type": "string", "maxLength": MAX_DESCRIPTION_CHARS},
                     },
                 }
@@ -105,17 +110,18 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _answer(work: Awaitable[BaseModel], status: int = 200) -> JSONResponse:
+async def _answer(work: Awaitable[BaseModel], retry_after_s: int, status: int = 200) -> JSONResponse:
     """`work`'s result as JSON, or its refusal in OpenAI's error shape."""
     try:
         result = await work
     except TTSInputError as error:
-        return openai_error_response(input_error(error))
+        return openai_error_response(input_error(error), retry_after_s)
     except SynthesisError as error:
-        return openai_error_response(error)
+        return openai_error_response(error, retry_after_s)
     except Exception:
         logger.exception("unexpected error in a /v1/voices route")
-        return openai_error_response(SynthesisError("internal_error", "internal error; see the server log"))
+        error = SynthesisError("internal_error", "internal error; see the server log")
+        return openai_error_response(error, retry_after_s)
     return JSONResponse(result.model_dump(), status_code=status)
 
 
@@ -135,21 +141,21 @@ class VoicesRoutes:
     )
     async def create_voice(self, request: Request) -> JSONResponse:
         """Saves a voice from a reference clip under a unique name (201, the voice)."""
-        return await _answer(self._create_voice(request), status=201)
+        return await _answer(self._create_voice(request), self._limits.retry_after_s, status=201)
 
     @router.get("/v1/voices", response_model=VoiceList, responses=_ERRORS)
     async def list_voices(self) -> JSONResponse:
-        return await _answer(self._list_voices())
+        return await _answer(self._list_voices(), self._limits.retry_after_s)
 
     @router.get("/v1/voices/{voice_id}", response_model=VoiceObject, responses=_ERRORS)
     async def get_voice(self, voice_id: str) -> JSONResponse:
         """A saved voice, by id or name."""
-        return await _answer(self._get_voice(voice_id))
+        return await _answer(self._get_voice(voice_id), self._limits.retry_after_s)
 
     @router.delete("/v1/voices/{voice_id}", response_model=VoiceDeleted, responses=_ERRORS)
     async def delete_voice(self, voice_id: str) -> JSONResponse:
         """Deletes a saved voice (by id or name) for every replica."""
-        return await _answer(self._delete_voice(voice_id))
+        return await _answer(self._delete_voice(voice_id), self._limits.retry_after_s)
 
     async def _create_voice(self, request: Request) -> VoiceObject:
         upload, clip, clip_field = await self._read_upload(request)
@@ -168,10 +174,7 @@ class VoicesRoutes:
     async def _read_upload(self, request: Request) -> tuple[VoiceFields, bytes, str]:
         """The upload's fields, its clip's bytes and the clip's field name (`file` or `audio`)."""
         if media_type(request) != "multipart/form-data":
-            try:
-                upload = VoiceUpload.model_validate(await read_json(request, self._limits.max_request_bytes))
-            except ValidationError as error:
-                raise validation_error(error) from None
+            upload = await parse_json(request, VoiceUpload, self._limits.max_request_bytes)
             return upload, decode_reference(upload.audio, "audio") or b"", "audio"
         body = await read_body(request, self._limits.max_request_bytes)
         parser = MultiPartParser(request.headers, _once(body), max_files=1, max_fields=2)

@@ -1,144 +1,48 @@
 """TurboModel deployment: one TurboTTS per replica, every chunk decoded by its TurboEngine.
 
-Every chunk is one `synthesize_chunk` call, submitted to the replica's `TurboEngine`
-(chatterbox.turbo_engine): continuous batching over a fixed KV cache of `max_batch_size` slots,
-so a chunk joins the running decode at the next step instead of waiting for a batch to finish.
-Voices are prepared once per replica and kept in its `VoiceCache`; the engine keeps the same
-number of voices' prompt K/V. Audio comes back unwatermarked: the stitcher watermarks the joined
-audio once.
+Every chunk is one `synthesize_chunk` (or `stream_chunk`) call, submitted to the replica's
+`TurboEngine` (chatterbox.turbo_engine): continuous batching over a fixed KV cache of
+`max_batch_size` slots, so a chunk joins the running decode at the next step instead of waiting for
+a batch to finish. Voices are prepared once per replica and kept in its `VoiceCache`; the engine
+keeps the same number of voices' prompt K/V. Audio comes back unwatermarked: the stitcher
+watermarks the joined audio once.
 
-A failure stays with the chunk that causes it (the engine fails only that chunk; voice preparation
-goes through `run_bisecting`). A CUDA error leaves the context unusable: the replica then refuses
-every chunk and fails its health check, so Serve replaces it.
+Every call into the engine (TurboEngine, AudioStreamer) is in this file. A failure stays with the
+chunk that causes it (the engine fails only that chunk; voice preparation goes through
+`run_bisecting`). A CUDA error leaves the context unusable: the replica then refuses every chunk and
+fails its health check, so Serve replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import ray
 import torch
-from ray import serve
-from ray.serve.exceptions import RayServeException
 
 from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
 from chatterbox.streaming_engine import AudioStreamer, StreamerStats
 from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
 from chatterbox.voice import Voice
-from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSource, replica_device
+from serve_app.config import AppArgs, BatchingConfig, ModelArgs, replica_device
+from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats
-from serve_app.schemas import ChunkJob, ModelInfo, SharedReference
+from serve_app.schemas import ChunkJob, ModelInfo, SharedReference, StoredVoiceReference
 from serve_app.voices.cache import VoiceCache
 
 logger = logging.getLogger("ray.serve")
 
-Item = TypeVar("Item")
-Out = TypeVar("Out")
-
 ENGINE_METRICS_INTERVAL_S = 1.0  # how often the engine's gauges and counters are recorded
-
-
-# torch >= 2.8 raises accelerator faults as AcceleratorError; older releases as a RuntimeError
-# whose message names the CUDA error (the message test below covers those).
-_ACCELERATOR_ERRORS: tuple[type[BaseException], ...] = tuple(
-    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None
-)
-
-
-def is_cuda_error(error: BaseException) -> bool:
-    """An accelerator error after which the CUDA context is unusable (out-of-memory is not one)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return False
-    return isinstance(error, _ACCELERATOR_ERRORS) or "CUDA error" in str(error)
-
-
-def _detached(error: Exception) -> Exception:
-    """error without its traceback or chained exceptions, whose frames would keep tensors alive."""
-    error.__context__ = error.__cause__ = None
-    return error.with_traceback(None)
-
-
-def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) -> list[Out | Exception]:
-    """`fn(items)`, split up on failure until only the items that cause it fail.
-
-    Returns one outcome per item: fn's result, or the exception that item alone raises
-    (ChunkOutOfMemoryError when it does not fit in accelerator memory even alone). Out-of-memory
-    and bad input halve the batch; any other error retries the items one by one. Only a CUDA error
-    propagates: the context is unusable, so no retry can succeed.
-    """
-    if not items:
-        return []
-    try:
-        return list(fn(items))
-    except torch.cuda.OutOfMemoryError:
-        failure: Exception | None = None  # out of memory; keep nothing that holds the failed attempt
-    except TTSInputError as error:
-        failure = _detached(error)
-    except Exception as error:
-        if is_cuda_error(error):
-            raise
-        logger.warning("a batch of %d items failed", len(items), exc_info=True)
-        failure = _detached(error)
-    # Out of the handler: the exception, its traceback and the frames holding the failed attempt's
-    # activations and KV cache are gone (gc for reference cycles), so the retry has that memory.
-    half = len(items) // 2
-    if failure is None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(items) == 1:
-            return [
-                ChunkOutOfMemoryError(
-                    "a chunk does not fit in accelerator memory even alone; lower "
-                    "chunking.max_chunk_chars or give each model replica more memory"
-                )
-            ]
-        logger.warning(
-            "CUDA out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
-        )
-    elif len(items) == 1:
-        return [failure]
-    elif not isinstance(failure, TTSInputError):
-        return [outcome for item in items for outcome in run_bisecting(fn, [item])]
-    return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
-
-
-def replica_max_ongoing_requests() -> int | None:
-    """The running replica's `max_ongoing_requests` (None outside a Serve replica).
-
-    Read from the replica context, not passed in at build time, so that a config file's override of
-    the deployment's `max_ongoing_requests` counts too (Ray 2.60 exposes it only privately).
-    """
-    try:
-        context = serve.get_replica_context()
-    except RayServeException:
-        return None
-    return context._deployment_config.max_ongoing_requests
-
-
-def slots_within_limit(max_batch_size: int) -> int:
-    """The engine's slot count for `max_batch_size`: at most the replica's `max_ongoing_requests`,
-    since the replica never holds more chunk calls than that, so more slots could never fill
-    (Serve updates the limit after calling reconfigure: a change of both at once sees the old one)."""
-    limit = replica_max_ongoing_requests()
-    if limit is not None and max_batch_size > limit:
-        logger.warning(
-            "max_batch_size %d exceeds max_ongoing_requests %d; using %d", max_batch_size, limit, limit
-        )
-        return limit
-    return max_batch_size
 
 
 @dataclass(frozen=True)
@@ -170,15 +74,15 @@ class TurboModel:
                 "upscale_delay_s": autoscaling.upscale_delay_s,
                 "downscale_delay_s": autoscaling.downscale_delay_s,
             },
-            "max_ongoing_requests": args.model_max_ongoing_requests or 2 * args.max_batch_size,
+            "max_ongoing_requests": args.model_max_ongoing,
             "ray_actor_options": {"num_cpus": args.model_num_cpus, "num_gpus": num_gpus},
             "user_config": args.batching.model_dump(),
             **args.shutdown.model_dump(),
         }
 
-    async def __init__(
-        self, source: ModelSource, engine: EngineSettings, max_batch_size: int, voice_cache_size: int
-    ) -> None:
+    async def __init__(self, config: ModelArgs) -> None:
+        source = config.source
+        self._max_ongoing_requests = config.max_ongoing_requests
         device = replica_device(source.device, ray.get_gpu_ids())
         checkpoint = await asyncio.to_thread(
             resolve_model, source.model, source.revision, source.tiny_cache_dir
@@ -187,20 +91,11 @@ class TurboModel:
         self._tts = await asyncio.to_thread(TurboTTS.from_checkpoint, checkpoint, device, dtype)
         self._broken: str | None = None
         self._voices = VoiceCache(
-            voice_cache_size,
+            config.voice_cache_size,
             voice_id=self._tts.voice_id,
             prepare=lambda clips: self._run_on_model(self._tts.prepare_voices, clips),
         )
-        # Voices being prepared, by reference id: the chunks of one new voice share one preparation.
-        self._preparing: dict[str, asyncio.Future[list[Voice | BaseException]]] = {}
-        self._engine_config = EngineConfig(
-            max_slots=slots_within_limit(max_batch_size),
-            max_positions=engine.max_positions,
-            prefix_cache_voices=voice_cache_size,
-            s3gen_max_batch=engine.s3gen_max_batch,
-            prefill_chunk_tokens=engine.prefill_chunk_tokens,
-            cuda_graphs=engine.cuda_graphs,
-        )
+        self._engine_config = replace(config.engine, max_slots=self._slots(config.engine.max_slots))
         # A cache that does not fit fails the replica's start with EngineCapacityError, whose
         # message names a capacity that would.
         self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
@@ -229,6 +124,18 @@ class TurboModel:
         if engine is not None:
             engine.close()
 
+    def _slots(self, max_batch_size: int) -> int:
+        """The engine's slot count for `max_batch_size`: at most the deployment's
+        `max_ongoing_requests` (known from the build, `ModelArgs`), since the replica never holds
+        more chunk calls than that, so more slots could never fill."""
+        limit = self._max_ongoing_requests
+        if limit is not None and max_batch_size > limit:
+            logger.warning(
+                "max_batch_size %d exceeds max_ongoing_requests %d; using %d", max_batch_size, limit, limit
+            )
+            return limit
+        return max_batch_size
+
     def _start_engine(self, config: EngineConfig) -> TurboEngine:
         engine = TurboEngine(self._tts, config)  # allocates the KV cache
         engine.start()
@@ -246,7 +153,7 @@ class TurboModel:
         """A new slot count builds a new engine once the chunks in the current one have finished;
         chunk calls that arrive meanwhile wait for it. A cache that does not fit brings the old
         engine back and raises the EngineCapacityError (Serve then fails this replica's update)."""
-        slots = slots_within_limit(BatchingConfig.model_validate(user_config).max_batch_size)
+        slots = self._slots(BatchingConfig.model_validate(user_config).max_batch_size)
         async with self._reconfiguring:
             if slots == self._engine_config.max_slots:
                 return
@@ -259,7 +166,7 @@ class TurboModel:
             self._accepting.clear()
             try:
                 await self._drained.wait()
-                self._record_engine_stats()
+                record_engine_stats(self._engine.stats(), self._recorded)
                 await asyncio.to_thread(self._engine.close)
                 config = replace(self._engine_config, max_slots=slots)
                 try:
@@ -294,8 +201,36 @@ class TurboModel:
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
         """(T,) float32 audio at the model's sample rate, unwatermarked."""
-        async with self._chunk_call(job) as request:
-            return await self._run_in_engine(request)
+        async with self._chunk_call(job) as request, self._engine_call() as engine:
+            chunk_id, submitted_at = uuid.uuid4().hex, time.monotonic()
+            # Cancelling this call (Serve does when its caller goes away) cancels the chunk in the
+            # engine: submit frees its slot, or its place in the queue, at the engine's next step.
+            audio = await engine.submit(request, request_id=chunk_id, watermark=False)
+            self._record_chunk(engine, chunk_id, len(audio), submitted_at)
+            return audio
+
+    async def stream_chunk(self, job: ChunkJob) -> AsyncIterator[np.ndarray]:
+        """The chunk's float32 audio in pieces as the engine decodes it, unwatermarked: token-level
+        streaming (the first piece after ~19 decode steps and one small S3Gen pass); together the
+        pieces are the chunk's audio. Call with `handle.options(stream=True)`."""
+        chunk_id, submitted_at, samples = uuid.uuid4().hex, time.monotonic(), 0
+        async with (
+            self._chunk_call(job) as request,
+            self._engine_call() as engine,
+            contextlib.aclosing(self._audio_streamer(engine).stream(request, chunk_id)) as pieces,
+        ):
+            async for piece in pieces:
+                samples += len(piece)
+                yield piece
+            self._record_chunk(engine, chunk_id, samples, submitted_at)
+
+    def _record_chunk(self, engine: TurboEngine, chunk_id: str, samples: int, submitted_at: float) -> None:
+        times = engine.stage_times(chunk_id)
+        record_chunk_synthesised(
+            audio_seconds=samples / self._tts.sample_rate,
+            queue_seconds=times.admitted - times.submitted if times and times.admitted else None,
+            engine_seconds=time.monotonic() - submitted_at,
+        )
 
     @contextlib.asynccontextmanager
     async def _chunk_call(self, job: ChunkJob) -> AsyncIterator[TTSRequest]:
@@ -309,33 +244,9 @@ class TurboModel:
             raise
         self._chunks_finished += 1
 
-    async def _voice(self, reference: SharedReference | None) -> Voice:
+    async def _voice(self, reference: SharedReference | StoredVoiceReference | None) -> Voice:
         """The voice of a chunk: the built-in one, or its reference's (cached or prepared now)."""
-        if reference is None:
-            return self._tts.default_voice
-        key = reference.reference_id
-        preparing = self._preparing.get(key)
-        if preparing is None:
-            preparing = asyncio.ensure_future(self._voices.resolve([reference]))
-            self._preparing[key] = preparing
-            preparing.add_done_callback(lambda _: self._preparing.pop(key, None))
-        # Shielded: one chunk's cancellation does not cancel the others' preparation.
-        (voice,) = await asyncio.shield(preparing)
-        if isinstance(voice, BaseException):
-            raise voice
-        return voice
-
-    async def stream_chunk(self, job: ChunkJob) -> AsyncIterator[np.ndarray]:
-        """The chunk's float32 audio in pieces as the engine decodes it, unwatermarked: token-level
-        streaming (the first piece after ~19 decode steps and one small S3Gen pass); together the
-        pieces are the chunk's audio. Call with `handle.options(stream=True)`."""
-        async with (
-            self._chunk_call(job) as request,
-            self._engine_call() as engine,
-            contextlib.aclosing(self._audio_streamer(engine).stream(request)) as pieces,
-        ):
-            async for piece in pieces:
-                yield piece
+        return self._tts.default_voice if reference is None else await self._voices.voice(reference)
 
     def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
         """The token-level streamer over `engine`: made on first use, and again after a rebuild."""
@@ -363,21 +274,6 @@ class TurboModel:
             if not self._in_engine:
                 self._drained.set()
 
-    async def _run_in_engine(self, request: TTSRequest) -> np.ndarray:
-        chunk_id = uuid.uuid4().hex
-        submitted_at = time.monotonic()
-        async with self._engine_call() as engine:
-            # Cancelling this call (Serve does when its caller goes away) cancels the chunk in the
-            # engine: submit frees its slot, or its place in the queue, at the engine's next step.
-            audio = await engine.submit(request, request_id=chunk_id, watermark=False)
-        times = engine.stage_times(chunk_id)
-        record_chunk_synthesised(
-            audio_seconds=len(audio) / self._tts.sample_rate,
-            queue_seconds=times.admitted - times.submitted if times and times.admitted else None,
-            engine_seconds=time.monotonic() - submitted_at,
-        )
-        return audio
-
     def _chunk_error(self, error: Exception) -> Exception:
         """What a chunk's caller gets for the engine's error: a CUDA error breaks this replica for good."""
         if is_cuda_error(error):
@@ -386,30 +282,15 @@ class TurboModel:
                 self._broken = str(error)
             return ReplicaBrokenError(f"TurboModel replica is broken: {self._broken}")
         if isinstance(error, torch.cuda.OutOfMemoryError):
-            return ChunkOutOfMemoryError(
-                "a chunk does not fit in accelerator memory even alone; lower "
-                "chunking.max_chunk_chars or give each model replica more memory"
-            )
+            return ChunkOutOfMemoryError(CHUNK_OUT_OF_MEMORY)
         return error
 
     async def _record_engine_metrics(self) -> None:
         while True:
             await asyncio.sleep(ENGINE_METRICS_INTERVAL_S)
-            self._record_engine_stats()
-
-    def _record_engine_stats(self) -> None:
-        """The engine's gauges now, and what its counters added since the last record."""
-        stats, before = self._engine.stats(), self._recorded
-        if stats == before:
-            return
-        record_engine_stats(
-            live_rows=stats.live_rows,
-            queue_depth=stats.queue_depth,
-            steps=stats.steps - before.steps,
-            prefix_hits=stats.prefix_hits - before.prefix_hits,
-            prefix_misses=stats.prefix_misses - before.prefix_misses,
-        )
-        self._recorded = stats
+            stats = self._engine.stats()
+            record_engine_stats(stats, self._recorded)
+            self._recorded = stats
 
     async def _run_on_model(
         self, fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]

@@ -12,13 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.synthesis.audio import StitchPlan, chunk_starts, encode_audio, stitch, to_s16le
 from serve_app.config import AppArgs, front_deployment_options
 from serve_app.schemas import ChunkInfo, SynthesisResult
-
-# The watermarker's STFT needs more than half its 2048-sample window at 32 kHz (768 samples at
-# 24 kHz); the ingress streams pieces of at least 0.1 s, so only a shorter whole result stays unmarked.
-MIN_WATERMARK_SECONDS = 0.04
+from serve_app.synthesis.audio import StitchPlan, chunk_starts, encode_audio, stitch, to_s16le
 
 
 class Stitcher:
@@ -30,10 +26,11 @@ class Stitcher:
         self._apply_watermark = None
         if watermark:
             # Imported here so a deployment without watermarking never loads the watermarker.
-            from chatterbox.watermark import apply_watermark
+            from chatterbox.watermark import apply_watermark, is_markable
 
             apply_watermark(np.zeros(2400, np.float32), 24_000)  # load the watermarker now, not on a request
             self._apply_watermark = apply_watermark
+            self._is_markable = is_markable
 
     async def stitch(self, plan: StitchPlan, *chunk_audio: np.ndarray) -> SynthesisResult:
         """Join `chunk_audio` (in plan order) and encode it in `plan.format`."""
@@ -62,6 +59,8 @@ class Stitcher:
         return await asyncio.to_thread(self._encode_piece, samples, sample_rate)
 
     def _encode_piece(self, samples: np.ndarray, sample_rate: int) -> bytes:
-        if self._apply_watermark is not None and len(samples) >= MIN_WATERMARK_SECONDS * sample_rate:
+        # Streamed pieces are long enough to mark (`chatterbox.watermark`'s piece rules); only a
+        # whole result shorter than that stays unmarked.
+        if self._apply_watermark is not None and self._is_markable(len(samples), sample_rate):
             samples = np.asarray(self._apply_watermark(samples, sample_rate), dtype=np.float32)
         return to_s16le(samples)

@@ -20,8 +20,8 @@ from typing import Literal, get_args
 import numpy as np
 import soundfile as sf
 
-from serve_app.synthesis.chunking import TextChunk
 from serve_app.config import StitchingConfig
+from serve_app.synthesis.chunking import TextChunk
 
 AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container
 # (libsndfile container, subtype) per format; pcm is written by hand (no header).

@@ -33,7 +33,24 @@ class VoiceCache:
         self._voice_id = voice_id
         self._prepare = prepare
         self._voices: OrderedDict[str, Voice] = OrderedDict()
+        # Voices being resolved, by reference id: the chunks of one new voice share one preparation.
+        self._resolving: dict[str, asyncio.Future[list[Voice | BaseException]]] = {}
         self.prepared = 0  # voices prepared since the replica started
+
+    async def voice(self, reference: VoiceReference) -> Voice:
+        """One chunk's voice: cached, or resolved once for all the chunks that ask for it meanwhile;
+        raises the error preparing it raised."""
+        key = reference.reference_id
+        resolving = self._resolving.get(key)
+        if resolving is None:
+            resolving = asyncio.ensure_future(self.resolve([reference]))
+            self._resolving[key] = resolving
+            resolving.add_done_callback(lambda _: self._resolving.pop(key, None))
+        # Shielded: one chunk's cancellation does not cancel the others' preparation.
+        (voice,) = await asyncio.shield(resolving)
+        if isinstance(voice, BaseException):
+            raise voice
+        return voice
 
     async def resolve(self, references: Sequence[VoiceReference]) -> list[Voice | BaseException]:
         """The voice of every reference: cached, or fetched and prepared now; a reference whose clip

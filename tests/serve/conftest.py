@@ -72,9 +72,10 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
                 "max_reference_bytes": 1024 * 1024,
                 "max_reference_seconds": 10.0,
                 "max_request_bytes": 2 * 1024 * 1024,
+                # Small admission limits, so a burst test needs few requests (8 concurrent still fit).
+                "max_active_requests": 8,
             },
-            # Small admission limits, so a burst test needs few requests (8 concurrent still fit).
-            ingress={"num_cpus": 0, "max_ongoing_requests": 8, "max_queued_requests": 8},
+            ingress={"num_cpus": 0, "max_ongoing_requests": 16},
             stitcher={"num_cpus": 0},
             shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
         )

@@ -15,10 +15,10 @@ import ray
 import soundfile as sf
 from ray import serve
 
-from serve_app.app import build_app
 from serve_app.api.auth import API_KEYS_FILE_ENV, ApiKeys, bearer_token, load_api_keys, route_path
-from serve_app.config import AppArgs, AuthConfig, VoicesConfig
 from serve_app.api.openai import SERVED_MODEL_ID
+from serve_app.app import build_app
+from serve_app.config import AppArgs, AuthConfig, VoicesConfig
 from serve_app.schemas import SynthesisRequest
 from tests.serve.conftest import voice_wav
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from chatterbox.sampling import SamplingParams
-from serve_app.config import EngineSettings, ModelSource
-from serve_app.errors import ReplicaBrokenError, model_error
+from chatterbox.turbo_engine import EngineConfig
+from serve_app.config import ModelArgs, ModelSource
 from serve_app.deployments.model import ReplicaStats, TurboModel
+from serve_app.errors import ReplicaBrokenError, model_error
 from serve_app.schemas import ChunkJob
 
 
@@ -34,7 +35,11 @@ def test_a_cuda_error_breaks_the_replica(serve_app):
     async def scenario() -> tuple[object, list, list, ReplicaStats, TurboModel]:
         model = TurboModel.__new__(TurboModel)
         await model.__init__(
-            ModelSource.from_args(serve_app.args), EngineSettings(), max_batch_size=4, voice_cache_size=2
+            ModelArgs(
+                source=ModelSource.from_args(serve_app.args),
+                engine=EngineConfig(max_slots=4),
+                voice_cache_size=2,
+            )
         )
         model._tts.t3.speech_head.register_forward_pre_hook(illegal_memory_access)
         healthy = await model.synthesize_chunk(job("Before the fault."))

@@ -79,7 +79,7 @@ def test_traffic_shows_on_rays_metrics_endpoint(serve_app):
     response = httpx.post(f"{serve_app.url}/v1/tts", json={"text": too_long}, timeout=30)
     assert (response.status_code, response.json()["error"]["code"]) == (413, "text_too_long")
     with pytest.raises(SynthesisError) as refused:
-        serve_app.deployments.ingress.synthesize.remote(SynthesisRequest(text=too_long)).result()
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text=too_long)).result()
     assert refused.value.code == "text_too_long"
 
     def delta(after: Scrape, name: str, **labels: str) -> float:

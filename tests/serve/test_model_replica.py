@@ -24,11 +24,12 @@ from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineCapacityError, _free_memory
+from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, _free_memory
 from serve_app.app import build_app
-from serve_app.config import AppArgs, EngineSettings, ModelSource
+from serve_app.config import AppArgs, ModelArgs, ModelSource
+from serve_app.deployments.failures import is_cuda_error, run_bisecting
+from serve_app.deployments.model import ReplicaStats, TurboModel
 from serve_app.errors import ChunkOutOfMemoryError
-from serve_app.deployments.model import ReplicaStats, TurboModel, is_cuda_error, run_bisecting
 from serve_app.schemas import ChunkJob
 from tests.text_samples import SENTENCES as TEXT_SENTENCES
 
@@ -189,9 +190,9 @@ def test_app_graph_and_cpu_options():
     assert model.max_ongoing_requests == 24  # every slot busy, as many chunks again queued
     assert model._deployment_config.autoscaling_config.target_ongoing_requests == 12
     assert deployments["Ingress"].max_ongoing_requests == 256
-    assert deployments["Ingress"].max_queued_requests == 256  # a burst beyond this gets 503 at once
+    assert deployments["Ingress"].max_queued_requests == -1  # a burst gets the ingress's own 503 at once
     assert deployments["Stitcher"].max_queued_requests == -1  # only the ingress admits requests
-    assert deployments["Ingress"].init_args[-1] == 1  # chunks in flight per request on a CPU model
+    assert deployments["Ingress"].init_args[-1].max_chunks_in_flight == 1  # per request on a CPU model
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,7 @@ def test_app_graph_and_cpu_options():
 )
 def test_chunks_in_flight_per_request(device, max_chunks_in_flight, expected):
     args = AppArgs(device=device, max_batch_size=12, max_chunks_in_flight=max_chunks_in_flight)
-    assert deployments_of(args)["Ingress"].init_args[-1] == expected
+    assert deployments_of(args)["Ingress"].init_args[-1].max_chunks_in_flight == expected
 
 
 def test_gpu_share_and_serve_build_output():
@@ -232,7 +233,7 @@ def chunk(request_id: str, text: str, seed: int, max_new_tokens: int) -> ChunkJo
 
 
 def stats(serve_app) -> ReplicaStats:
-    return serve_app.deployments.model.stats.remote().result()
+    return serve_app.model.stats.remote().result()
 
 
 def wait_until(condition: Callable[[ReplicaStats], bool], serve_app, timeout_s: float = 60.0) -> ReplicaStats:
@@ -248,9 +249,9 @@ def test_chunks_of_several_requests_decoded_together_get_their_solo_audio(serve_
     # first decodes, so rows join and leave the running decode at different steps.
     jobs = [chunk(f"request-{i % 3}", SENTENCES[i], seed=40 + i, max_new_tokens=20 + 8 * i) for i in range(6)]
     before = stats(serve_app)
-    first = [serve_app.deployments.model.synthesize_chunk.remote(job) for job in jobs[:3]]
+    first = [serve_app.model.synthesize_chunk.remote(job) for job in jobs[:3]]
     wait_until(lambda s: s.engine.steps - before.engine.steps >= 5, serve_app)
-    second = [serve_app.deployments.model.synthesize_chunk.remote(job) for job in jobs[3:]]
+    second = [serve_app.model.synthesize_chunk.remote(job) for job in jobs[3:]]
     audio = [response.result() for response in first + second]
     after = stats(serve_app)
 
@@ -268,7 +269,7 @@ def test_chunks_of_several_requests_decoded_together_get_their_solo_audio(serve_
 def test_a_cancelled_chunk_call_leaves_the_engine_at_its_next_step(serve_app):
     before = stats(serve_app)
     long = chunk("cancelled-request", SENTENCES[0], seed=1, max_new_tokens=1000)
-    response = serve_app.deployments.model.synthesize_chunk.remote(long)
+    response = serve_app.model.synthesize_chunk.remote(long)
     decoding = wait_until(lambda s: s.engine.live_rows == 1, serve_app)
     response.cancel()  # what the ingress does when the chunk's client goes away
     after = wait_until(lambda s: s.engine.requests_cancelled > before.engine.requests_cancelled, serve_app)
@@ -293,7 +294,7 @@ def test_no_more_chunks_decode_at_once_than_the_engine_has_slots(serve_app):
     with ThreadPoolExecutor(max_workers=1) as pool:
         watcher = pool.submit(watch)
         try:
-            audio = [r.result() for r in [serve_app.deployments.model.synthesize_chunk.remote(job) for job in jobs]]
+            audio = [r.result() for r in [serve_app.model.synthesize_chunk.remote(job) for job in jobs]]
         finally:
             done.set()
         watcher.result()
@@ -306,24 +307,24 @@ def test_no_more_chunks_decode_at_once_than_the_engine_has_slots(serve_app):
 def test_a_new_slot_count_rebuilds_the_engine_once_its_chunks_finish(serve_app):
     batching = serve_app.args.batching
     before = stats(serve_app)
-    response = serve_app.deployments.model.synthesize_chunk.remote(
+    response = serve_app.model.synthesize_chunk.remote(
         chunk("rebuild", SENTENCES[1], seed=3, max_new_tokens=150)
     )
     wait_until(lambda s: s.engine.live_rows == 1, serve_app)
     try:
-        serve_app.deployments.model.reconfigure.remote({"max_batch_size": 2}).result()
+        serve_app.model.reconfigure.remote({"max_batch_size": 2}).result()
         # The chunk in the old engine finished first, with its audio.
         assert isinstance(response.result(timeout_s=0), np.ndarray)
         rebuilt = stats(serve_app)
         assert rebuilt.max_batch_size == 2
         assert rebuilt.engine.cache_bytes * 4 == before.engine.cache_bytes  # 2 slots of 8
         assert rebuilt.engine.steps == 0  # a new engine
-        wav = serve_app.deployments.model.synthesize_chunk.remote(
+        wav = serve_app.model.synthesize_chunk.remote(
             chunk("after", SENTENCES[2], seed=4, max_new_tokens=20)
         ).result()
         assert len(wav) > 0
     finally:
-        serve_app.deployments.model.reconfigure.remote(batching.model_dump()).result()
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
     assert stats(serve_app).engine.cache_bytes == before.engine.cache_bytes
 
 
@@ -332,23 +333,24 @@ def test_a_kv_cache_that_does_not_fit_fails_the_replica_start_naming_one_that_wo
     # process on the session's Ray, as Serve would construct it (outside Serve: no slot clamp).
     model = TurboModel.__new__(TurboModel)
     start = model.__init__(
-        ModelSource.from_args(serve_app.args),
-        EngineSettings(max_positions=4000),
-        max_batch_size=10**6,
-        voice_cache_size=2,
+        ModelArgs(
+            source=ModelSource.from_args(serve_app.args),
+            engine=EngineConfig(max_slots=10**6, max_positions=4000),
+            voice_cache_size=2,
+        )
     )
     with pytest.raises(EngineCapacityError, match=r"max_slots=\d+ \(at max_positions=4000\).* would fit"):
         asyncio.run(start)
 
 
 def test_a_new_slot_count_that_does_not_fit_keeps_the_engine_it_has(serve_app):
-    settings = EngineSettings(max_positions=8000)
+    settings = EngineConfig(max_slots=1, max_positions=8000)
     asked = 256  # the most AppArgs allows: 256 x 8000 positions of the tiny T3, ~50 GB of float32
 
     async def scenario() -> tuple[ReplicaStats, np.ndarray, ReplicaStats]:
         model = TurboModel.__new__(TurboModel)
         await model.__init__(
-            ModelSource.from_args(serve_app.args), settings, max_batch_size=1, voice_cache_size=2
+            ModelArgs(source=ModelSource.from_args(serve_app.args), engine=settings, voice_cache_size=2)
         )
         try:
             before = await model.stats()

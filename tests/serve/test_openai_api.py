@@ -15,18 +15,18 @@ import torch
 from ray import serve
 
 from bench.streaming_quality import log_mel_l1
-from serve_app.synthesis.audio import StreamingStitch, stitch
-from serve_app.synthesis.chunking import split_text
-from serve_app.errors import SynthesisError
+from serve_app.api.errors import openai_error
 from serve_app.api.openai import (
     SERVED_MODEL_ID,
     SpeechRequest,
     decode_reference,
-    openai_error,
     sse_event,
     streaming_wav_header,
 )
+from serve_app.errors import SynthesisError
 from serve_app.schemas import AudioPiece, SynthesisRequest
+from serve_app.synthesis.audio import StreamingStitch, stitch
+from serve_app.synthesis.chunking import split_text
 from tests.serve.conftest import APP_NAME
 from tests.serve.test_serve_app import SR, paragraph
 
@@ -209,7 +209,7 @@ def test_handle_streams_typed_pieces(serve_app):
 def test_long_stream_starts_before_its_last_chunk_and_equals_the_whole_response(serve_app):
     text = paragraph(3000, 0)[:3000]
     num_chunks = len(split_text(text, serve_app.args.chunking.max_chunk_chars))
-    submitted_before = serve_app.deployments.model.stats.remote().result().chunks_submitted
+    submitted_before = serve_app.model.stats.remote().result().chunks_submitted
     body = {"model": SERVED_MODEL_ID, "input": text, "response_format": "pcm", "seed": 21}
     started_at = time.monotonic()
     with httpx.stream("POST", f"{serve_app.url}/v1/audio/speech", json=body, timeout=300) as response:
@@ -218,7 +218,7 @@ def test_long_stream_starts_before_its_last_chunk_and_equals_the_whole_response(
         first = next(parts)
         first_at = time.monotonic()
         # Chunks the model has started by now (handed to its engine).
-        started_by_first_audio = serve_app.deployments.model.stats.remote().result().chunks_submitted - submitted_before
+        started_by_first_audio = serve_app.model.stats.remote().result().chunks_submitted - submitted_before
         streamed = first + b"".join(parts)
         finished_at = time.monotonic()
     # Measured (tiny, 2-core CPU): 11 chunks, first audio 0.87 s, whole 6.90 s.

@@ -20,9 +20,9 @@ from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
 from chatterbox.constants import PARALINGUISTIC_TAGS, S3GEN_SR
+from serve_app.api.playground import render_page
 from serve_app.app import build_app
 from serve_app.config import AuthConfig, VoicesConfig
-from serve_app.api.playground import render_page
 from tests.serve.conftest import REPO_ROOT, voice_wav
 from tests.serve.test_serve_app import paragraph
 

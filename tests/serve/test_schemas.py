@@ -6,10 +6,10 @@ from pydantic import ValidationError
 
 from chatterbox.errors import TTSInputError
 from chatterbox.sampling import SAMPLING_BOUNDS, SamplingParams
-from serve_app.synthesis.audio import StitchPlan, stitch_plan
-from serve_app.synthesis.chunking import TextChunk
 from serve_app.config import StitchingConfig
 from serve_app.schemas import SynthesisParams
+from serve_app.synthesis.audio import StitchPlan, stitch_plan
+from serve_app.synthesis.chunking import TextChunk
 
 
 def test_a_request_without_settings_samples_with_the_engine_defaults():

@@ -3,10 +3,11 @@
 import asyncio
 import base64
 import io
+import json
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -20,12 +21,12 @@ from ray.serve.exceptions import RequestCancelledError
 from chatterbox.errors import TTSInputError
 from chatterbox.sampling import SamplingParams
 from chatterbox.voice import decode_reference_audio
+from serve_app.deployments.model import ReplicaStats
+from serve_app.errors import SynthesisError, input_error, model_error, root_cause
+from serve_app.schemas import ChunkJob, SharedReference, SynthesisRequest
 from serve_app.synthesis.audio import StitchPlan, ms_to_samples
 from serve_app.synthesis.chunking import split_text
-from serve_app.errors import SynthesisError, input_error, model_error, root_cause
-from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.model import ReplicaStats
-from serve_app.schemas import ChunkJob, SharedReference, SynthesisRequest
+from serve_app.synthesis.fanout import synthesize_chunks
 from tests.serve.conftest import APP_NAME, CHUNK_MAX_NEW_TOKENS, voice_wav
 from tests.text_samples import SENTENCES
 
@@ -80,12 +81,12 @@ def test_long_text_is_one_wav_of_its_stitched_chunks(serve_app):
 
 
 def test_concurrent_requests_are_batched(serve_app):
-    before = serve_app.deployments.model.stats.remote().result()
+    before = serve_app.model.stats.remote().result()
     texts = [f"Request number {i} says hello." for i in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda t: post(serve_app, {"text": t, "format": "pcm"}), texts))
     assert [r.status_code for r in responses] == [200] * 8
-    after = serve_app.deployments.model.stats.remote().result()
+    after = serve_app.model.stats.remote().result()
     assert after.chunks_finished - before.chunks_finished == 8  # one chunk each
     steps = after.engine.steps - before.engine.steps
     tokens = after.engine.tokens_generated - before.engine.tokens_generated
@@ -93,7 +94,7 @@ def test_concurrent_requests_are_batched(serve_app):
 
 
 def test_clients_that_hang_up_mid_request_leave_the_replica_serving(serve_app):
-    before = serve_app.deployments.model.stats.remote().result()
+    before = serve_app.model.stats.remote().result()
 
     def hang_up(i: int) -> type[Exception] | None:
         try:
@@ -107,14 +108,13 @@ def test_clients_that_hang_up_mid_request_leave_the_replica_serving(serve_app):
     response = post(serve_app, {"text": "Still serving.", "format": "pcm"})
     assert response.status_code == 200, response.text
     assert len(base64.b64decode(response.json()["audio_base64"])) > 0
-    after = serve_app.deployments.model.stats.remote().result()
+    after = serve_app.model.stats.remote().result()
     assert after.chunks_received > before.chunks_received  # the same replica (a new one counts from 0)
 
 
 def test_a_burst_beyond_the_queue_is_refused_at_once(serve_app):
-    # 8 requests run in the ingress and 8 more may wait at the proxy; the rest get 503 at once
-    # (more get in when early ones finish while the burst is still arriving on a slow machine,
-    # so the bounds leave room; without the queue limit every request would wait and get 200).
+    # 8 requests run in the ingress; the rest get our 503 at once (more get in when early ones
+    # finish while the burst is still arriving on a slow machine, so the bounds leave room).
     def send(i: int) -> tuple[int, str, float]:
         text = f"Burst request {i}. It has a second sentence. And a third one, so it takes a while."
         response = post(serve_app, {"text": text, "format": "pcm"})
@@ -126,14 +126,14 @@ def test_a_burst_beyond_the_queue_is_refused_at_once(serve_app):
     assert set(codes) == {200, 503}, codes
     assert codes[503] >= 8, codes
     refused = [(text, seconds) for code, text, seconds in outcomes if code == 503]
-    assert all("backpressure" in text and seconds < 5.0 for text, seconds in refused), refused
+    assert all('"overloaded"' in text and seconds < 5.0 for text, seconds in refused), refused
 
 
 def test_handle_api_returns_the_http_audio(serve_app):
     request = {"text": "The same seed gives the same audio.", "seed": 5, "format": "flac", "temperature": 0.7}
     response = post(serve_app, request)
     assert response.status_code == 200, response.text
-    result = serve_app.deployments.ingress.synthesize.remote(SynthesisRequest(**request)).result()
+    result = serve_app.ingress.synthesize.remote(SynthesisRequest(**request)).result()
     assert result.audio == base64.b64decode(response.json()["audio_base64"])
     assert result.model_dump(exclude={"audio"}) == {
         k: v for k, v in response.json().items() if k != "audio_base64"
@@ -144,13 +144,13 @@ def test_handle_api_returns_the_http_audio(serve_app):
 
 def test_reference_voice_is_prepared_once_per_replica(serve_app):
     reference = base64.b64encode(voice_wav(6.0)).decode()
-    before = serve_app.deployments.model.stats.remote().result()
+    before = serve_app.model.stats.remote().result()
     for text in ["A cloned voice, first time.", "The same voice again, with a second chunk. And a third."]:
         response = post(serve_app, {"text": text, "reference_audio_base64": reference, "format": "mp3"})
         assert response.status_code == 200, response.text
         audio, sample_rate = sf.read(io.BytesIO(base64.b64decode(response.json()["audio_base64"])))
         assert sample_rate == SR and len(audio) > 0
-    after = serve_app.deployments.model.stats.remote().result()
+    after = serve_app.model.stats.remote().result()
     assert after.voices_prepared - before.voices_prepared == 1
 
 
@@ -166,7 +166,7 @@ def test_readyz_answers_at_once_while_the_model_replica_is_saturated(serve_app):
     # to the replica would queue behind them; /readyz asks Serve's controller instead.
     sampling = SamplingParams(seed=1, max_new_tokens=400)
     calls = [
-        serve_app.deployments.model.synthesize_chunk.remote(
+        serve_app.model.synthesize_chunk.remote(
             ChunkJob(request_id=f"busy-{i}", text=f"Busy line {i}.", voice=None, sampling=sampling)
         )
         for i in range(20)
@@ -189,7 +189,7 @@ LONG_TEXT = "\n\n".join(f"Line {i} of a long script." for i in range(40))
 
 def wait_for_chunks_submitted(serve_app, more_than: int, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while serve_app.deployments.model.stats.remote().result().chunks_submitted <= more_than:
+    while serve_app.model.stats.remote().result().chunks_submitted <= more_than:
         assert time.monotonic() < deadline, "the replica ran nothing"
         time.sleep(0.05)
 
@@ -201,13 +201,13 @@ def stats_after_probes(serve_app) -> tuple[ReplicaStats, ReplicaStats]:
     for i in range(2):
         response = post(serve_app, {"text": f"Probe {i}.", "format": "pcm"})
         assert response.status_code == 200, response.text
-        snapshots.append(serve_app.deployments.model.stats.remote().result())
+        snapshots.append(serve_app.model.stats.remote().result())
     return snapshots[0], snapshots[1]
 
 
 def test_a_short_request_behind_a_long_one_finishes_first(serve_app):
-    before = serve_app.deployments.model.stats.remote().result()
-    long = serve_app.deployments.ingress.synthesize.remote(SynthesisRequest(text=LONG_TEXT, format="pcm"))
+    before = serve_app.model.stats.remote().result()
+    long = serve_app.ingress.synthesize.remote(SynthesisRequest(text=LONG_TEXT, format="pcm"))
     wait_for_chunks_submitted(serve_app, before.chunks_submitted)  # the long request is decoding
     short = post(serve_app, {"text": "A short one.", "format": "pcm"})
     assert short.status_code == 200, short.text
@@ -224,12 +224,27 @@ def test_a_short_request_behind_a_long_one_finishes_first(serve_app):
     assert long_chunks <= 3 * serve_app.args.max_batch_size < 40
 
 
+def in_engine(stats: ReplicaStats) -> int:
+    """Chunk calls handed to the replica's engine and not answered yet."""
+    return stats.chunks_submitted - stats.chunks_finished - stats.chunks_cancelled
+
+
 def test_a_client_that_disconnects_stops_its_chunk_calls(serve_app):
     cap = serve_app.args.chunks_in_flight(on_gpu=False)
-    before = serve_app.deployments.model.stats.remote().result()
-    with pytest.raises(httpx.ReadTimeout):
-        post(serve_app, {"text": LONG_TEXT, "format": "pcm"}, timeout=2.0)
-    gone = serve_app.deployments.model.stats.remote().result()
+    before = serve_app.model.stats.remote().result()
+    body = json.dumps({"text": LONG_TEXT, "format": "pcm"}).encode()
+    head = f"POST /v1/tts HTTP/1.1\r\nHost: {APP_NAME}\r\nContent-Type: application/json\r\n"
+    host, port = serve_app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        # Hang up while one of its chunk calls is held open in the replica's engine.
+        deadline = time.monotonic() + 120
+        while not in_engine(now := serve_app.model.stats.remote().result()) or now.chunks_submitted <= (
+            before.chunks_submitted
+        ):
+            assert time.monotonic() < deadline, "no chunk of the request reached the engine"
+            time.sleep(0.01)
+    gone = serve_app.model.stats.remote().result()
     first, second = stats_after_probes(serve_app)
     assert second.chunks_received - first.chunks_received == 1
 
@@ -267,13 +282,13 @@ def test_a_job_that_breaks_voice_preparation_fails_alone(serve_app):
         chunk_job("Broken voice.", broken_voice()),
         chunk_job("Cloned voice.", good_voice),
     ]
-    before = serve_app.deployments.model.stats.remote().result()
-    responses = [serve_app.deployments.model.synthesize_chunk.remote(j) for j in jobs]
+    before = serve_app.model.stats.remote().result()
+    responses = [serve_app.model.synthesize_chunk.remote(j) for j in jobs]
     audio = [responses[0].result(), responses[2].result()]
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 and len(a) > 0 for a in audio)
     with pytest.raises(AttributeError) as raised:
         responses[1].result()
-    after = serve_app.deployments.model.stats.remote().result()
+    after = serve_app.model.stats.remote().result()
     assert after.chunks_received - before.chunks_received == 3
     assert after.chunks_finished - before.chunks_finished == 2
     assert after.voices_prepared - before.voices_prepared == 1
@@ -285,19 +300,18 @@ def test_a_failed_chunk_cancels_the_rest_of_its_request(serve_app):
     # The ingress's chunk fan-out, run here against the real model deployment: one bad chunk first,
     # then 19 good ones, on 2 engine slots so that the failure arrives while others still wait.
     cap = serve_app.args.max_batch_size
-    ingress = SimpleNamespace(_model=serve_app.deployments.model, _max_chunks_in_flight=cap)
     jobs = [chunk_job("Broken voice.", broken_voice(), "one-request")]
     jobs += [chunk_job(f"Chunk {i}.", None, "one-request") for i in range(1, 20)]
     batching = serve_app.args.batching
     in_pairs = batching.model_copy(update={"max_batch_size": 2})
-    serve_app.deployments.model.reconfigure.remote(in_pairs.model_dump()).result()
+    serve_app.model.reconfigure.remote(in_pairs.model_dump()).result()
     try:
-        before = serve_app.deployments.model.stats.remote().result()
+        before = serve_app.model.stats.remote().result()
         with pytest.raises(AttributeError):
-            asyncio.run(Ingress._synthesize_chunks(ingress, jobs, time.monotonic()))
+            asyncio.run(synthesize_chunks(serve_app.model, jobs, cap, time.monotonic()))
         first, second = stats_after_probes(serve_app)
     finally:
-        serve_app.deployments.model.reconfigure.remote(batching.model_dump()).result()
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
     # Calls still queued for the replica when cancelled never reach it.
     received = first.chunks_received - before.chunks_received - 1  # less the first probe
     assert 1 <= received <= cap  # the chunks after the first `cap` were never sent
@@ -313,10 +327,10 @@ def test_reconfigure_never_raises_the_batch_size_above_max_ongoing_requests(serv
     try:
         for asked, applied in [(4 * limit, limit), (3, 3)]:
             user_config = batching.model_copy(update={"max_batch_size": asked}).model_dump()
-            serve_app.deployments.model.reconfigure.remote(user_config).result()
-            assert serve_app.deployments.model.stats.remote().result().max_batch_size == applied
+            serve_app.model.reconfigure.remote(user_config).result()
+            assert serve_app.model.stats.remote().result().max_batch_size == applied
     finally:
-        serve_app.deployments.model.reconfigure.remote(batching.model_dump()).result()
+        serve_app.model.reconfigure.remote(batching.model_dump()).result()
 
 
 def b64(data: bytes) -> str:
@@ -397,7 +411,7 @@ def test_unknown_routes_answer_in_the_error_shape(serve_app, method, path, statu
 
 def test_handle_api_raises_synthesis_errors(serve_app):
     with pytest.raises(SynthesisError) as raised:
-        serve_app.deployments.ingress.synthesize.remote(
+        serve_app.ingress.synthesize.remote(
             SynthesisRequest(text="hi", reference_audio=b"junk" * 100)
         ).result()
     assert (raised.value.status, raised.value.code, raised.value.field) == (
@@ -406,23 +420,23 @@ def test_handle_api_raises_synthesis_errors(serve_app):
         "reference_audio",
     )
     with pytest.raises(SynthesisError) as raised:
-        serve_app.deployments.ingress.synthesize.remote(SynthesisRequest(text="")).result()
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text="")).result()
     assert raised.value.code == "empty_text"
     # The handle API refuses unspeakable characters as HTTP does.
     with pytest.raises(SynthesisError) as raised:
-        serve_app.deployments.ingress.synthesize.remote(SynthesisRequest(text="Hi \x00 there.")).result()
+        serve_app.ingress.synthesize.remote(SynthesisRequest(text="Hi \x00 there.")).result()
     assert (raised.value.status, raised.value.code, raised.value.field) == (422, "invalid_parameter", "text")
 
 
 def test_a_chunk_the_engine_refuses_reaches_the_ingress_as_its_input_error(serve_app):
     # The ingress chunks text to the model's token limit, so no request makes the engine refuse a
     # chunk; build the ingress's model -> stitcher hop by hand with a chunk over that limit.
-    text = "Hi. " * serve_app.deployments.model.info.remote().result().max_text_tokens
+    text = "Hi. " * serve_app.model.info.remote().result().max_text_tokens
     job = chunk_job(text, None, "engine-refusal")
     plan = StitchPlan(chunk_texts=[text], pauses=[], crossfade=0, sample_rate=SR, format="pcm")
     stitcher = serve.get_deployment_handle("Stitcher", APP_NAME)
     with pytest.raises(TTSInputError) as raised:  # what the ingress catches
-        stitcher.stitch.remote(plan, serve_app.deployments.model.synthesize_chunk.remote(job)).result()
+        stitcher.stitch.remote(plan, serve_app.model.synthesize_chunk.remote(job)).result()
     error = input_error(root_cause(raised.value))
     assert (error.status, error.code, error.field) == (413, "text_too_long", "text")
 
@@ -433,6 +447,6 @@ def test_a_sampling_setting_set_past_validation_is_an_input_error(serve_app):
     request = SynthesisRequest(text="Hi.")
     request.top_k = 0
     with pytest.raises(SynthesisError) as raised:
-        serve_app.deployments.ingress.synthesize.remote(request).result()
+        serve_app.ingress.synthesize.remote(request).result()
     error = raised.value
     assert (error.status, error.code, error.field) == (422, "invalid_parameter", "top_k")

@@ -14,11 +14,12 @@ import pytest
 import soundfile as sf
 from ray import serve
 
+from serve_app.api.openai import SERVED_MODEL_ID, SpeechRequest
+from serve_app.api.tts import TTSHttpRequest
 from serve_app.app import build_app
 from serve_app.config import AppArgs, VoicesConfig
 from serve_app.errors import SynthesisError
-from serve_app.api.openai import SERVED_MODEL_ID, SpeechRequest
-from serve_app.schemas import SynthesisRequest, TTSHttpRequest
+from serve_app.schemas import SynthesisRequest
 from tests.serve.conftest import voice_wav
 
 APP = "voices"

@@ -1,0 +1,30 @@
+"""The published contract (`/openapi.json`) with what a replica's configuration adds to it: every
+constraint the server enforces on a field is in the document, so a client (or a fuzzer) reading it
+knows exactly what is accepted. The fields' own constraints are declared beside them; this adds the
+ones only the running configuration knows, and those of path parameters."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from serve_app.config import LimitsConfig
+from serve_app.schemas import VOICE_SCHEMA
+
+# The text field of each synthesis route's JSON body.
+_TEXT_FIELDS = {"/v1/tts": "text", "/v1/audio/speech": "input"}
+_VOICE_PATH = "/v1/voices/{voice_id}"
+
+
+def with_limits(document: dict[str, Any], limits: LimitsConfig) -> dict[str, Any]:
+    """A copy of the OpenAPI `document` that states this replica's limits."""
+    document = copy.deepcopy(document)
+    paths = document["paths"]
+    for path, field in _TEXT_FIELDS.items():
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"][field]["maxLength"] = limits.max_text_chars
+    for operation in paths[_VOICE_PATH].values():
+        for parameter in operation["parameters"]:
+            if parameter["name"] == "voice_id":
+                parameter["schema"].update(VOICE_SCHEMA)
+    return document

@@ -1,0 +1,98 @@
+"""`POST /v1/tts`: our own JSON API; the audio comes back whole, in base64.
+
+No `from __future__ import annotations` in route modules: Serve re-creates the route methods for
+FastAPI, which then cannot resolve string annotations (a `request: Request` parameter became a
+query parameter).
+"""
+
+import base64
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.api.errors import ErrorResponse, error_response, renamed
+from serve_app.api.http_body import BASE64_SCHEMA, decode_base64, json_body, parse_json
+from serve_app.config import LimitsConfig
+from serve_app.errors import SynthesisError
+from serve_app.schemas import ChunkInfo, SynthesisParams, SynthesisRequest
+from serve_app.synthesis.audio import AudioFormat
+from serve_app.synthesis.pipeline import Synthesis
+from serve_app.voices.store import BUILT_IN_VOICE
+
+logger = logging.getLogger("ray.serve")
+
+router = APIRouter()
+# Handle-API field names that this API's clients know under another name.
+_HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
+
+
+def _tts_schema(schema: dict[str, Any]) -> None:
+    """The published schema: a one-off clip, or a saved voice, not both (every example is served)."""
+    schema["allOf"] = [
+        {
+            "if": {
+                "properties": {"reference_audio_base64": {"type": "string"}},
+                "required": ["reference_audio_base64"],
+            },
+            "then": {"properties": {"voice": {"enum": [BUILT_IN_VOICE, None]}}},
+        }
+    ]
+    schema["examples"] = [
+        {"text": "Hello from Chatterbox Turbo.", "format": "wav", "seed": 7},
+        {"text": "Read by the built-in voice, as mp3.", "format": "mp3", "voice": BUILT_IN_VOICE},
+    ]
+
+
+class TTSHttpRequest(SynthesisParams):
+    """Body of `POST /v1/tts`."""
+
+    model_config = ConfigDict(json_schema_extra=_tts_schema)
+
+    reference_audio_base64: str | None = Field(None, json_schema_extra=BASE64_SCHEMA)
+
+
+class TTSHttpResponse(BaseModel):
+    audio_base64: str
+    sample_rate: int
+    duration_s: float
+    format: AudioFormat
+    chunks: list[ChunkInfo]
+
+
+class TTSRoutes:
+    """The route; the ingress that inherits it sets these attributes."""
+
+    _synthesis: Synthesis
+    _limits: LimitsConfig
+
+    @router.post(
+        "/v1/tts",
+        response_model=TTSHttpResponse,
+        responses={"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}},
+        openapi_extra=json_body(TTSHttpRequest),
+    )
+    async def tts(self, request: Request) -> JSONResponse:
+        accepted_at = time.monotonic()
+        try:
+            body = await parse_json(request, TTSHttpRequest, self._limits.max_request_bytes)
+            clip = body.reference_audio_base64
+            synthesis = SynthesisRequest(
+                **body.model_dump(exclude={"reference_audio_base64"}),
+                reference_audio=None if clip is None else decode_base64(clip, "reference_audio_base64"),
+            )
+            result = await self._synthesis.synthesize(synthesis, accepted_at)
+        except SynthesisError as error:
+            return error_response(renamed(error, _HTTP_FIELDS), self._limits.retry_after_s)
+        except Exception:
+            logger.exception("unexpected error in POST /v1/tts")
+            error = SynthesisError("internal_error", "internal error; see the server log")
+            return error_response(error, self._limits.retry_after_s)
+        response = TTSHttpResponse(
+            audio_base64=base64.b64encode(result.audio).decode("ascii"),
+            **result.model_dump(exclude={"audio"}),
+        )
+        return JSONResponse(response.model_dump())
