@@ -12,7 +12,7 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppArgs, replica_num_gpus
+from serve_app.config import AppArgs
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.model import TurboModel
 from serve_app.deployments.stitcher import Stitcher
@@ -23,6 +23,12 @@ def visible_gpus() -> float:
     if ray.is_initialized():
         return float(ray.cluster_resources().get("GPU", 0.0))
     return float(torch.cuda.device_count())
+
+
+def replica_num_gpus(args: AppArgs, visible_gpus: float) -> float:
+    """GPU share each model replica requests, given the GPUs the cluster reports at build time."""
+    use_gpu = args.device == "cuda" or (args.device == "auto" and visible_gpus > 0)
+    return args.num_gpus if use_gpu else 0.0
 
 
 def build_app(args: AppArgs) -> Application:

@@ -7,7 +7,6 @@ set from the command line (`model=tiny num_gpus=0.5 max_batch_size=16`); the res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -323,19 +322,3 @@ class IngressArgs(_Strict):
     auth: AuthConfig
     max_new_tokens: int
     max_chunks_in_flight: int = Field(ge=1)
-
-
-def replica_num_gpus(args: AppArgs, visible_gpus: float) -> float:
-    """GPU share each model replica requests, given the GPUs the cluster reports at build time."""
-    use_gpu = args.device == "cuda" or (args.device == "auto" and visible_gpus > 0)
-    return args.num_gpus if use_gpu else 0.0
-
-
-def replica_device(
-    device: Literal["auto", "cuda", "cpu"], assigned_gpu_ids: Sequence[int | str]
-) -> Literal["cuda", "cpu"]:
-    """The torch device of a replica: "auto" follows the GPUs Ray actually assigned to it, so a
-    config file that overrides `ray_actor_options.num_gpus` moves the model along with it."""
-    if device == "auto":
-        return "cuda" if assigned_gpu_ids else "cpu"
-    return device

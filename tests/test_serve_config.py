@@ -9,7 +9,9 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from chatterbox.turbo_engine import EngineConfig
-from serve_app.config import AppArgs, BatchingConfig, replica_device, replica_num_gpus
+from serve_app.app import replica_num_gpus
+from serve_app.config import AppArgs, BatchingConfig
+from serve_app.deployments.model import replica_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]

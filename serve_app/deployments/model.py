@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -33,7 +33,7 @@ from chatterbox.hub import resolve_model
 from chatterbox.streaming_engine import AudioStreamer, StreamerStats
 from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
 from chatterbox.voice import Voice
-from serve_app.config import AppArgs, BatchingConfig, ModelArgs, replica_device
+from serve_app.config import AppArgs, BatchingConfig, ModelArgs
 from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats
@@ -43,6 +43,16 @@ from serve_app.voices.cache import VoiceCache
 logger = logging.getLogger("ray.serve")
 
 ENGINE_METRICS_INTERVAL_S = 1.0  # how often the engine's gauges and counters are recorded
+
+
+def replica_device(
+    device: Literal["auto", "cuda", "cpu"], assigned_gpu_ids: Sequence[int | str]
+) -> Literal["cuda", "cpu"]:
+    """The torch device of a replica: "auto" follows the GPUs Ray actually assigned to it, so a
+    config file that overrides `ray_actor_options.num_gpus` moves the model along with it."""
+    if device == "auto":
+        return "cuda" if assigned_gpu_ids else "cpu"
+    return device
 
 
 @dataclass(frozen=True)

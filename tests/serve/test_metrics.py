@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatterbox.constants import S3GEN_SR
 from serve_app.errors import SynthesisError
 from serve_app.schemas import SynthesisRequest
 from tests.serve.conftest import CHUNK_MAX_NEW_TOKENS, voice_wav
@@ -131,3 +132,27 @@ def test_traffic_shows_on_rays_metrics_endpoint(serve_app):
     # Serve tags every series with its deployment.
     refusal_tags = [s.labels for s in after.samples if s.name == REFUSALS]
     assert all(tags.get("deployment") == "Ingress" for tags in refusal_tags), refusal_tags
+
+
+def test_a_streamed_chunk_counts_in_audio_seconds_and_the_real_time_factor(serve_app):
+    time.sleep(EXPORT_INTERVAL_S + 1.0)  # earlier tests' traffic reaches the endpoint first
+    before = scrape(serve_app)
+    body = {"model": "chatterbox-turbo", "input": "One streamed line.", "response_format": "pcm", "seed": 4}
+    response = httpx.post(f"{serve_app.url}/v1/audio/speech", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    streamed_s = len(response.content) / 2 / S3GEN_SR  # s16le mono; one chunk, token by token
+
+    def delta(after: Scrape, name: str) -> float:
+        return after.total(name) - before.total(name)
+
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    after = scrape(serve_app)
+    while delta(after, f"{CHUNK_RTF}_count") < 1:
+        assert time.monotonic() < deadline, "the streamed chunk never reached the metrics"
+        time.sleep(1.0)
+        after = scrape(serve_app)
+    assert delta(after, f"{CHUNK_RTF}_count") == 1
+    assert delta(after, f"{CHUNK_QUEUE}_count") == 1
+    # The chunk's audio as the model made it; the stream's last piece may differ by < 10 ms, what
+    # watermarking a piece that is not a whole number of the watermark's hops does to its length.
+    assert delta(after, AUDIO_SECONDS) == pytest.approx(streamed_s, abs=0.01)
