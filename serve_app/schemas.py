@@ -10,6 +10,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
+from chatterbox.streaming_engine import StreamerStats
+from chatterbox.turbo_engine import EngineStats
 from serve_app.synthesis.audio import AudioFormat
 from serve_app.voices.store import BUILT_IN_VOICE, VOICE_NAME
 
@@ -135,3 +137,18 @@ class ChunkJob:
     text: str
     voice: SharedReference | StoredVoiceReference | None  # None: the checkpoint's built-in voice
     sampling: SamplingParams  # the request's, with seed + i as chunk i's seed
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """Chunk calls of one replica since it started, and its engine's counters (since the engine was
+    built: a change of `max_batch_size` builds a new one)."""
+
+    chunks_received: int  # synthesize_chunk calls taken by a healthy replica
+    chunks_submitted: int  # handed to the engine (their voice was ready)
+    chunks_finished: int  # answered with audio
+    chunks_cancelled: int  # their caller went away first (client gone, or a sibling chunk failed)
+    voices_prepared: int
+    max_batch_size: int  # the engine's KV-cache slots
+    engine: EngineStats
+    streaming: StreamerStats | None  # token-level streams' vocoder stage; None until one streams

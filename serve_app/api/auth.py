@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.api.errors import error_response, openai_error_response
+from serve_app.api.http_body import route_path
 from serve_app.config import AuthConfig
 from serve_app.errors import SynthesisError
 
@@ -72,14 +73,6 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
             scheme, _, token = value.strip().partition(b" ")
             return token.strip() if scheme.lower() == b"bearer" else None
     return None
-
-
-def route_path(scope: Scope) -> str:
-    """The path within the application (without the prefix it is deployed under)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root) :] or "/"
-    return path
 
 
 def unauthorized(path: str, has_token: bool) -> JSONResponse:

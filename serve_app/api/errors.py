@@ -11,7 +11,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
+from serve_app.api.http_body import route_path
 from serve_app.errors import SynthesisError, error_status
 from serve_app.metrics import record_refusal
 
@@ -103,10 +105,22 @@ def openai_error_response(error: SynthesisError, retry_after_s: int | None = Non
     return _answer(body, error.code, status, retry_after_s)
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """The methods the published document lists for the request's path (None: not in it)."""
+    path = route_path(request.scope)
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(path):
+            return ", ".join(sorted(method.upper() for method in operations))
+    return None
+
+
 async def http_exception(request: Request, error: HTTPException) -> JSONResponse:
-    """Starlette's own errors (unknown route, wrong method) in our error shape, with their headers
-    (a 405's `Allow`, RFC 9110)."""
+    """Starlette's own errors (unknown route, wrong method) in our error shape, with their headers.
+    A 405's `Allow` (RFC 9110) names every method of the path: Starlette names only those of the
+    first route that matched it, one of several when each method has its own."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
     response = error_response(SynthesisError(code, str(error.detail)), status=error.status_code)
     response.headers.update(error.headers or {})
+    if error.status_code == 405 and (allowed := _allowed_methods(request)):
+        response.headers["Allow"] = allowed
     return response

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
+from starlette.types import Scope
 
 from serve_app.errors import SynthesisError, validation_error
 
@@ -84,3 +85,11 @@ def decode_base64(value: str, field: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:  # ValueError: characters outside ASCII
         raise SynthesisError("invalid_base64", f"{field} is not valid base64: {error}", field) from None
+
+
+def route_path(scope: Scope) -> str:
+    """The path within the application (without the prefix it is deployed under)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path

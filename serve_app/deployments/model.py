@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -30,14 +30,13 @@ import torch
 
 from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.hub import resolve_model
-from chatterbox.streaming_engine import AudioStreamer, StreamerStats
-from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
-from chatterbox.voice import Voice
+from chatterbox.streaming_engine import AudioStreamer
+from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, TurboEngine
 from serve_app.config import AppArgs, BatchingConfig, ModelArgs
 from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats
-from serve_app.schemas import ChunkJob, ModelInfo, SharedReference, StoredVoiceReference
+from serve_app.schemas import ChunkJob, ModelInfo, ReplicaStats
 from serve_app.voices.cache import VoiceCache
 
 logger = logging.getLogger("ray.serve")
@@ -53,21 +52,6 @@ def replica_device(
     if device == "auto":
         return "cuda" if assigned_gpu_ids else "cpu"
     return device
-
-
-@dataclass(frozen=True)
-class ReplicaStats:
-    """Chunk calls of one replica since it started, and its engine's counters (since the engine was
-    built: a change of `max_batch_size` builds a new one)."""
-
-    chunks_received: int  # synthesize_chunk calls taken by a healthy replica
-    chunks_submitted: int  # handed to the engine (their voice was ready)
-    chunks_finished: int  # answered with audio
-    chunks_cancelled: int  # their caller went away first (client gone, or a sibling chunk failed)
-    voices_prepared: int
-    max_batch_size: int  # the engine's KV-cache slots
-    engine: EngineStats
-    streaming: StreamerStats | None  # token-level streams' vocoder stage; None until one streams
 
 
 class TurboModel:
@@ -248,15 +232,13 @@ class TurboModel:
         self.check_health()  # fail fast instead of queueing on a replica that can run nothing
         self._chunks_received += 1
         try:
-            yield TTSRequest(job.text, await self._voice(job.voice), job.sampling)
+            # The built-in voice, or the reference's (cached or prepared now).
+            voice = self._tts.default_voice if job.voice is None else await self._voices.voice(job.voice)
+            yield TTSRequest(job.text, voice, job.sampling)
         except asyncio.CancelledError:  # Serve cancels the call when its caller goes away
             self._chunks_cancelled += 1
             raise
         self._chunks_finished += 1
-
-    async def _voice(self, reference: SharedReference | StoredVoiceReference | None) -> Voice:
-        """The voice of a chunk: the built-in one, or its reference's (cached or prepared now)."""
-        return self._tts.default_voice if reference is None else await self._voices.voice(reference)
 
     def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
         """The token-level streamer over `engine`: made on first use, and again after a rebuild."""

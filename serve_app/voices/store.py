@@ -40,6 +40,7 @@ import numpy as np
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import ReferenceAudio, Voice
+from serve_app.voices.files import TEMP_PREFIX, fsync_dir, older_than, write_atomically, write_new
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ _LOCK = ".lock"
 _METADATA = "voice.json"
 _REFERENCE = "reference.npy"
 _CONDITIONALS_SUFFIX = ".safetensors"
-_TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 
@@ -95,42 +95,6 @@ def check_name(name: str, field: str = "name") -> None:
         )
     if name.casefold() == BUILT_IN_VOICE or VOICE_ID.fullmatch(name):
         raise TTSInputError(f"{field}: {name!r} is reserved (the built-in voice, or a voice id)", field)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes the directory's entries (a rename into it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Writes a file that must not exist yet, durably (written and fsynced before returning)."""
-    with open(path, "xb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replaces `path` with `data` as one step: readers see the old file or the new one, never part."""
-    temp = path.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        _write_new(temp, data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _older_than(path: Path, seconds: float, now: float) -> bool:
-    try:
-        return now - path.lstat().st_mtime > seconds
-    except FileNotFoundError:
-        return False
 
 
 class VoiceStore:
@@ -198,14 +162,14 @@ class VoiceStore:
             reference_id=reference.id,
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        staging = self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
         try:
             clip = io.BytesIO()
             np.save(clip, reference.wav_24k, allow_pickle=False)
-            _write_new(staging / _REFERENCE, clip.getvalue())
-            _write_new(staging / _METADATA, json.dumps(asdict(voice)).encode())
-            _fsync_dir(staging)
+            write_new(staging / _REFERENCE, clip.getvalue())
+            write_new(staging / _METADATA, json.dumps(asdict(voice)).encode())
+            fsync_dir(staging)
             with self._locked():
                 index = self._read_index()
                 self._check_room(index, name, max_voices)
@@ -234,7 +198,7 @@ class VoiceStore:
         """Stores a model's conditionals of a saved voice (if the voice still exists)."""
         path = self._conditionals_path(voice_id, prepared.id)
         try:
-            _write_atomically(path, prepared.to_bytes())
+            write_atomically(path, prepared.to_bytes())
         except FileNotFoundError:  # the voice was deleted meanwhile
             logger.info("voice %s was deleted; its conditionals are not stored", voice_id)
         except OSError:  # a full or read-only volume: synthesis goes on, the next miss prepares again
@@ -251,12 +215,12 @@ class VoiceStore:
             for entry in self.root.iterdir():
                 name = entry.name
                 unlisted = VOICE_ID.fullmatch(name) is not None and name not in listed
-                stale = name.startswith(_TEMP_PREFIX) and _older_than(entry, STALE_AFTER_S, now)
+                stale = name.startswith(TEMP_PREFIX) and older_than(entry, STALE_AFTER_S, now)
                 if unlisted or stale or name.startswith(_TRASH_PREFIX):
                     self._discard(entry)
                 elif name in listed:
-                    for file in entry.glob(f"{_TEMP_PREFIX}*"):
-                        if _older_than(file, STALE_AFTER_S, now):
+                    for file in entry.glob(f"{TEMP_PREFIX}*"):
+                        if older_than(file, STALE_AFTER_S, now):
                             file.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------- internals
@@ -302,7 +266,7 @@ class VoiceStore:
         return {voice_id: name for voice_id, name in voices.items() if VOICE_ID.fullmatch(voice_id)}
 
     def _write_index(self, index: dict[str, str]) -> None:
-        _write_atomically(self.root / _INDEX, json.dumps({"voices": index}, indent=1).encode())
+        write_atomically(self.root / _INDEX, json.dumps({"voices": index}, indent=1).encode())
 
     def _read_metadata(self, voice_id: str, field: str = "voice") -> SavedVoice:
         try:
@@ -324,7 +288,7 @@ class VoiceStore:
                 os.replace(path, trash)
             except FileNotFoundError:
                 return  # another process removed it
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         if trash.is_dir():
             shutil.rmtree(trash, ignore_errors=True)
         else:

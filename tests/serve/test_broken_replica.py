@@ -16,9 +16,9 @@ import torch
 from chatterbox.sampling import SamplingParams
 from chatterbox.turbo_engine import EngineConfig
 from serve_app.config import ModelArgs, ModelSource
-from serve_app.deployments.model import ReplicaStats, TurboModel
+from serve_app.deployments.model import TurboModel
 from serve_app.errors import ReplicaBrokenError, model_error
-from serve_app.schemas import ChunkJob
+from serve_app.schemas import ChunkJob, ReplicaStats
 
 
 def job(text: str) -> ChunkJob:

@@ -28,9 +28,9 @@ from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, _free_mem
 from serve_app.app import build_app
 from serve_app.config import AppArgs, ModelArgs, ModelSource
 from serve_app.deployments.failures import is_cuda_error, run_bisecting
-from serve_app.deployments.model import ReplicaStats, TurboModel
+from serve_app.deployments.model import TurboModel
 from serve_app.errors import ChunkOutOfMemoryError
-from serve_app.schemas import ChunkJob
+from serve_app.schemas import ChunkJob, ReplicaStats
 from tests.text_samples import SENTENCES as TEXT_SENTENCES
 
 

@@ -21,9 +21,8 @@ from ray.serve.exceptions import RequestCancelledError
 from chatterbox.errors import TTSInputError
 from chatterbox.sampling import SamplingParams
 from chatterbox.voice import decode_reference_audio
-from serve_app.deployments.model import ReplicaStats
 from serve_app.errors import SynthesisError, input_error, model_error, root_cause
-from serve_app.schemas import ChunkJob, SharedReference, SynthesisRequest
+from serve_app.schemas import ChunkJob, ReplicaStats, SharedReference, SynthesisRequest
 from serve_app.synthesis.audio import StitchPlan, ms_to_samples
 from serve_app.synthesis.chunking import split_text
 from serve_app.synthesis.fanout import synthesize_chunks
