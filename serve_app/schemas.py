@@ -29,9 +29,11 @@ MAX_REQUEST_SEED = 2**31
 # Characters no speech text has and that break encoders downstream: C0/C1 controls other than tab,
 # newline and carriage return, and lone surrogates (JSON "\ud800" decodes to one; UTF-8 has none).
 FORBIDDEN_TEXT_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff"
-# Text as the ingress takes it, for the published schema: no forbidden character, and something
-# besides whitespace (text that is only whitespace is refused as `empty_text`).
-SPEAKABLE_TEXT = rf"^[^{FORBIDDEN_TEXT_CHARS}]*[^\s{FORBIDDEN_TEXT_CHARS}][^{FORBIDDEN_TEXT_CHARS}]*$"
+# Text as the ingress takes it, for the published schema: no control character, and something
+# besides whitespace (text that is only whitespace is refused as `empty_text`). Lone surrogates are
+# left out: UTF-8 cannot hold them, and regex engines of other languages refuse them in a pattern.
+_CONTROLS = FORBIDDEN_TEXT_CHARS.removesuffix(r"\ud800-\udfff")
+SPEAKABLE_TEXT = rf"^[^{_CONTROLS}]*[^\s{_CONTROLS}][^{_CONTROLS}]*$"
 TEXT_SCHEMA = {"minLength": 1, "pattern": SPEAKABLE_TEXT}
 # A saved voice's id or name (the store refuses anything else), or "default".
 VOICE_SCHEMA = {"pattern": f"^{VOICE_NAME.pattern}$"}
