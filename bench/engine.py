@@ -36,10 +36,10 @@ from safetensors.torch import save_file
 
 from bench.common import DTYPES, add_reference_args, hardware_name, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import SIZES, make_checkpoint, t3_state_dict
 from chatterbox.hub import local_checkpoint, t3_weights_file
 from chatterbox.sampling import SamplingParams
+from chatterbox.testing import SIZES, make_checkpoint, t3_state_dict
+from chatterbox.tts import TTSRequest, TurboTTS
 from reference.oracle import reference_available, run_reference
 
 TEXTS = (

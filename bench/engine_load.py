@@ -39,11 +39,11 @@ import torch
 from bench.common import DTYPES, hardware_name
 from bench.engine import TEXTS, checkpoint_dir
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.testing import make_checkpoint
+from chatterbox.tts import TTSRequest, TurboTTS
 
 # --quick: a dry run of every code path (CI), < 2 min on a 2-core CPU.
 QUICK = {"size": "tiny", "requests": 4, "min_tokens": 25, "max_tokens": 75, "max_batch_size": 4}

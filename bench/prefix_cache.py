@@ -25,11 +25,11 @@ import torch
 
 from bench.common import DTYPES, hardware_name
 from bench.engine import TEXTS, checkpoint_dir
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.testing import make_checkpoint
+from chatterbox.tts import TTSRequest, TurboTTS
 
 
 async def prefill_seconds(engine: TurboEngine, text: str, request_id: str) -> float:

@@ -12,8 +12,8 @@ import pytest
 
 from chatterbox import fixtures
 from chatterbox.errors import ModelNotAvailableError
-from chatterbox.fixtures import CHECKPOINT_FILES
 from chatterbox.hub import Checkpoint, cached_tiny_checkpoint, resolve_checkpoint, resolve_model
+from chatterbox.testing import CHECKPOINT_FILES
 
 REVISION = "749d1c1a" + "0" * 32
 

@@ -1,0 +1,3 @@
+from chatterbox.testing.checkpoints import main
+
+main()
