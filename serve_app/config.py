@@ -13,7 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS,
     MAX_REFERENCE_SECONDS,
     MIN_REFERENCE_SECONDS,
@@ -41,7 +40,7 @@ class BatchingConfig(_Strict):
 
 
 class EngineSettings(_Strict):
-    """The rest of a model replica's TurboEngine (chatterbox.turbo_engine.EngineConfig): its slot
+    """The rest of a model replica's TurboEngine (chatterbox.engine.EngineConfig): its slot
     count is `max_batch_size` and its voice-prefix cache keeps `voice_cache_size` voices, as the
     replica's voice cache does."""
 
@@ -51,7 +50,7 @@ class EngineSettings(_Strict):
     # Split a long prefill across decode steps, so live rows keep sampling; None: in one piece.
     prefill_chunk_tokens: int | None = Field(None, ge=1)
     # On CUDA, decode steps replay CUDA graphs captured per batch-size bucket at replica start
-    # (chatterbox/t3/graphs.py); false runs them eagerly. No effect on CPU.
+    # (chatterbox/engine/cuda_graphs.py); false runs them eagerly. No effect on CPU.
     cuda_graphs: bool = True
 
 
@@ -197,7 +196,7 @@ class AppArgs(_Strict):
     # Prepared voices kept per model replica, and voices whose prompt K/V its engine keeps.
     voice_cache_size: int = Field(64, ge=1)
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True
     engine: EngineSettings = EngineSettings()
     autoscaling: AutoscalingSettings = AutoscalingSettings()

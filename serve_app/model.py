@@ -1,22 +1,21 @@
 """TurboModel deployment: one TurboTTS per replica, every chunk decoded by its TurboEngine.
 
 Every chunk is one `synthesize_chunk` call, submitted to the replica's `TurboEngine`
-(chatterbox.turbo_engine): continuous batching over a fixed KV cache of `max_batch_size` slots,
+(chatterbox.engine): continuous batching over a fixed KV cache of `max_batch_size` slots,
 so a chunk joins the running decode at the next step instead of waiting for a batch to finish.
 Voices are prepared once per replica and kept in its `VoiceCache`; the engine keeps the same
 number of voices' prompt K/V. Audio comes back unwatermarked: the stitcher watermarks the joined
 audio once.
 
 A failure stays with the chunk that causes it (the engine fails only that chunk; voice preparation
-goes through `run_bisecting`). A CUDA error leaves the context unusable: the replica then refuses
-every chunk and fails its health check, so Serve replaces it.
+goes through `run_bisecting`: the engine's `isolate_failures`). A CUDA error leaves the context
+unusable: the replica then refuses every chunk and fails its health check, so Serve replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import uuid
@@ -30,11 +29,10 @@ import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.errors import TTSInputError
+from chatterbox.engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine, VocoderStats
+from chatterbox.engine.outcomes import is_cuda_error, isolate_failures
 from chatterbox.hub import resolve_model
-from chatterbox.streaming_engine import AudioStreamer, StreamerStats
-from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, EngineStats, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS
 from chatterbox.voice import Voice
 from serve_app.config import AppArgs, BatchingConfig, EngineSettings, ModelSource, replica_device
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
@@ -50,69 +48,16 @@ Out = TypeVar("Out")
 ENGINE_METRICS_INTERVAL_S = 1.0  # how often the engine's gauges and counters are recorded
 
 
-# torch >= 2.8 raises accelerator faults as AcceleratorError; older releases as a RuntimeError
-# whose message names the CUDA error (the message test below covers those).
-_ACCELERATOR_ERRORS: tuple[type[BaseException], ...] = tuple(
-    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None
-)
-
-
-def is_cuda_error(error: BaseException) -> bool:
-    """An accelerator error after which the CUDA context is unusable (out-of-memory is not one)."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return False
-    return isinstance(error, _ACCELERATOR_ERRORS) or "CUDA error" in str(error)
-
-
-def _detached(error: Exception) -> Exception:
-    """error without its traceback or chained exceptions, whose frames would keep tensors alive."""
-    error.__context__ = error.__cause__ = None
-    return error.with_traceback(None)
+def _chunk_too_big() -> Exception:
+    return ChunkOutOfMemoryError(
+        "a chunk does not fit in accelerator memory even alone; lower "
+        "chunking.max_chunk_chars or give each model replica more memory"
+    )
 
 
 def run_bisecting(fn: Callable[[list[Item]], Sequence[Out]], items: list[Item]) -> list[Out | Exception]:
-    """`fn(items)`, split up on failure until only the items that cause it fail.
-
-    Returns one outcome per item: fn's result, or the exception that item alone raises
-    (ChunkOutOfMemoryError when it does not fit in accelerator memory even alone). Out-of-memory
-    and bad input halve the batch; any other error retries the items one by one. Only a CUDA error
-    propagates: the context is unusable, so no retry can succeed.
-    """
-    if not items:
-        return []
-    try:
-        return list(fn(items))
-    except torch.cuda.OutOfMemoryError:
-        failure: Exception | None = None  # out of memory; keep nothing that holds the failed attempt
-    except TTSInputError as error:
-        failure = _detached(error)
-    except Exception as error:
-        if is_cuda_error(error):
-            raise
-        logger.warning("a batch of %d items failed", len(items), exc_info=True)
-        failure = _detached(error)
-    # Out of the handler: the exception, its traceback and the frames holding the failed attempt's
-    # activations and KV cache are gone (gc for reference cycles), so the retry has that memory.
-    half = len(items) // 2
-    if failure is None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(items) == 1:
-            return [
-                ChunkOutOfMemoryError(
-                    "a chunk does not fit in accelerator memory even alone; lower "
-                    "chunking.max_chunk_chars or give each model replica more memory"
-                )
-            ]
-        logger.warning(
-            "CUDA out of memory at batch size %d; retrying as %d + %d", len(items), half, len(items) - half
-        )
-    elif len(items) == 1:
-        return [failure]
-    elif not isinstance(failure, TTSInputError):
-        return [outcome for item in items for outcome in run_bisecting(fn, [item])]
-    return run_bisecting(fn, items[:half]) + run_bisecting(fn, items[half:])
+    """`isolate_failures(fn, items)`, a chunk too big even alone failing with ChunkOutOfMemoryError."""
+    return isolate_failures(fn, items, too_big=_chunk_too_big)
 
 
 def replica_max_ongoing_requests() -> int | None:
@@ -153,7 +98,7 @@ class ReplicaStats:
     voices_prepared: int
     max_batch_size: int  # the engine's KV-cache slots
     engine: EngineStats
-    streaming: StreamerStats | None  # token-level streams' vocoder stage; None until one streams
+    streaming: VocoderStats  # the engine's vocoder stage (whole chunks and token-level streams)
 
 
 class TurboModel:
@@ -204,7 +149,6 @@ class TurboModel:
         # A cache that does not fit fails the replica's start with EngineCapacityError, whose
         # message names a capacity that would.
         self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
-        self._streamer: AudioStreamer | None = None  # made when the first chunk streams
         self._accepting = asyncio.Event()  # cleared while the engine is rebuilt
         self._accepting.set()
         self._in_engine = 0  # chunks submitted and not yet answered
@@ -222,9 +166,6 @@ class TurboModel:
         if task is not None and not task.done():
             task.cancel()
         self._metrics_task = None
-        streamer = getattr(self, "_streamer", None)
-        if streamer is not None:
-            streamer.close()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()
@@ -289,7 +230,7 @@ class TurboModel:
             voices_prepared=self._voices.prepared,
             max_batch_size=self._engine_config.max_slots,
             engine=self._engine.stats(),
-            streaming=None if self._streamer is None else self._streamer.stats(),
+            streaming=self._engine.vocoder_stats(),
         )
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
@@ -332,19 +273,10 @@ class TurboModel:
         async with (
             self._chunk_call(job) as request,
             self._engine_call() as engine,
-            contextlib.aclosing(self._audio_streamer(engine).stream(request)) as pieces,
+            contextlib.aclosing(engine.stream_audio(request)) as pieces,
         ):
             async for piece in pieces:
                 yield piece
-
-    def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
-        """The token-level streamer over `engine`: made on first use, and again after a rebuild."""
-        if self._streamer is None or self._streamer.engine is not engine:
-            if self._streamer is not None:
-                self._streamer.close()
-            self._streamer = AudioStreamer(engine, max_batch=self._engine_config.max_slots)
-            self._streamer.start()
-        return self._streamer
 
     @contextlib.asynccontextmanager
     async def _engine_call(self) -> AsyncIterator[TurboEngine]:
