@@ -5,11 +5,12 @@
 
 Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
 in one run, times ``generate_tokens`` (the engine's DecodeBatch run to completion) at each batch
-size, the same loop on requests one at a time, and upstream's ``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle
-venv (``REF_VENV``) on the same weights and device, with its stop logit masked out. Equal work on
-every side: every row of every loop samples the same ``--tokens`` tokens (stop token ignored), and
-each side is warmed up by one untimed request first. Wall times include each call's prefill. Prints
-one markdown table; 25 speech tokens are one second of audio.
+size, the same loop on requests one at a time, and upstream's ``T3.inference_turbo`` (fp32, as
+upstream runs) on requests one at a time in the oracle venv (``REF_VENV``) on the same weights
+and device, with its stop logit masked out. Equal work on every side: every row of every loop
+samples the same ``--tokens`` tokens (stop token ignored), and each side is warmed up by one
+untimed request first. Wall times include each call's prefill. Prints one markdown table; 25
+speech tokens are one second of audio.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-from chatterbox.testing.checkpoints import main
+from chatterbox.testing import main
 
 main()
