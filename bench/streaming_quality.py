@@ -1,4 +1,4 @@
-"""How far a streamed utterance is from its full decode (issue 15), per hop schedule.
+"""How far a streamed utterance is from its full decode, per hop schedule.
 
 A streamed utterance cannot equal the full decode: each hop's flow row sees the voice prompt, a
 bounded left context and 3 lookahead tokens instead of the whole sequence, and the vocoder joins

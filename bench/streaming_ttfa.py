@@ -1,4 +1,4 @@
-"""Time to first audio: token-level streaming (AudioStreamer) vs chunk-level streaming (issue 15).
+"""Time to first audio: token-level streaming (TurboEngine.stream_audio) vs chunk-level streaming.
 
     python -m chatterbox.testing make-checkpoint /tmp/nano --size nano --seed 0
     python -m bench.streaming_ttfa --checkpoint /tmp/nano                 # CPU, levels 1 and 8
@@ -7,8 +7,8 @@
 The request is the first chunk the Serve ingress cuts from a long text (``--max-chunk-chars``, the
 service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
 its first audio is ``TurboEngine.submit`` of that chunk. Token-level streaming sends each hop as
-``AudioStreamer`` decodes it. Both run the same engine, request and seed, alternately,
-``--repeats`` times, at concurrency 1: the side-by-side table. A fixture checkpoint's random T3
+the engine's vocoder stage decodes it (``TurboEngine.stream_audio``). Both run the same engine,
+request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-by-side table. A fixture checkpoint's random T3
 rarely draws STOP, so each request samples as many tokens as a real voice speaks its text in
 (``--chars-per-second``; 25 tokens per second of audio).
 
