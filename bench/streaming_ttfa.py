@@ -8,9 +8,9 @@ The request is the first chunk the Serve ingress cuts from a long text (``--max-
 service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
 its first audio is ``TurboEngine.submit`` of that chunk. Token-level streaming sends each hop as
 the engine's vocoder stage decodes it (``TurboEngine.stream_audio``). Both run the same engine,
-request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-by-side table. A fixture checkpoint's random T3
-rarely draws STOP, so each request samples as many tokens as a real voice speaks its text in
-(``--chars-per-second``; 25 tokens per second of audio).
+request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-by-side table. A
+fixture checkpoint's random T3 rarely draws STOP, so each request samples as many tokens as a
+real voice speaks its text in (``--chars-per-second``; 25 tokens per second of audio).
 
 Then per concurrency level, that many token streams at once (different seeds): time to first
 audio p50/p95, the stream's real-time factor (wall time from the request to its last piece over
