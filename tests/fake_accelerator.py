@@ -32,7 +32,7 @@ class FakeAccelerator:
 def generate_on(accelerator: FakeAccelerator, reraise_in_handler: bool):
     """A generate-like function: a KV cache of one unit per item, then activations as large again."""
 
-    def generate(items: list[str]) -> list[str]:
+    def generate(items: list) -> list[str]:
         accelerator.in_use_at_start.append(accelerator.in_use)
         kv_cache = [accelerator.allocate(1) for _ in items]
         try:

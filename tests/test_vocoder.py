@@ -16,7 +16,7 @@ from chatterbox.engine import StageTimes
 from chatterbox.engine.vocoder import VocoderStage
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import Job, TTSRequest, TurboTTS
-from tests.fake_accelerator import FakeAccelerator
+from tests.fake_accelerator import FakeAccelerator, generate_on
 
 TOKENS = 12
 
@@ -41,17 +41,10 @@ def test_a_failed_vocoder_batch_is_freed_before_its_retry(tts: TurboTTS, monkeyp
     accelerator = FakeAccelerator(capacity=10)  # 8 items need 16 units; halves need 8
     vocode_jobs = tts.vocode_jobs
 
+    allocate = generate_on(accelerator, reraise_in_handler)  # a KV cache, then activations
+
     def on_accelerator(batch: list[Job], speech: list[torch.Tensor]) -> list[np.ndarray]:
-        accelerator.in_use_at_start.append(accelerator.in_use)
-        kv_cache = [accelerator.allocate(1) for _ in batch]
-        try:
-            activations = accelerator.allocate(len(batch))
-        except torch.cuda.OutOfMemoryError as error:
-            if not reraise_in_handler:
-                raise
-            last_error = error  # a frame -> error -> traceback -> frame cycle only gc frees
-            raise torch.cuda.OutOfMemoryError("while allocating activations") from last_error
-        assert kv_cache and activations
+        allocate(batch)
         return vocode_jobs(batch, speech)
 
     monkeypatch.setattr(tts, "vocode_jobs", on_accelerator)
