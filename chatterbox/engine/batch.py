@@ -1,18 +1,15 @@
 """DecodeBatch: T3's decode core, synchronous and thread-free.
 
-    batch = DecodeBatch(t3, max_rows=8, max_positions=2048)
-    row = batch.make_row(t3_request)   # validates; touches no state
-    batch.admit(row)                   # waits for a free cache row
+    row = batch.make_row(t3_request)   # validates; touches no batch state
+    batch.admit(row)
     while batch.has_work:
-        failed = batch.prefill()       # waiting rows into free cache rows, their first draw
-        finished = batch.step()        # one token for every decoding row; the rows that ended
+        failed = batch.prefill()       # waiting rows into free cache rows, with their first draw
+        finished = batch.step()        # one token per decoding row; the rows that stopped
 
-Everything that decodes T3 runs this: the server's ``TurboEngine`` drives it from its T3 thread,
-``TurboTTS.generate`` (``generate_tokens``) admits all its requests and steps until none is live,
-and the GPU suite times ``step``. Each request owns one row of the ``SlotCache``, its positions
-starting at 0 in that row (nothing is padded), and samples with its own settings, history and
-seed, so its tokens are the same whenever it joined and whatever shares its steps. The stop rule
-(``_stops``) and the speech-token filter (``speech_only``) are defined here and nowhere else.
+The server's T3 thread, ``TurboTTS.generate`` (``generate_tokens``) and the GPU suite all run it.
+Each request owns a ``SlotCache`` row (positions from 0, no padding) and samples with its own
+settings, history and seed, so its tokens do not depend on when it joined or what shares its
+steps. The stop rule (``_stops``) and the speech-token filter (``speech_only``) live here only.
 """
 
 from __future__ import annotations

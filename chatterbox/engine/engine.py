@@ -1,17 +1,14 @@
 """TurboEngine: TurboTTS as a server, continuous batching on a fixed KV cache.
 
-    engine = TurboEngine(tts, EngineConfig(max_slots=8))  # allocates the KV cache once
-    engine.start()
+    engine = TurboEngine(tts, EngineConfig(max_slots=8)); engine.start()
     wav = await engine.submit(TTSRequest("Hello.", voice=voice, sampling=SamplingParams(seed=1)))
     async for tokens in engine.stream(request): ...        # speech tokens as T3 samples them
     async for piece in engine.stream_audio(request): ...   # audio hop by hop while T3 decodes
 
-This module is the shell: two threads, their queues, per-request futures and the bridge to the
-callers' event loops, and the stats. The T3 thread drives a ``DecodeBatch`` (admit, prefill,
-step, retire: batch.py); the ``VocoderStage`` thread vocodes finished rows and streamed hops
-(vocoder.py), so T3 never waits for S3Gen. Each request's ``Job`` is made once, by TurboTTS, at
-submission. A seeded request's tokens and audio equal ``TurboTTS.generate([request])``'s (fp32
-CPU: the same tokens, audio within 1e-6) whenever it joined and whatever shared its steps.
+The shell only: a T3 thread driving a ``DecodeBatch``, the ``VocoderStage`` thread, per-request
+futures and queues on the callers' event loops, and stats. A request's ``Job`` is made once, by
+TurboTTS. A seeded request's tokens and audio equal ``TurboTTS.generate([request])``'s (fp32 CPU:
+the same tokens, audio within 1e-6) whenever it joined and whatever shared its steps.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """The engine's one S3Gen stage: whole rows and streamed hops, on one thread and one CUDA stream.
 
-A request wants its audio whole (``vocode``: its finished tokens, vocoded in one batch with
-other finished rows) or hop by hop (``open``, then ``push`` as T3 samples its tokens and
-``finish`` at its end: whenever streams have a hop ready, up to ``max_batch`` of them play their
-next hop in one ``StreamingS3Gen.step``). So a streamed request's first audio leaves after its
-prefill, ``first_hop + lookahead`` decode steps and one small S3Gen pass, while T3 keeps
-decoding. A failed S3Gen call is retried through ``isolate_failures`` (outside its handler, so the
-failed batch is freed first): an error stays with the item that causes it.
-
-Results go to ``deliver(item, result)``, called on this stage's thread: for a whole item its
-audio (float32 numpy) or an exception; for a streamed item each piece, then ``STREAM_END`` or an
-exception. A cancelled item (``item.cancelled``) gets no more work: a whole one is delivered
-``asyncio.CancelledError``; a streamed one is dropped without a word (``cancel``).
+An item is vocoded whole (``vocode``: batched with other finished rows) or hop by hop (``open``,
+``push`` as T3 samples, ``finish``; up to ``max_batch`` ready streams play their next hop in one
+``StreamingS3Gen.step``). Failed S3Gen calls are retried through ``isolate_failures``, outside the
+handler, so an error stays with its item. ``deliver(item, result)`` runs on this thread: audio or
+an exception for a whole item; pieces, then ``STREAM_END`` or an exception, for a stream; a
+cancelled whole item gets ``asyncio.CancelledError``, a cancelled stream nothing.
 """
 
 from __future__ import annotations
@@ -86,17 +80,14 @@ class VocoderStage:
             self._thread = threading.Thread(target=self._run, name="turbo-engine-s3gen", daemon=True)
             self._thread.start()
 
-    def close(self) -> list[VocoderItem]:
-        """Stop the thread; returns the items it still held (the caller fails them)."""
-        if self._thread is None:
-            return []
-        self._inbox.put((_CLOSE, None, None))
-        self._thread.join()
-        self._thread = None
-        held = [item for item, _ in self._whole] + list(self._streams)
+    def close(self) -> None:
+        """Stop the thread; what it still held is dropped (the engine fails those requests)."""
+        if self._thread is not None:
+            self._inbox.put((_CLOSE, None, None))
+            self._thread.join()
+            self._thread = None
         self._whole.clear()
         self._streams.clear()
-        return held
 
     def vocode(self, item: VocoderItem, tokens: torch.Tensor) -> None:
         """Vocode ``tokens`` (N,) int64 as ``item``'s whole audio."""
