@@ -51,8 +51,11 @@ TEXTS = (
 
 
 def checkpoint_dir(size: str, base: Path | None, tmp: Path) -> Path:
-    """The checkpoint to run: ``base`` (a full-size directory; a fresh random one when None) for
-    ``full``, or for ``nano`` a directory linking base's files but its T3, plus a Nano T3."""
+    """The checkpoint to run: a fresh tiny one for ``tiny``; ``base`` (a full-size directory; a fresh
+    random one when None) for ``full``; for ``nano`` a directory linking base's files but its T3,
+    plus a Nano T3."""
+    if size == "tiny":
+        return make_checkpoint(tmp / "tiny", "tiny", seed=0)
     if base is None:
         base = make_checkpoint(tmp / "full", "full", seed=0)
     if size == "full":

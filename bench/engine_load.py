@@ -42,7 +42,6 @@ from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.testing import make_checkpoint
 from chatterbox.tts import TTSRequest, TurboTTS
 
 # --quick: a dry run of every code path (CI), < 2 min on a 2-core CPU.
@@ -194,10 +193,7 @@ def main() -> None:
     began = time.monotonic()
     lines = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-load-") as tmp:
-        if args.size == "tiny":
-            ckpt_dir = make_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
-        else:
-            ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
+        ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
         tts = TurboTTS.from_checkpoint(
             local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
         )

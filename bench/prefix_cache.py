@@ -28,7 +28,6 @@ from bench.engine import TEXTS, checkpoint_dir
 from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.testing import make_checkpoint
 from chatterbox.tts import TTSRequest, TurboTTS
 
 
@@ -51,10 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-prefix-") as tmp:
-        if args.size == "tiny":
-            ckpt_dir = make_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
-        else:
-            ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
+        ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
         tts = TurboTTS.from_checkpoint(
             local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
         )
