@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,19 @@ def hardware_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
+
+
+def add_model_args(parser: argparse.ArgumentParser, sizes: tuple[str, ...]) -> None:
+    """``--size``, ``--checkpoint`` (a full-size directory), ``--device`` and ``--dtype``."""
+    parser.add_argument("--size", choices=sizes, default="nano")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"),
+        help="full-size checkpoint directory (default $CHATTERBOX_FULL_CHECKPOINT, else a random one)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="ours (upstream runs fp32)")
 
 
 def add_reference_args(parser: argparse.ArgumentParser) -> None:

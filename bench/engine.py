@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from bench.common import DTYPES, add_reference_args, hardware_name, timed
+from bench.common import DTYPES, add_model_args, add_reference_args, hardware_name, timed
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import SIZES, make_checkpoint, t3_state_dict
 from chatterbox.hub import local_checkpoint, t3_weights_file
 from chatterbox.sampling import SamplingParams
+from chatterbox.testing import SIZES, make_checkpoint, t3_state_dict
+from chatterbox.tts import TTSRequest, TurboTTS
 from reference.oracle import reference_available, run_reference
 
 TEXTS = (
@@ -51,8 +51,11 @@ TEXTS = (
 
 
 def checkpoint_dir(size: str, base: Path | None, tmp: Path) -> Path:
-    """The checkpoint to run: ``base`` (a full-size directory; a fresh random one when None) for
-    ``full``, or for ``nano`` a directory linking base's files but its T3, plus a Nano T3."""
+    """The checkpoint to run: a fresh tiny one for ``tiny``; ``base`` (a full-size directory; a fresh
+    random one when None) for ``full``; for ``nano`` a directory linking base's files but its T3,
+    plus a Nano T3."""
+    if size == "tiny":
+        return make_checkpoint(tmp / "tiny", "tiny", seed=0)
     if base is None:
         base = make_checkpoint(tmp / "full", "full", seed=0)
     if size == "full":
@@ -87,15 +90,7 @@ def timed_generate(tts: TurboTTS, requests: list[TTSRequest], device: str) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("nano", "full"), default="nano")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"),
-        help="full-size checkpoint directory (default $CHATTERBOX_FULL_CHECKPOINT, else a random one)",
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="ours (upstream runs fp32)")
+    add_model_args(parser, ("nano", "full"))
     parser.add_argument("--concurrency", default="1,8,16", help="comma-separated batch sizes, ours")
     parser.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 = 1 s)")
     parser.add_argument("--baseline-requests", type=int, default=2, help="requests run one at a time")

@@ -36,14 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import DTYPES, hardware_name
+from bench.common import DTYPES, add_model_args, hardware_name
 from bench.engine import TEXTS, checkpoint_dir
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS
 
 # --quick: a dry run of every code path (CI), < 2 min on a 2-core CPU.
 QUICK = {"size": "tiny", "requests": 4, "min_tokens": 25, "max_tokens": 75, "max_batch_size": 4}
@@ -171,15 +170,7 @@ def row(engine: str, load: float, rate: float, run: Run) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "nano", "full"), default="nano")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"),
-        help="full-size checkpoint for nano/full (default $CHATTERBOX_FULL_CHECKPOINT, else random)",
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_model_args(parser, ("tiny", "nano", "full"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-batch-size", type=int, default=8, help="static batch size = engine slots")
     parser.add_argument("--load", default="0.5,0.7,0.9", help="arrival rates, fractions of static capacity")
@@ -202,10 +193,7 @@ def main() -> None:
     began = time.monotonic()
     lines = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-load-") as tmp:
-        if args.size == "tiny":
-            ckpt_dir = make_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
-        else:
-            ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
+        ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
         tts = TurboTTS.from_checkpoint(
             local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
         )

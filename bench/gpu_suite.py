@@ -1,20 +1,22 @@
-"""The CUDA path measured in one offline run (issue 13); ``bench/gpu_suite.sh`` is the entry point.
+"""The CUDA path measured in one offline run; ``bench/gpu_suite.sh`` is the entry point.
 
 The suite imports chatterbox inside its functions: the check for missing packages runs first.
 
     bash bench/gpu_suite.sh                          # one CUDA GPU, full-size seeded fixture, bf16
     bash bench/gpu_suite.sh --device cpu --size tiny # the CI dry run (graphs skipped with a note)
 
-Builds a seeded random checkpoint with ``chatterbox.fixtures`` in memory (no download, no Ray) and
+Builds a seeded random checkpoint with ``chatterbox.testing`` in memory (no download, no Ray) and
 writes ``results.json`` and ``results.md`` into ``--out``:
 
 - precision: bf16 vs fp32 error of T3 logits (along the steps where both runs have fed the same
   tokens), flow mel, the wave from the bf16 flow, HiFT alone under bf16/fp16 autocast, and greedy-token
   agreement of a bf16 T3 with the fp32 one over 500 steps (100 at tiny size);
-- T3 decode steps/s and tokens/s over a slot cache at each ``--batches`` size, eager (attention
-  over the longest live row, as the engine steps) and as CUDA graphs (static shapes: attention over
-  the whole cache under the per-row mask, batch padded to its bucket), with graph capture time;
-- the reference's fp32 batch-1 rate when its venv exists (``reference/setup.sh``), else a note;
+- T3 decode steps/s and tokens/s of ``DecodeBatch.step`` (the engine's own step, sampling with the
+  service defaults) at each ``--batches`` size, eager (attention over the longest live row) and as
+  CUDA graphs (static shapes: attention over the whole cache under the per-row mask, batch padded
+  to its bucket), with graph capture time and the graphs' self-check;
+- the reference's fp32 batch-1 rate at full size when its venv exists (``reference/setup.sh``; its
+  T3 has the full size built in, so smaller sizes skip it), else a note;
 - time to first token (prefill + first draw, batch 1), peak GPU memory per slot capacity, the
   measured copy bandwidth and the bandwidth bound of a batch-64 step;
 - ``bench/engine_load.py`` at full size when present (its table, verbatim), else a note.
@@ -41,13 +43,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from chatterbox.constants import SPEECH_VOCAB_SIZE
+
 if TYPE_CHECKING:
-    from chatterbox.t3 import T3
+    from chatterbox.engine import DecodeBatch
+    from chatterbox.engine.cuda_graphs import GraphedDecodeStep
+    from chatterbox.t3 import T3Request
 
 # What the suite imports beyond torch (the GPU machine has these, but not ray, librosa,
 # soundfile or perth, which the suite never needs).
 REQUIRED_PACKAGES = ("numpy", "safetensors", "tokenizers")
-TEXT_VOCAB = 50276
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +63,6 @@ class SizeProfile:
     prompt_tokens: int  # voice prompt speech tokens per T3 row
     text_tokens: int
     cache_positions: int  # slot cache length of the decode benchmark
-    decode_length: int  # each row's length when the decode benchmark starts
     decode_steps: int  # timed decode steps per batch size and mode
     greedy_steps: int  # bf16-vs-fp32 greedy agreement run
     s3gen_tokens: int  # speech tokens per S3Gen request in the precision check
@@ -66,9 +70,9 @@ class SizeProfile:
 
 
 PROFILES = {
-    "tiny": SizeProfile(20, 10, 160, 60, 10, 100, 30, (4, 8)),
-    "nano": SizeProfile(375, 50, 1536, 500, 50, 500, 150, (8, 32, 64)),
-    "full": SizeProfile(375, 50, 1536, 500, 100, 500, 150, (8, 32, 64, 128)),
+    "tiny": SizeProfile(20, 10, 160, 10, 100, 30, (4, 8)),
+    "nano": SizeProfile(375, 50, 1536, 50, 500, 150, (8, 32, 64)),
+    "full": SizeProfile(375, 50, 1536, 100, 500, 150, (8, 32, 64, 128)),
 }
 
 
@@ -109,60 +113,30 @@ def errors(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
-def decode_seconds(
-    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    model: T3,
-    batch: int,
-    start_length: int,
-    steps: int,
-    longest: list[int],
-) -> float:
-    """Seconds for ``steps`` decode steps of ``batch`` rows, each forward + processing + sampling,
-    after two warm-up steps; rows start at ``start_length`` (``longest[0]`` follows them)."""
-    from chatterbox.t3.sampler import process_logits, sample, seed_keys
-
-    device = model.device
-    g = torch.Generator().manual_seed(batch)
-    tokens = torch.randint(0, 6561, (batch,), generator=g).to(device)
-    lengths = torch.full((batch,), start_length, device=device)
-    seen = torch.zeros(batch, model.config.speech_vocab, dtype=torch.bool, device=device)
-    counts = torch.zeros(batch, dtype=torch.long, device=device)
-    keys = seed_keys(torch.arange(batch)).to(device)
-    settings = (  # temperature, top_k, top_p, repetition penalty: the service defaults
-        torch.full((batch,), 0.8, device=device),
-        torch.full((batch,), 1000, device=device),
-        torch.full((batch,), 0.95, device=device),
-        torch.full((batch,), 1.2, device=device),
-    )
-
-    def run(n: int) -> None:
-        for i in range(n):
-            longest[0] = start_length + i
-            scores = process_logits(step(tokens, lengths), seen, *settings, 1000)
-            tokens.copy_(sample(scores, keys, counts))
-            seen.scatter_(1, tokens[:, None], True)
-            counts.add_(1)
-            lengths.add_(1)
-        lengths.fill_(start_length)
-
-    run(2)
-    return timed(lambda: run(steps), device)
+def decode_seconds(batch: DecodeBatch, requests: list[T3Request], steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` ``DecodeBatch.step`` calls over ``requests`` (each forward + logits
+    processing + sampling + the engine's one host sync), after their prefill and two warm-up steps."""
+    rows = [batch.make_row(request, ignore_stop_token=True) for request in requests]
+    for row in rows:
+        batch.admit(row)
+    while batch.waiting or batch.prefilling:
+        batch.prefill()
+    for _ in range(2):
+        batch.step()
+    seconds = timed(lambda: [batch.step() for _ in range(steps)], device)
+    for row in rows:
+        batch.cancel(row)
+    return seconds
 
 
-def graph_error(
-    graphed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    static: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    slots: int,
-    length: int,
-    device: torch.device,
-) -> float:
+def graph_error(graphed: GraphedDecodeStep, slots: int, length: int, device: torch.device) -> float:
     """Max |replayed - eager| logits of the same static step, for live batches that fill a bucket
     and ones that leave padding rows (3 of 4, 5 of 8, ...)."""
     worst = 0.0
     for live in sorted({n for n in (1, 3, 5, slots // 2 + 1, slots) if n <= slots}):
-        tokens = torch.arange(live, device=device) * 97 % 6561
+        tokens = torch.arange(live, device=device) * 97 % SPEECH_VOCAB_SIZE
         lengths = length + torch.arange(live, device=device) % 7
-        eager = static(tokens, lengths).clone()
+        eager = graphed.step(tokens, lengths).clone()
         worst = max(worst, float((graphed(tokens, lengths) - eager).abs().max()))
     return worst
 
@@ -172,9 +146,9 @@ class Suite:
         """``workdir`` holds the fixture's T3 file (the reference loads it too) while the suite runs."""
         from safetensors.torch import save_file
 
-        from chatterbox.fixtures import SIZES, s3gen_synthesis_state_dict, t3_state_dict
         from chatterbox.s3gen import S3Gen
         from chatterbox.t3 import T3
+        from chatterbox.testing import FULL, SIZES, s3gen_synthesis_state_dict, t3_state_dict
 
         self.args = args
         self.device = torch.device(args.device)
@@ -184,7 +158,9 @@ class Suite:
         self.notes: list[str] = []
         begin = time.perf_counter()
         self.t3_file = workdir / "t3_turbo_v1.safetensors"
-        save_file(t3_state_dict(self.dims, TEXT_VOCAB, seed=args.seed), self.t3_file)
+        self.text_vocab = FULL.t3_text_vocab  # the official tokenizer's ids, at every size
+        assert self.text_vocab is not None
+        save_file(t3_state_dict(self.dims, self.text_vocab, seed=args.seed), self.t3_file)
         self.t3 = {
             "fp32": T3.from_file(self.t3_file, self.device, torch.float32),
             "bf16": T3.from_file(self.t3_file, self.device, torch.bfloat16),
@@ -198,7 +174,7 @@ class Suite:
 
     # ------------------------------------------------------------------------------ inputs
 
-    def t3_requests(self, n: int, new_tokens: int, greedy: bool) -> list:
+    def t3_requests(self, n: int, new_tokens: int, greedy: bool) -> list[T3Request]:
         from chatterbox.sampling import SamplingParams
         from chatterbox.t3 import T3Request
 
@@ -209,9 +185,11 @@ class Suite:
             sampling = SamplingParams(seed=i, max_new_tokens=new_tokens, **({"top_k": 1} if greedy else {}))
             requests.append(
                 T3Request(
-                    text_tokens=torch.randint(0, TEXT_VOCAB, (self.profile.text_tokens,), generator=g),
+                    text_tokens=torch.randint(0, self.text_vocab, (self.profile.text_tokens,), generator=g),
                     speaker_emb=speaker / speaker.norm(),
-                    prompt_speech_tokens=torch.randint(0, 6561, (self.profile.prompt_tokens,), generator=g),
+                    prompt_speech_tokens=torch.randint(
+                        0, SPEECH_VOCAB_SIZE, (self.profile.prompt_tokens,), generator=g
+                    ),
                     sampling=sampling,
                 )
             )
@@ -224,8 +202,8 @@ class Suite:
         prompt = self.profile.prompt_tokens
         return [
             S3GenRequest(
-                speech_tokens=torch.randint(0, 6561, (self.profile.s3gen_tokens,), generator=g),
-                prompt_tokens=torch.randint(0, 6561, (prompt,), generator=g),
+                speech_tokens=torch.randint(0, SPEECH_VOCAB_SIZE, (self.profile.s3gen_tokens,), generator=g),
+                prompt_tokens=torch.randint(0, SPEECH_VOCAB_SIZE, (prompt,), generator=g),
                 prompt_feat=torch.randn(2 * prompt, 80, generator=g) * 2 - 6,
                 embedding=torch.randn(192, generator=g),
                 seed=i,
@@ -236,6 +214,8 @@ class Suite:
     # ------------------------------------------------------------------------------ precision
 
     def precision(self) -> None:
+        from chatterbox.engine import generate_tokens
+
         steps = self.profile.greedy_steps
         requests = self.t3_requests(4, steps - 1, greedy=True)  # steps tokens per row
         runs = {}
@@ -243,7 +223,7 @@ class Suite:
             logits: list[torch.Tensor] = []
             hook = model.speech_head.register_forward_hook(lambda _m, _i, out, keep=logits: keep.append(out))
             try:
-                tokens = model.generate(requests, ignore_stop_token=True)
+                tokens = generate_tokens(model, requests, ignore_stop_token=True)
             finally:
                 hook.remove()
             runs[name] = (tokens, logits)
@@ -253,8 +233,9 @@ class Suite:
             int((a != b).nonzero()[0, 0]) if (a != b).any() else a.numel()
             for a, b in zip(ref_tokens, bf_tokens, strict=True)
         ]
-        # Logits compare while every row has fed both models the same tokens (call 0 is the prefill).
-        shared = min(first_split) + 1
+        # Logits compare while every row has fed both models the same tokens (the first calls are
+        # the prefills: two per row, its voice prefix and the rest).
+        shared = 2 * len(requests) + min(first_split)
         logit_errors = [errors(b, a) for a, b in zip(ref_logits[:shared], bf_logits[:shared], strict=True)]
         self.results["t3_bf16"] = {
             "greedy_steps": steps,
@@ -301,41 +282,32 @@ class Suite:
     # ------------------------------------------------------------------------------ decode speed
 
     def decode(self) -> None:
-        from chatterbox.t3.graphs import GraphedDecodeStep, static_slot_step
-        from chatterbox.t3.slots import SlotCache, SlotContext
+        from chatterbox.engine import DecodeBatch
+        from chatterbox.engine.kv_cache import SlotCache
+        from chatterbox.t3 import T3
 
         model = self.t3[self.args.dtype]
         dtype = model.speech_emb.weight.dtype
         batches = [int(b) for b in self.args.batches.split(",")]
-        slots, positions = max(batches), self.profile.cache_positions
-        start_length = self.profile.decode_length
-        cache = SlotCache(model.config.gpt2, slots, positions, dtype, self.device)
-        cache.k.normal_()  # keys and values as a long prefill would leave them
-        cache.v.normal_()
-
-        longest = [start_length]  # the longest live row's length, tracked on the host as the engine does
-
-        def eager(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            context = SlotContext.decode(cache, lengths, longest[0] + 1, dtype)
-            return model.decode_step(tokens, lengths, context)
-
-        rows: list[dict[str, object]] = []
-        modes: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"eager": eager}
+        slots, positions, steps = max(batches), self.profile.cache_positions, self.profile.decode_steps
+        requests = self.t3_requests(slots, steps + 2, greedy=False)  # the sampling defaults
+        start_length = T3.prefill_len(requests[0]) + 1  # each row's length at the first timed step
+        modes = {"eager": DecodeBatch(model, slots, positions)}
         if self.device.type == "cuda":
-            static = static_slot_step(model, cache)
-            graphed = GraphedDecodeStep(static, slots, positions - 1, self.device)
-            self.results["graph_capture_s"] = graphed.capture_s
+            graphed = DecodeBatch(model, slots, positions, cuda_graphs=True)
+            self.results["graph_capture_s"] = graphed.graphed_decode.capture_s
             self.results["graph_vs_eager_max_abs"] = graph_error(
-                graphed, static, slots, start_length, self.device
+                graphed.graphed_decode, slots, start_length, self.device
             )
-            self.results["graph_buckets"] = list(graphed.buckets)
+            self.results["graph_buckets"] = list(graphed.graphed_decode.buckets)
             modes["cuda_graphs"] = graphed
         else:
             self.notes.append("CUDA graphs skipped: no CUDA device (decode measured eager only).")
+        rows: list[dict[str, object]] = []
         for batch in batches:
-            for mode, step in modes.items():
-                seconds = decode_seconds(step, model, batch, start_length, self.profile.decode_steps, longest)
-                steps_per_s = self.profile.decode_steps / seconds
+            for mode, decode in modes.items():
+                seconds = decode_seconds(decode, requests[:batch], steps, self.device)
+                steps_per_s = steps / seconds
                 rows.append(
                     {
                         "batch": batch,
@@ -344,13 +316,14 @@ class Suite:
                         "tokens_per_s": steps_per_s * batch,
                     }
                 )
+        del modes
         self.results["decode"] = rows
         self.results["decode_setup"] = {
             "dtype": self.args.dtype,
             "cache_positions": positions,
             "row_length_at_start": start_length,
-            "steps": self.profile.decode_steps,
-            "includes": "forward + logits processing + sampling per step",
+            "steps": steps,
+            "includes": "DecodeBatch.step: forward + logits processing + sampling + one host sync",
         }
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.results["t3_weight_bytes"] = weight_bytes
@@ -367,7 +340,8 @@ class Suite:
         target.copy_(source)
         seconds = timed(lambda: [target.copy_(source) for _ in range(10)], self.device)
         bandwidth = 2 * source.numel() * 10 / seconds  # read + write
-        kv_read = 64 * (self.profile.decode_length + self.profile.decode_steps // 2)
+        setup = self.results["decode_setup"]
+        kv_read = 64 * (setup["row_length_at_start"] + self.profile.decode_steps // 2)  # type: ignore[index]
         step_bytes = self.results["t3_weight_bytes"] + kv_read * self.results["kv_bytes_per_position"]
         bound = bandwidth / step_bytes
         best = max(
@@ -384,23 +358,26 @@ class Suite:
     # ------------------------------------------------------------------------------ latency, memory
 
     def first_token(self) -> None:
-        """Prefill + first draw for one request (T3.generate with one new token: 2 draws)."""
+        """Prefill + first draw for one request (generate_tokens with one new token: 2 draws)."""
+        from chatterbox.engine import generate_tokens
+
         model = self.t3[self.args.dtype]
         request = self.t3_requests(1, 1, greedy=False)
-        model.generate(request, ignore_stop_token=True)  # warm-up
+        generate_tokens(model, request, ignore_stop_token=True)  # warm-up
         samples = sorted(
-            timed(lambda: model.generate(request, ignore_stop_token=True), self.device) for _ in range(5)
+            timed(lambda: generate_tokens(model, request, ignore_stop_token=True), self.device)
+            for _ in range(5)
         )
         self.results["time_to_first_token_s"] = {
             "median": samples[2],
             "prompt_tokens": self.profile.prompt_tokens,
             "text_tokens": self.profile.text_tokens,
-            "note": "prefill + first draw + one decode step (T3.generate, max_new_tokens=1)",
+            "note": "prefill + first draw + one decode step (generate_tokens, max_new_tokens=1)",
         }
 
     def memory(self) -> None:
-        from chatterbox.t3.graphs import static_slot_step
-        from chatterbox.t3.slots import SlotCache
+        from chatterbox.engine.cuda_graphs import static_slot_step
+        from chatterbox.engine.kv_cache import SlotCache
 
         if self.device.type != "cuda":
             self.notes.append("Peak GPU memory skipped: no CUDA device (KV bytes per slot computed).")
@@ -439,6 +416,11 @@ class Suite:
 
         if not reference_available():
             self.notes.append("Reference fp32 batch-1 rate skipped: no reference venv (reference/setup.sh).")
+            return
+        if self.args.size != "full":  # upstream's T3 has the full size built in
+            self.notes.append(
+                f"Reference fp32 batch-1 rate skipped: upstream T3 is full-size only, not {self.args.size}."
+            )
             return
         request = self.t3_requests(1, 1, greedy=False)[0]
         tensors = {

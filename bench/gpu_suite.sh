@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path measured in one offline command (issue 13): see bench/gpu_suite.py for what it runs.
+# The CUDA path measured in one offline command: see bench/gpu_suite.py for what it runs.
 #
 #   bash bench/gpu_suite.sh [--out DIR]                  # one CUDA GPU: full-size fixture, < 8 min
 #   bash bench/gpu_suite.sh --device cpu --size tiny     # dry run (CI), < 3 min

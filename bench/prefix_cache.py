@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import DTYPES, hardware_name
+from bench.common import DTYPES, add_model_args, hardware_name
 from bench.engine import TEXTS, checkpoint_dir
-from chatterbox.engine import TTSRequest, TurboTTS
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS
 
 
 async def prefill_seconds(engine: TurboEngine, text: str, request_id: str) -> float:
@@ -44,25 +43,14 @@ async def prefill_seconds(engine: TurboEngine, text: str, request_id: str) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "nano", "full"), default="nano")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"),
-        help="full-size checkpoint for nano/full (default $CHATTERBOX_FULL_CHECKPOINT, else random)",
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_model_args(parser, ("tiny", "nano", "full"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-prefix-") as tmp:
-        if args.size == "tiny":
-            ckpt_dir = make_checkpoint(Path(tmp) / "tiny", "tiny", seed=0)
-        else:
-            ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
+        ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
         tts = TurboTTS.from_checkpoint(
             local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
         )

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from bench.common import DTYPES, timed
 from chatterbox.constants import S3GEN_SR
-from chatterbox.fixtures import SIZES, s3gen_state_dict
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME
+from chatterbox.testing import SIZES, s3gen_state_dict
 from reference.oracle import reference_available, run_reference
 
 

@@ -32,9 +32,9 @@ import ray
 import torch
 from ray import serve
 
-from chatterbox.engine import TTSRequest, TurboTTS
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
+from chatterbox.tts import TTSRequest, TurboTTS
 from chatterbox.watermark import apply_watermark
 from serve_app.api.openai import SERVED_MODEL_ID
 from serve_app.app import build_app

@@ -1,4 +1,4 @@
-"""How far a streamed utterance is from its full decode (issue 15), per hop schedule.
+"""How far a streamed utterance is from its full decode, per hop schedule.
 
 A streamed utterance cannot equal the full decode: each hop's flow row sees the voice prompt, a
 bounded left context and 3 lookahead tokens instead of the whole sequence, and the vocoder joins
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from chatterbox.fixtures import SIZES, s3gen_state_dict
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import SAMPLES_PER_FRAME
 from chatterbox.s3gen.streaming import HopSchedule, PositionalNoise, StreamingS3Gen
+from chatterbox.testing import SIZES, s3gen_state_dict
 from chatterbox.voice.features import s3gen_mel
 
 SEAM_MARGIN_FRAMES = 8  # mel frames either side of a cross-fade that count as the seam's window
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.checkpoint:
         s3gen = S3Gen.from_file(args.checkpoint / "s3gen_meanflow.safetensors")
-    else:  # the same tensors as ``python -m chatterbox.fixtures make-checkpoint DIR --size ... --seed 0``
+    else:  # the same tensors as ``python -m chatterbox.testing make-checkpoint DIR --size ... --seed 0``
         s3gen = S3Gen.from_state_dict(s3gen_state_dict(SIZES[args.size], seed=0))
     default = HopSchedule()
     schedules = [("default", default)]

@@ -1,16 +1,16 @@
-"""Time to first audio: token-level streaming (AudioStreamer) vs chunk-level streaming (issue 15).
+"""Time to first audio: token-level streaming (TurboEngine.stream_audio) vs chunk-level streaming.
 
-    python -m chatterbox.fixtures make-checkpoint /tmp/nano --size nano --seed 0
+    python -m chatterbox.testing make-checkpoint /tmp/nano --size nano --seed 0
     python -m bench.streaming_ttfa --checkpoint /tmp/nano                 # CPU, levels 1 and 8
     python -m bench.streaming_ttfa --checkpoint DIR --device cuda         # levels 1, 8 and 32
 
 The request is the first chunk the Serve ingress cuts from a long text (``--max-chunk-chars``, the
 service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
 its first audio is ``TurboEngine.submit`` of that chunk. Token-level streaming sends each hop as
-``AudioStreamer`` decodes it. Both run the same engine, request and seed, alternately,
-``--repeats`` times, at concurrency 1: the side-by-side table. A fixture checkpoint's random T3
-rarely draws STOP, so each request samples as many tokens as a real voice speaks its text in
-(``--chars-per-second``; 25 tokens per second of audio).
+the engine's vocoder stage decodes it (``TurboEngine.stream_audio``). Both run the same engine,
+request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-by-side table. A
+fixture checkpoint's random T3 rarely draws STOP, so each request samples as many tokens as a
+real voice speaks its text in (``--chars-per-second``; 25 tokens per second of audio).
 
 Then per concurrency level, that many token streams at once (different seeds): time to first
 audio p50/p95, the stream's real-time factor (wall time from the request to its last piece over
@@ -33,11 +33,10 @@ import numpy as np
 import torch
 
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
-from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.hub import local_checkpoint
 from chatterbox.sampling import SamplingParams
-from chatterbox.streaming_engine import AudioStreamer
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.config import ChunkingConfig
 from serve_app.synthesis.chunking import split_text
 
@@ -71,10 +70,10 @@ def underruns(arrivals: list[float], durations: list[float]) -> int:
     return count
 
 
-async def token_stream(streamer: AudioStreamer, request: TTSRequest) -> StreamRun:
+async def token_stream(engine: TurboEngine, request: TTSRequest) -> StreamRun:
     start = time.perf_counter()
     arrivals, durations = [], []
-    async for piece in streamer.stream(request):
+    async for piece in engine.stream_audio(request):
         arrivals.append(time.perf_counter() - start)
         durations.append(len(piece) / S3GEN_SR)
     return StreamRun(arrivals[0], arrivals[-1], sum(durations), underruns(arrivals, durations))
@@ -97,15 +96,14 @@ async def run(args: argparse.Namespace) -> None:
     levels = [int(level) for level in args.levels.split(",")] if args.levels else [1, 8]
     if args.device == "cuda" and not args.levels:
         levels.append(32)
-    engine = TurboEngine(tts, EngineConfig(max_slots=max(levels)))
-    streamer = AudioStreamer(engine, max_batch=max(levels))
-    streamer.start()
+    engine = TurboEngine(tts, EngineConfig(max_slots=max(levels), s3gen_max_batch=max(levels)))
+    engine.start()
 
     def request(seed: int) -> TTSRequest:
         return TTSRequest(chunk, sampling=SamplingParams(seed=seed, max_new_tokens=tokens))
 
     try:
-        await token_stream(streamer, request(0))  # warm-up (allocator, kernels)
+        await token_stream(engine, request(0))  # warm-up (allocator, kernels)
         print(
             f"{args.checkpoint.name} on {args.device}, {torch.get_num_threads()} torch threads; first chunk "
             f"of the text ({len(chunk)} chars, max_chunk_chars {args.max_chunk_chars}): {tokens} tokens "
@@ -117,7 +115,7 @@ async def run(args: argparse.Namespace) -> None:
         ratios = []
         for k in range(args.repeats):
             chunk_s = await chunk_level_first_audio(engine, request(1 + k))
-            token_s = (await token_stream(streamer, request(1 + k))).first_audio_s
+            token_s = (await token_stream(engine, request(1 + k))).first_audio_s
             ratios.append(chunk_s / token_s)
             print(f"| {k + 1} | {chunk_s:.2f} | {token_s:.2f} | {ratios[-1]:.1f}x |")
         print(f"\nmedian ratio {statistics.median(ratios):.1f}x\n")
@@ -127,7 +125,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         for level in levels:
             runs = await asyncio.gather(
-                *(token_stream(streamer, request(100 * level + i)) for i in range(level))
+                *(token_stream(engine, request(100 * level + i)) for i in range(level))
             )
             first = [r.first_audio_s for r in runs]
             print(
@@ -136,7 +134,6 @@ async def run(args: argparse.Namespace) -> None:
                 f"| {sum(r.underruns > 0 for r in runs)} |"
             )
     finally:
-        streamer.close()
         engine.close()
 
 

@@ -4,12 +4,13 @@
     python -m bench.t3 --size full --device cuda --dtype bf16   # Turbo size on a GPU
 
 Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
-in one run, times ``T3.generate`` at each batch size, the same loop on requests one at a time, and
-upstream's ``T3.inference_turbo`` (fp32, as upstream runs) on requests one at a time in the oracle
-venv (``REF_VENV``) on the same weights and device, with its stop logit masked out. Equal work on
-every side: every row of every loop samples the same ``--tokens`` tokens (stop token ignored), and
-each side is warmed up by one untimed request first. Wall times include each call's prefill. Prints
-one markdown table; 25 speech tokens are one second of audio.
+in one run, times ``generate_tokens`` (the engine's DecodeBatch run to completion) at each batch
+size, the same loop on requests one at a time, and upstream's ``T3.inference_turbo`` (fp32, as
+upstream runs) on requests one at a time in the oracle venv (``REF_VENV``) on the same weights
+and device, with its stop logit masked out. Equal work on every side: every row of every loop
+samples the same ``--tokens`` tokens (stop token ignored), and each side is warmed up by one
+untimed request first. Wall times include each call's prefill. Prints one markdown table; 25
+speech tokens are one second of audio.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from safetensors.torch import save_file
 
 from bench.common import DTYPES, add_reference_args
 from chatterbox.constants import TOKEN_HZ
-from chatterbox.fixtures import SIZES, t3_state_dict
+from chatterbox.engine import generate_tokens
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
+from chatterbox.testing import SIZES, t3_state_dict
 from reference.oracle import reference_available, run_reference
 
 
@@ -56,7 +58,7 @@ def timed_generate(model: T3, requests: list[T3Request]) -> tuple[float, int]:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     begin = time.perf_counter()
-    out = model.generate(requests, ignore_stop_token=True)
+    out = generate_tokens(model, requests, ignore_stop_token=True)
     seconds = time.perf_counter() - begin  # generate returns CPU tensors, so the GPU is done
     return seconds, sum(t.numel() for t in out)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, TURBO_REPO_ID
+from chatterbox.constants import MAX_NEW_TOKENS, TURBO_REPO_ID
 from chatterbox.errors import ModelNotAvailableError, TTSInputError
 from chatterbox.sampling import SAMPLING_BOUNDS, SamplingParams
 
@@ -17,7 +17,7 @@ MAX_NEW_TOKENS_BOUNDS = SAMPLING_BOUNDS["max_new_tokens"]
 
 
 def _synthesize(args: argparse.Namespace) -> None:
-    from chatterbox.engine import TTSRequest, TurboTTS  # torch-heavy; `download` stays light
+    from chatterbox.tts import TTSRequest, TurboTTS  # torch-heavy; `download` stays light
 
     if (args.text is None) == (args.text_file is None):
         raise TTSInputError("give exactly one of --text or --text-file", "text")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument(
         "--max-new-tokens",
         type=_max_new_tokens,
-        default=DEFAULT_MAX_NEW_TOKENS,
+        default=MAX_NEW_TOKENS,
         help=f"speech tokens at most (25 per second), in {MAX_NEW_TOKENS_BOUNDS.interval()}",
     )
     synth.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

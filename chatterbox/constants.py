@@ -20,8 +20,7 @@ T3_PROMPT_SAMPLES_16K = 15 * S3_SR
 S3GEN_PROMPT_SAMPLES_24K = 10 * S3GEN_SR
 MIN_REFERENCE_SECONDS = 5.0
 MAX_REFERENCE_SECONDS = 60.0  # default bound on a reference clip (decoding stops there)
-DEFAULT_MAX_NEW_TOKENS = 1000
-MAX_NEW_TOKENS = 1000  # upstream's bound (inference_turbo's max_gen_len): 40 s of speech
+MAX_NEW_TOKENS = 1000  # upstream's bound and default (inference_turbo's max_gen_len): 40 s of speech
 
 PARALINGUISTIC_TAGS = (
     "[angry]",

@@ -111,7 +111,7 @@ def cached_tiny_checkpoint(cache_dir: str | Path = DEFAULT_TINY_CACHE_DIR, seed:
     (Serve replicas starting together) never see a half-written checkpoint, and a failed build
     leaves nothing behind.
     """
-    from chatterbox.fixtures import make_checkpoint  # torch-heavy: only when the tiny model is asked for
+    from chatterbox.testing import make_checkpoint  # torch-heavy: only when the tiny model is asked for
 
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / f"turbo-tiny-seed{seed}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from chatterbox.constants import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+from chatterbox.constants import MAX_NEW_TOKENS
 from chatterbox.errors import TTSInputError
 
 MAX_SEED = 2**63  # seeds are 63-bit: derived stream seeds and the noise keys assume it
@@ -71,7 +71,7 @@ class SamplingParams:
     top_k: int = 1000
     top_p: float = 0.95
     repetition_penalty: float = 1.2
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = MAX_NEW_TOKENS
     seed: int | None = None  # None -> a fresh random seed per generate call
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ REPO_ROOT = REFERENCE_DIR.parent
 REF_PYTHON = Path(os.environ.get("REF_VENV", REPO_ROOT / ".venv-ref")).absolute() / "bin" / "python"
 
 
-class ReferenceError(RuntimeError):
+class OracleError(RuntimeError):
     """The reference computation failed; the message carries its stderr."""
 
 
@@ -41,7 +41,7 @@ def run_reference(
     Returns the task's output tensors and its JSON values.
     """
     if not reference_available():
-        raise ReferenceError(f"no reference venv at {REF_PYTHON.parent.parent}: run reference/setup.sh")
+        raise OracleError(f"no reference venv at {REF_PYTHON.parent.parent}: run reference/setup.sh")
     with tempfile.TemporaryDirectory(prefix="chatterbox-ref-") as tmp:
         workdir = Path(tmp)
         if tensors:
@@ -60,7 +60,7 @@ def run_reference(
             timeout=timeout_s,
         )
         if proc.returncode != 0:
-            raise ReferenceError(f"reference task {task} failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
+            raise OracleError(f"reference task {task} failed ({proc.returncode}):\n{proc.stderr[-8000:]}")
         out_path = workdir / "outputs.safetensors"
         out_tensors = load_file(out_path) if out_path.exists() else {}
         values = json.loads((workdir / "outputs.json").read_text())

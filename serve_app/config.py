@@ -13,14 +13,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chatterbox.constants import (
-    DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS,
     MAX_REFERENCE_SECONDS,
     MIN_REFERENCE_SECONDS,
     TURBO_REPO_ID,
 )
+from chatterbox.engine import EngineConfig
 from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
-from chatterbox.turbo_engine import EngineConfig
 
 # On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
 # little there, while a batch full of them holds a short request back for all of it. Tiny CPU
@@ -191,7 +190,7 @@ class AppArgs(_Strict):
     # `engine.prefix_cache_voices`).
     voice_cache_size: int = Field(64, ge=1)
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True
     # The replicas' TurboEngine, as the engine defines it (its defaults); its `max_slots` and
     # `prefix_cache_voices` are max_batch_size and voice_cache_size above (`_engine_follows_args`).

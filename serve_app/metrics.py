@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from chatterbox.turbo_engine import EngineStats
+from chatterbox.engine import EngineStats
 
 _LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # Real-time factor: seconds of compute per second of audio (below 1: faster than real time).

@@ -9,9 +9,8 @@ from typing import Any
 import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chatterbox.engine import EngineStats, VocoderStats
 from chatterbox.sampling import SAMPLING_BOUNDS, Bounds, SamplingParams
-from chatterbox.streaming_engine import StreamerStats
-from chatterbox.turbo_engine import EngineStats
 from serve_app.synthesis.audio import AudioFormat
 from serve_app.voices.store import BUILT_IN_VOICE, VOICE_NAME
 
@@ -153,4 +152,4 @@ class ReplicaStats:
     voices_prepared: int
     max_batch_size: int  # the engine's KV-cache slots
     engine: EngineStats
-    streaming: StreamerStats | None  # token-level streams' vocoder stage; None until one streams
+    streaming: VocoderStats  # the engine's vocoder stage (whole chunks and token-level streams)

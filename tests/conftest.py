@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.testing import make_checkpoint
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from chatterbox.constants import S3GEN_MEL_FRAMES_PER_TOKEN
+from chatterbox.engine.kv_cache import SlotCache, SlotContext
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.t3 import T3, T3Request
-from chatterbox.t3.gpt2 import AttentionContext
 from chatterbox.voice.conditioning import VoiceConditioner
 from chatterbox.weights import read_safetensors
 
@@ -27,25 +27,35 @@ def teacher_forced_logits(
 
     speech_tokens[i] (N_i,) int64 < 6563 are fed after request i's START. Returns one
     (N_i + 1, V) float32 CPU tensor per request: row 0 predicts the first token, row j the
-    token after speech_tokens[i][j-1]. Sampling settings are ignored.
+    token after speech_tokens[i][j-1]. Each request's whole prefill row is one forward in a cache
+    row of its own; the decode steps run all requests together. Sampling settings are ignored.
     """
     if len(speech_tokens) != len(requests):
         raise ValueError(f"{len(requests)} requests but {len(speech_tokens)} speech token sequences")
-    steps = max(t.numel() for t in speech_tokens) if requests else 0
     for i, (r, t) in enumerate(zip(requests, speech_tokens, strict=True)):
         model._check_request(i, r, t.numel())
         if t.dim() != 1 or (t.numel() and (t.min() < 0 or t.max() >= model.config.speech_vocab)):
             raise ValueError(f"speech_tokens[{i}] must be 1-D with ids in [0, {model.config.speech_vocab})")
     if not requests:
         return []
-    device = model.device
-    logits, positions, key_valid, cache, prefill_len = model._prefill(requests, steps)
+    device, dtype = model.device, model.speech_emb.weight.dtype
+    steps = max(t.numel() for t in speech_tokens)
+    prefill_lens = [T3.prefill_len(r) for r in requests]
+    positions = max(n + t.numel() for n, t in zip(prefill_lens, speech_tokens, strict=True))
+    cache = SlotCache(model.config.gpt2, len(requests), positions, dtype, device)
+    first = []
+    for row, (request, n) in enumerate(zip(requests, prefill_lens, strict=True)):
+        embeds = torch.cat((model.prefix_embeds(request), model.text_embeds(request)))[None]  # (1, n, W)
+        context = SlotContext.prefill(cache, row, 0, n, dtype, device)
+        first.append(model.last_logits(embeds, torch.arange(n, device=device)[None], context))
+    all_logits = [torch.cat(first)]  # (B, V)
     forced = torch.stack([F.pad(t.to(device), (0, steps - t.numel())) for t in speech_tokens])  # (B, steps)
-    all_logits = [logits]
+    lengths = torch.tensor(prefill_lens, device=device)
     for step in range(steps):
-        slot = torch.tensor([prefill_len + step], device=device)
-        context = AttentionContext.causal(cache, slot, key_valid, kv_len=prefill_len + step + 1)
-        all_logits.append(model.decode_step(forced[:, step], model._advance(positions, step), context))
+        # A row past its own tokens keeps stepping, unread, at its cache row's last position.
+        at = (lengths + step).clamp(max=positions - 1)  # (B,)
+        context = SlotContext.decode(cache, at, int(at.max()) + 1, dtype)
+        all_logits.append(model.decode_step(forced[:, step], at, context))
     stacked = torch.stack(all_logits, dim=1).cpu()  # (B, steps + 1, V)
     return [stacked[i, : t.numel() + 1] for i, t in enumerate(speech_tokens)]
 

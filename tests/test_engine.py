@@ -12,10 +12,10 @@ import soundfile as sf
 import torch
 
 from chatterbox.constants import STOP_SPEECH_TOKEN
-from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.s3gen import S3GenRequest
 from chatterbox.sampling import SamplingParams
+from chatterbox.tts import TTSRequest, TurboTTS, derive_seed
 from chatterbox.voice import Voice
 from chatterbox.watermark import detect_watermark
 from tests.audio_samples import encode, speechlike

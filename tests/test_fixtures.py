@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from chatterbox.constants import PARALINGUISTIC_TAGS
-from chatterbox.fixtures import CHECKPOINT_FILES, checkpoint_layout, make_checkpoint
+from chatterbox.testing import CHECKPOINT_FILES, checkpoint_layout, make_checkpoint
 
 WEIGHT_FILES = ("t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "ve.safetensors")
 
@@ -122,7 +122,7 @@ def test_cli_writes_a_checkpoint(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "chatterbox.fixtures",
+            "chatterbox.testing",
             "make-checkpoint",
             str(out),
             "--size",

@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from chatterbox.constants import MAX_NEW_TOKENS, T3_PROMPT_TOKENS
-from chatterbox.fixtures import SIZES
+from chatterbox.engine.kv_cache import SlotCache
 from chatterbox.t3.gpt2 import GPT2Config
-from chatterbox.t3.slots import SlotCache
+from chatterbox.testing import SIZES
 from serve_app.config import AppArgs
 
 ROOT = Path(__file__).resolve().parent.parent

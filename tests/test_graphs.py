@@ -1,5 +1,6 @@
 """CUDA-graph decode pieces on the tiny T3: buckets, the static-shape step against the engine's
-dynamic one, padding a live batch to its bucket, eager fallback, and (CUDA only) replay."""
+dynamic one, padding a live batch to its bucket, eager fallback, the self-check's verdicts, and
+(CUDA only) replay."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatterbox.engine.cuda_graphs import (
+    GraphedDecodeStep,
+    bucket_for,
+    check_buckets,
+    decode_buckets,
+    mismatch_bound,
+    static_slot_step,
+)
+from chatterbox.engine.kv_cache import SlotCache, SlotContext
 from chatterbox.t3 import T3
-from chatterbox.t3.graphs import GraphedDecodeStep, bucket_for, decode_buckets, static_slot_step
-from chatterbox.t3.slots import SlotCache, SlotContext
 from tests.op_log import HOST_READS, OpLog
 
 SLOTS, POSITIONS = 8, 64
@@ -144,3 +152,32 @@ def test_replayed_graphs_equal_the_eager_step(t3):
         replayed = graphed(tokens, lengths)
         assert replayed.shape == eager.shape
         assert (replayed - eager).abs().max() < 1e-4
+
+
+@torch.inference_mode()
+def test_the_self_check_sends_exactly_the_wrong_or_failing_buckets_to_eager(t3):
+    step = static_slot_step(t3, filled_cache(t3))
+
+    def eager(bucket: int) -> torch.Tensor:
+        tokens = torch.arange(bucket) * 97 % 6561
+        return step(tokens, torch.full_like(tokens, POSITIONS - 1)).clone()
+
+    def replay(bucket: int) -> torch.Tensor:  # deliberately wrong for bucket 4, broken for 8
+        if bucket == 8:
+            raise RuntimeError("graph replay failed")
+        logits = eager(bucket)
+        return logits + 1e-3 * logits.abs().max() if bucket == 4 else logits
+
+    failed = check_buckets(replay, eager, (1, 2, 4, 8), mismatch_bound(torch.float32))
+    assert sorted(failed) == [4, 8]
+    assert "replay differs from eager by 1.00e-03" in failed[4]
+    assert "graph replay failed" in failed[8]
+
+    # A bf16 rounding of the logits is inside bf16's bound and far outside fp32's.
+    def rounded(bucket: int) -> torch.Tensor:
+        return eager(bucket).bfloat16().float()
+
+    assert check_buckets(rounded, eager, (2,), mismatch_bound(torch.bfloat16)) == {}
+    assert sorted(check_buckets(rounded, eager, (2,), mismatch_bound(torch.float32))) == [2]
+    nan = check_buckets(lambda b: eager(b) * float("nan"), eager, (1,), mismatch_bound(torch.bfloat16))
+    assert sorted(nan) == [1]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from chatterbox import fixtures
+from chatterbox import testing
 from chatterbox.errors import ModelNotAvailableError
-from chatterbox.fixtures import CHECKPOINT_FILES
 from chatterbox.hub import Checkpoint, cached_tiny_checkpoint, resolve_checkpoint, resolve_model
+from chatterbox.testing import CHECKPOINT_FILES
 
 REVISION = "749d1c1a" + "0" * 32
 
@@ -87,7 +87,7 @@ def test_a_failed_tiny_build_leaves_no_scratch_dir(tmp_path: Path, monkeypatch: 
         (Path(out_dir) / "vocab.json").write_text("{}")
         raise OSError("disk full")
 
-    monkeypatch.setattr(fixtures, "make_checkpoint", fail_halfway)
+    monkeypatch.setattr(testing, "make_checkpoint", fail_halfway)
     with pytest.raises(OSError, match="disk full"):
         cached_tiny_checkpoint(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -100,7 +100,7 @@ def test_a_build_that_loses_the_race_uses_the_winner(tmp_path: Path, tiny_checkp
         return Path(out_dir)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fixtures, "make_checkpoint", finish_second)
+        patch.setattr(testing, "make_checkpoint", finish_second)
         assert cached_tiny_checkpoint(tmp_path) == tmp_path / "turbo-tiny-seed0"
     assert [p.name for p in tmp_path.iterdir()] == ["turbo-tiny-seed0"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.fixtures import SIZES
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HiFT, HiFTConfig, draw_source_noise
 from chatterbox.s3gen.s3gen import PADDED_VOCODER_BODY_ERROR, PADDED_VOCODER_TAIL_FRAMES, vocode_padded
+from chatterbox.testing import SIZES
 from chatterbox.weights import CheckpointError, read_safetensors
 from tests.model_probes import s3gen_encoder_outputs
 

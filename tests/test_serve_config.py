@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from chatterbox.turbo_engine import EngineConfig
+from chatterbox.engine import EngineConfig
 from serve_app.app import replica_num_gpus
 from serve_app.config import AppArgs, BatchingConfig
 from serve_app.deployments.model import replica_device

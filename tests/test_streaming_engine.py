@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
+from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.errors import EmptyTextError
 from chatterbox.s3gen import S3GenRequest
 from chatterbox.s3gen.streaming import HopSchedule, StreamingS3Gen
 from chatterbox.sampling import SamplingParams
-from chatterbox.streaming_engine import AudioStreamer
-from chatterbox.turbo_engine import EngineConfig, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS, derive_seed
 from tests.audio_samples import encode, speechlike
 
 SCHEDULE = HopSchedule()
@@ -31,14 +30,12 @@ def tts(tiny_checkpoint: Path) -> TurboTTS:
 
 
 @contextlib.contextmanager
-def streaming(tts: TurboTTS, **config: int) -> Iterator[tuple[TurboEngine, AudioStreamer]]:
-    engine = TurboEngine(tts, EngineConfig(max_positions=900, **config))
-    streamer = AudioStreamer(engine, SCHEDULE)
-    streamer.start()
+def streaming(tts: TurboTTS, **config: int) -> Iterator[tuple[TurboEngine, TurboEngine]]:
+    engine = TurboEngine(tts, EngineConfig(max_positions=900, **config), SCHEDULE)
+    engine.start()
     try:
-        yield engine, streamer
+        yield engine, engine
     finally:
-        streamer.close()
         engine.close()
 
 
@@ -67,9 +64,9 @@ def offline_stream(tts: TurboTTS, request: TTSRequest) -> np.ndarray:
 def test_first_audio_leaves_while_t3_still_decodes(tts: TurboTTS):
     request = TTSRequest("A long sentence to stream.", sampling=SamplingParams(seed=3, max_new_tokens=150))
 
-    async def run(engine: TurboEngine, streamer: AudioStreamer) -> tuple[list[np.ndarray], float]:
+    async def run(engine: TurboEngine, streamer: TurboEngine) -> tuple[list[np.ndarray], float]:
         pieces, first_at = [], 0.0
-        async with contextlib.aclosing(streamer.stream(request, "long")) as audio:
+        async with contextlib.aclosing(streamer.stream_audio(request, "long")) as audio:
             async for piece in audio:
                 first_at = first_at or time.monotonic()
                 pieces.append(piece)
@@ -78,7 +75,7 @@ def test_first_audio_leaves_while_t3_still_decodes(tts: TurboTTS):
     with streaming(tts) as (engine, streamer):
         pieces, first_at = asyncio.run(run(engine, streamer))
         times = engine.stage_times("long")
-        stats = streamer.stats()
+        stats = streamer.vocoder_stats()
     assert times.first_token < first_at < times.t3_done  # audio left while T3 was still decoding
     # The first piece is the first hop: 16 tokens, less the 8 frames held back for the seam.
     assert len(pieces[0]) == 480 * (2 * SCHEDULE.first_hop - SCHEDULE.overlap_frames)
@@ -97,15 +94,15 @@ def test_concurrent_streams_each_get_their_solo_audio(tts: TurboTTS):
         TTSRequest("Third.", sampling=SamplingParams(seed=3, max_new_tokens=30, temperature=0.5)),
     ]
 
-    async def collect(streamer: AudioStreamer, request: TTSRequest) -> np.ndarray:
-        return np.concatenate([piece async for piece in streamer.stream(request)])
+    async def collect(streamer: TurboEngine, request: TTSRequest) -> np.ndarray:
+        return np.concatenate([piece async for piece in streamer.stream_audio(request)])
 
-    async def run(streamer: AudioStreamer) -> list[np.ndarray]:
+    async def run(streamer: TurboEngine) -> list[np.ndarray]:
         return list(await asyncio.gather(*(collect(streamer, r) for r in requests)))
 
     with streaming(tts) as (_, streamer):
         wavs = asyncio.run(run(streamer))
-        stats = streamer.stats()
+        stats = streamer.vocoder_stats()
     assert stats.hops > stats.steps  # some steps played several streams' hops together
     for request, wav in zip(requests, wavs, strict=True):
         assert np.abs(wav - offline_stream(tts, request)).max() < 1e-5
@@ -114,18 +111,18 @@ def test_concurrent_streams_each_get_their_solo_audio(tts: TurboTTS):
 def test_cancelling_mid_stream_frees_the_row_and_stops_the_vocoder(tts: TurboTTS):
     request = TTSRequest("Cancelled early.", sampling=SamplingParams(seed=4, max_new_tokens=600))
 
-    async def run(engine: TurboEngine, streamer: AudioStreamer) -> int:
-        async with contextlib.aclosing(streamer.stream(request, "gone")) as audio:
+    async def run(engine: TurboEngine, streamer: TurboEngine) -> int:
+        async with contextlib.aclosing(streamer.stream_audio(request, "gone")) as audio:
             async for _ in audio:
                 break  # the listener leaves after the first piece
-        await wait_until(lambda: engine.stats().live_rows == 0 and streamer.stats().live_streams == 0)
-        hops = streamer.stats().hops
+        await wait_until(lambda: engine.stats().live_rows == 0 and streamer.vocoder_stats().live_streams == 0)
+        hops = streamer.vocoder_stats().hops
         await asyncio.sleep(0.5)
         return hops
 
     with streaming(tts) as (engine, streamer):
         hops = asyncio.run(run(engine, streamer))
-        stats, engine_stats = streamer.stats(), engine.stats()
+        stats, engine_stats = streamer.vocoder_stats(), engine.stats()
         times = engine.stage_times("gone")
     assert engine_stats.requests_cancelled == 1 and times.t3_done is None  # T3 stopped mid-decode
     assert (stats.streams_cancelled, stats.streams_done, stats.hops) == (1, 0, hops)  # no hop after
@@ -134,27 +131,27 @@ def test_cancelling_mid_stream_frees_the_row_and_stops_the_vocoder(tts: TurboTTS
 def test_a_request_cancelled_in_the_engine_ends_its_stream_with_cancelled_error(tts: TurboTTS):
     request = TTSRequest("Cancelled by id.", sampling=SamplingParams(seed=5, max_new_tokens=600))
 
-    async def listen(engine: TurboEngine, streamer: AudioStreamer) -> None:
-        async for _ in streamer.stream(request, "by-id"):
+    async def listen(engine: TurboEngine, streamer: TurboEngine) -> None:
+        async for _ in streamer.stream_audio(request, "by-id"):
             engine.cancel("by-id")  # after the first piece
 
-    async def run(engine: TurboEngine, streamer: AudioStreamer) -> None:
+    async def run(engine: TurboEngine, streamer: TurboEngine) -> None:
         listening = asyncio.ensure_future(listen(engine, streamer))
         await asyncio.wait([listening])
         with pytest.raises(asyncio.CancelledError):
             listening.result()
-        await wait_until(lambda: streamer.stats().live_streams == 0)
+        await wait_until(lambda: streamer.vocoder_stats().live_streams == 0)
 
     with streaming(tts) as (engine, streamer):
         asyncio.run(run(engine, streamer))
-        stats = streamer.stats()
+        stats = streamer.vocoder_stats()
     assert engine.stats().requests_cancelled == 1
     assert (stats.streams_cancelled, stats.streams_done, stats.streams_failed) == (1, 0, 0)
 
 
 def test_bad_input_raises_before_any_audio(tts: TurboTTS):
-    async def run(streamer: AudioStreamer) -> None:
-        async for _ in streamer.stream(TTSRequest("   ")):
+    async def run(streamer: TurboEngine) -> None:
+        async for _ in streamer.stream_audio(TTSRequest("   ")):
             pytest.fail("no audio for empty text")
 
     with streaming(tts) as (engine, streamer), pytest.raises(EmptyTextError):

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatterbox.fixtures import FULL, NANO, t3_state_dict
+from chatterbox.engine import generate_tokens
+from chatterbox.engine.kv_cache import SlotCache
 from chatterbox.sampling import SamplingParams
-from chatterbox.t3 import T3, T3Request, gpt2
+from chatterbox.t3 import T3, T3Request
 from chatterbox.t3.gpt2 import GPT2Config
 from chatterbox.t3.sampler import process_logits, sample, seed_keys
+from chatterbox.testing import FULL, NANO, t3_state_dict
 from chatterbox.weights import CheckpointError, read_safetensors, subdict
 from tests.model_probes import teacher_forced_logits
 from tests.t3_weight_edits import stop_only_after_start
@@ -170,19 +172,21 @@ def test_batched_teacher_forced_logits_equal_each_row_alone(model: T3):
 
 def test_seeded_rows_sample_the_same_tokens_alone_or_batched(stopping_model: T3, monkeypatch):
     compactions = []
-    keep_rows = gpt2.KVCache.keep_rows
+    move_row = SlotCache.move_row
     monkeypatch.setattr(
-        gpt2.KVCache, "keep_rows", lambda self, rows, n: compactions.append(rows) or keep_rows(self, rows, n)
+        SlotCache,
+        "move_row",
+        lambda self, src, dst, n: compactions.append(src) or move_row(self, src, dst, n),
     )
     requests = _requests(stopping_model, MIXED_SAMPLING)
-    batched = stopping_model.generate(requests)
+    batched = generate_tokens(stopping_model, requests)
     assert compactions, "no row finished early enough to compact the batch"
     lengths = {len(tokens) for tokens in batched}
     assert len(lengths) >= 3 and max(lengths) > 8  # rows really stopped at different steps
     for request, tokens in zip(requests, batched, strict=True):
-        assert torch.equal(stopping_model.generate([request])[0], tokens)
+        assert torch.equal(generate_tokens(stopping_model, [request])[0], tokens)
     # Another batch composition (reordered, one row twice) changes nothing either.
-    again = stopping_model.generate([requests[3], requests[0], requests[0], requests[2]])
+    again = generate_tokens(stopping_model, [requests[3], requests[0], requests[0], requests[2]])
     for i, tokens in zip((3, 0, 0, 2), again, strict=True):
         assert torch.equal(tokens, batched[i])
 
@@ -193,7 +197,7 @@ def test_generation_follows_the_reference_sampling_rules(model: T3):
     requests = _requests(model, MIXED_SAMPLING[:3])
     for request in requests:
         request.sampling = dataclasses.replace(request.sampling, repetition_penalty=3.0, max_new_tokens=25)
-    generated = model.generate(requests)
+    generated = generate_tokens(model, requests)
     for request, tokens in zip(requests, generated, strict=True):
         assert tokens.numel() == 26  # nothing dropped, so step i drew tokens[i]
         logits = teacher_forced_logits(model, [request], [tokens])[0]
@@ -212,9 +216,9 @@ def test_generation_follows_the_reference_sampling_rules(model: T3):
 def test_stop_token_ends_each_row_and_limits_hold(model: T3, stopping_model: T3):
     requests = _requests(model, [SamplingParams(seed=i, max_new_tokens=9 + i) for i in range(4)])
     # Without STOP ever winning, each row samples exactly max_new_tokens + 1 tokens.
-    assert [t.numel() for t in model.generate(requests)] == [10, 11, 12, 13]
-    stopped = stopping_model.generate(requests)
-    unstopped = stopping_model.generate(requests, ignore_stop_token=True)
+    assert [t.numel() for t in generate_tokens(model, requests)] == [10, 11, 12, 13]
+    stopped = generate_tokens(stopping_model, requests)
+    unstopped = generate_tokens(stopping_model, requests, ignore_stop_token=True)
     for short, full in zip(stopped, unstopped, strict=True):
         assert short.dtype == torch.int64 and short.device.type == "cpu"
         assert (full < 6561).all() and (short < 6561).all()
@@ -229,7 +233,7 @@ def test_a_first_stop_token_does_not_end_the_row(t3_file: Path):
     requests = _requests(
         model, [SamplingParams(top_k=1, seed=0, max_new_tokens=30 + 5 * i) for i in range(3)]
     )
-    for request, tokens in zip(requests, model.generate(requests), strict=True):
+    for request, tokens in zip(requests, generate_tokens(model, requests), strict=True):
         assert tokens.numel() == request.sampling.max_new_tokens  # STOP + max_new_tokens, STOP dropped
         logits = teacher_forced_logits(model, [request], [torch.cat((torch.tensor([STOP]), tokens))])[0]
         assert logits[0].argmax() == STOP  # greedy: the first draw was STOP
@@ -247,10 +251,10 @@ def test_rows_past_their_own_run_stay_inside_the_position_table(t3_file: Path):
     )
     full.prompt_speech_tokens = torch.zeros(0, dtype=torch.long)
     full.text_tokens = torch.arange(56)  # 1 speaker + 56 text + 1 start + 6 new = all 64 positions
-    batched = model.generate([full, short], ignore_stop_token=True)
+    batched = generate_tokens(model, [full, short], ignore_stop_token=True)
     assert [t.numel() for t in batched] == [7, 41]
     for request, tokens in zip((full, short), batched, strict=True):
-        assert torch.equal(model.generate([request], ignore_stop_token=True)[0], tokens)
+        assert torch.equal(generate_tokens(model, [request], ignore_stop_token=True)[0], tokens)
     forced = [torch.arange(6), torch.arange(40)]
     for request, tokens, logits in zip(
         (full, short), forced, teacher_forced_logits(model, [full, short], forced), strict=True
@@ -268,13 +272,13 @@ def test_bf16_backbone_keeps_float32_logits(model: T3, t3_file: Path):
     for low, full in zip(low_logits, teacher_forced_logits(model, requests, forced), strict=True):
         assert low.dtype == torch.float32
         assert (low - full).abs().max() < 0.1 * full.abs().max()
-    assert [t.numel() for t in half.generate(requests, ignore_stop_token=True)] == [61, 46]
+    assert [t.numel() for t in generate_tokens(half, requests, ignore_stop_token=True)] == [61, 46]
 
 
 def test_unseeded_requests_draw_fresh_seeds(model: T3):
     requests = _requests(model, [SamplingParams(max_new_tokens=20)] * 2)
-    assert not torch.equal(model.generate(requests[:1])[0], model.generate(requests[:1])[0])
-    assert model.generate([]) == []
+    assert not torch.equal(generate_tokens(model, requests[:1])[0], generate_tokens(model, requests[:1])[0])
+    assert generate_tokens(model, []) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ def test_bad_requests_are_rejected(model: T3, field: str, value: torch.Tensor, m
     request = _requests(model, [SamplingParams(max_new_tokens=5)])[0]
     setattr(request, field, value)
     with pytest.raises(ValueError, match=message):
-        model.generate([request])
+        generate_tokens(model, [request])
     with pytest.raises(ValueError, match=message):
         teacher_forced_logits(model, [request], [torch.zeros(3, dtype=torch.long)])
 
@@ -309,7 +313,7 @@ def test_position_budget_counts_new_tokens(model: T3):
     assert model._check_request(0, request, 1000) is None
     request.text_tokens = torch.zeros(8196 - 1000 - 1, dtype=torch.long)
     with pytest.raises(ValueError, match="1 speaker \\+ 0 prompt \\+ 7195 text \\+ 1 start \\+ 1000 new"):
-        model.generate([request])
+        generate_tokens(model, [request])
 
 
 def test_teacher_forcing_checks_its_tokens(model: T3):

@@ -17,21 +17,16 @@ import pytest
 import torch
 
 from chatterbox.constants import STOP_SPEECH_TOKEN
-from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.engine import EngineCapacityError, EngineClosedError, EngineConfig, TurboEngine
+from chatterbox.engine.batch import Row
+from chatterbox.engine.capacity import free_memory
+from chatterbox.engine.kv_cache import SlotCache
 from chatterbox.errors import EmptyTextError, TextTooLongError
 from chatterbox.sampling import SamplingParams
-from chatterbox.t3.slots import SlotCache
-from chatterbox.turbo_engine import (
-    EngineCapacityError,
-    EngineClosedError,
-    EngineConfig,
-    StageTimes,
-    TurboEngine,
-    _free_memory,
-    _Row,
-)
+from chatterbox.tts import TTSRequest, TurboTTS
 from chatterbox.voice import Voice
 from tests.audio_samples import encode, speechlike
+from tests.model_probes import teacher_forced_logits
 
 POSITIONS = 700  # cache row length for the tests: enough for a 375-token prompt, text and 200 tokens
 
@@ -168,23 +163,13 @@ def test_cancel_frees_the_row_at_the_next_iteration(tts: TurboTTS):
 def _prefill_logits(engine: TurboEngine, request: TTSRequest) -> torch.Tensor:
     """Logits after START from the engine's own admission path, driven here in place of its loop."""
     job = engine.tts.jobs([request])[0]
-    row = _Row(
-        id="probe",
-        job=job,
-        t3=job.t3_request(),
-        loop=asyncio.new_event_loop(),
-        audio=None,
-        token_chunks=None,
-        watermark=False,
-        ignore_stop_token=False,
-        times=StageTimes(submitted=0.0),
-    )
-    row.loop.close()
+    batch = engine._batch
+    row = Row(job.t3_request(), "probe", job.voice.id)  # unchecked: only its prefill runs
     with torch.inference_mode():
-        engine._begin_prefill(row, slot=0)
+        batch._begin_prefill(row, cache_row=0)
         logits = None
         while logits is None:
-            _, logits = engine._prefill_chunk(row, math.inf)
+            _, logits = batch._prefill_chunk(row, math.inf)
     return logits[0]
 
 
@@ -199,9 +184,10 @@ def test_prefix_cached_prefill_equals_uncached_and_the_cache_is_lru(tts: TurboTT
     computed = _prefill_logits(uncached, request)
     assert uncached.stats().prefix_hits == 0
     torch.testing.assert_close(cached, computed, atol=1e-5, rtol=0)
-    # ... and both equal T3.generate's one-forward prefill of the whole row
-    with torch.inference_mode():
-        whole_row = tts.t3._prefill([tts.jobs([request])[0].t3_request()], 1)[0][0]
+    # ... and both equal a one-forward prefill of the whole row
+    whole_row = teacher_forced_logits(
+        tts.t3, [tts.jobs([request])[0].t3_request()], [torch.zeros(0, dtype=torch.long)]
+    )[0][0]
     torch.testing.assert_close(cached, whole_row, atol=1e-5, rtol=0)
 
     # LRU: a hit makes a voice the most recent, so C evicts B (first-in-first-out would evict A).
@@ -296,7 +282,7 @@ def test_stream_yields_exactly_the_submit_tokens(tts: TurboTTS, voices: list[Voi
 
 def test_a_cache_that_cannot_fit_fails_at_construction_naming_one_that_would(tts: TurboTTS):
     per_position = SlotCache.nbytes_for(tts.t3.config.gpt2, 1, 1, torch.float32)  # one row, one position
-    too_many = 4 * _free_memory(torch.device("cpu")) // (per_position * 2402) + 4  # 4x what is free
+    too_many = 4 * free_memory(torch.device("cpu")) // (per_position * 2402) + 4  # 4x what is free
     with pytest.raises(EngineCapacityError) as info:
         TurboEngine(tts, EngineConfig(max_slots=too_many))
     message = str(info.value)
@@ -327,3 +313,24 @@ def test_close_fails_unfinished_requests_clearly(tts: TurboTTS):
 
     with running(tts, max_slots=1) as engine:
         asyncio.run(run(engine))
+
+
+def test_cached_tensors_hold_no_autograd_graph_after_real_requests(tts: TurboTTS, voices: list[Voice]):
+    requests = [
+        TTSRequest("Cache me.", voice=voice, sampling=SamplingParams(seed=i, max_new_tokens=10))
+        for i, voice in enumerate(voices)
+    ]
+
+    async def run(engine: TurboEngine) -> None:
+        await asyncio.gather(*(engine.submit(request) for request in requests))
+
+    with running(tts, max_slots=2) as engine:
+        asyncio.run(run(engine))
+        prefixes = [engine.prefix_cache.get(voice.id) for voice in voices]
+        caches = [engine._batch.cache.k, engine._batch.cache.v]
+    assert all(prefix is not None for prefix in prefixes)
+    voice_tensors = [tensor for voice in voices for tensor in vars(voice.conditionals).values()]
+    cached = [*caches, *(tensor for prefix in prefixes for tensor in prefix), *voice_tensors]
+    assert len(cached) == 2 + 2 * len(voices) + 5 * len(voices)
+    for tensor in cached:
+        assert not tensor.requires_grad and tensor.grad_fn is None

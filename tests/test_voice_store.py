@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.engine import TurboTTS
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import local_checkpoint
+from chatterbox.tts import TurboTTS
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio
 from serve_app.schemas import StoredVoiceReference
 from serve_app.voices.cache import VoiceCache

@@ -1,13 +1,13 @@
 """TurboModel deployment: one TurboTTS per replica, every chunk decoded by its TurboEngine.
 
 Every chunk is one `synthesize_chunk` (or `stream_chunk`) call, submitted to the replica's
-`TurboEngine` (chatterbox.turbo_engine): continuous batching over a fixed KV cache of
+`TurboEngine` (chatterbox.engine): continuous batching over a fixed KV cache of
 `max_batch_size` slots, so a chunk joins the running decode at the next step instead of waiting for
 a batch to finish. Voices are prepared once per replica and kept in its `VoiceCache`; the engine
 keeps the same number of voices' prompt K/V. Audio comes back unwatermarked: the stitcher
 watermarks the joined audio once.
 
-Every call into the engine (TurboEngine, AudioStreamer) is in this file. A failure stays with the
+Every call into the engine (TurboEngine) is in this file. A failure stays with the
 chunk that causes it (the engine fails only that chunk; voice preparation goes through
 `run_bisecting`). A CUDA error leaves the context unusable: the replica then refuses every chunk and
 fails its health check, so Serve replaces it.
@@ -28,10 +28,9 @@ import numpy as np
 import ray
 import torch
 
-from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.engine import EngineCapacityError, EngineConfig, TurboEngine
 from chatterbox.hub import resolve_model
-from chatterbox.streaming_engine import AudioStreamer
-from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, TurboEngine
+from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.config import AppArgs, BatchingConfig, ModelArgs
 from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
@@ -93,7 +92,6 @@ class TurboModel:
         # A cache that does not fit fails the replica's start with EngineCapacityError, whose
         # message names a capacity that would.
         self._engine = await asyncio.to_thread(self._start_engine, self._engine_config)
-        self._streamer: AudioStreamer | None = None  # made when the first chunk streams
         self._accepting = asyncio.Event()  # cleared while the engine is rebuilt
         self._accepting.set()
         self._in_engine = 0  # chunks submitted and not yet answered
@@ -111,9 +109,6 @@ class TurboModel:
         if task is not None and not task.done():
             task.cancel()
         self._metrics_task = None
-        streamer = getattr(self, "_streamer", None)
-        if streamer is not None:
-            streamer.close()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()
@@ -190,7 +185,7 @@ class TurboModel:
             voices_prepared=self._voices.prepared,
             max_batch_size=self._engine_config.max_slots,
             engine=self._engine.stats(),
-            streaming=None if self._streamer is None else self._streamer.stats(),
+            streaming=self._engine.vocoder_stats(),
         )
 
     async def synthesize_chunk(self, job: ChunkJob) -> np.ndarray:
@@ -211,7 +206,7 @@ class TurboModel:
         async with (
             self._chunk_call(job) as request,
             self._engine_call() as engine,
-            contextlib.aclosing(self._audio_streamer(engine).stream(request, chunk_id)) as pieces,
+            contextlib.aclosing(engine.stream_audio(request, chunk_id)) as pieces,
         ):
             async for piece in pieces:
                 samples += len(piece)
@@ -239,15 +234,6 @@ class TurboModel:
             self._chunks_cancelled += 1
             raise
         self._chunks_finished += 1
-
-    def _audio_streamer(self, engine: TurboEngine) -> AudioStreamer:
-        """The token-level streamer over `engine`: made on first use, and again after a rebuild."""
-        if self._streamer is None or self._streamer.engine is not engine:
-            if self._streamer is not None:
-                self._streamer.close()
-            self._streamer = AudioStreamer(engine, max_batch=self._engine_config.max_slots)
-            self._streamer.start()
-        return self._streamer
 
     @contextlib.asynccontextmanager
     async def _engine_call(self) -> AsyncIterator[TurboEngine]:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from chatterbox.fixtures import make_checkpoint
+from chatterbox.testing import make_checkpoint
 from reference.oracle import REF_PYTHON, reference_available
 
 
 @pytest.fixture(scope="session")
 def full_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full-size seed-0 fixture; ``CHATTERBOX_FULL_CHECKPOINT`` reuses a directory built earlier
-    (``python -m chatterbox.fixtures make-checkpoint DIR --size full --seed 0``)."""
+    (``python -m chatterbox.testing make-checkpoint DIR --size full --seed 0``)."""
     prebuilt = os.environ.get("CHATTERBOX_FULL_CHECKPOINT")
     if prebuilt:
         return Path(prebuilt)

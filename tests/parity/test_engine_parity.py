@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from chatterbox.constants import STOP_SPEECH_TOKEN
-from chatterbox.engine import TTSRequest, TurboTTS, derive_seed
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3Request
+from chatterbox.tts import TTSRequest, TurboTTS, derive_seed
 from chatterbox.weights import read_safetensors
 from reference.oracle import run_reference
 from tests.audio_samples import encode, speechlike

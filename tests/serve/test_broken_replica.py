@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from chatterbox.engine import EngineConfig
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineConfig
 from serve_app.config import ModelArgs, ModelSource
 from serve_app.deployments.model import TurboModel
 from serve_app.errors import ReplicaBrokenError, model_error

@@ -8,7 +8,6 @@ import asyncio
 import gc
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,17 +19,19 @@ from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.deployment import deployment_to_schema
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from chatterbox.engine import TTSRequest, TurboTTS
+from chatterbox.engine import EngineCapacityError, EngineConfig
+from chatterbox.engine.capacity import free_memory
 from chatterbox.errors import TTSInputError
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
-from chatterbox.turbo_engine import EngineCapacityError, EngineConfig, _free_memory
+from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.app import build_app
 from serve_app.config import AppArgs, ModelArgs, ModelSource
 from serve_app.deployments.failures import is_cuda_error, run_bisecting
 from serve_app.deployments.model import TurboModel
 from serve_app.errors import ChunkOutOfMemoryError
 from serve_app.schemas import ChunkJob, ReplicaStats
+from tests.fake_accelerator import FakeAccelerator, generate_on
 from tests.text_samples import SENTENCES as TEXT_SENTENCES
 
 
@@ -102,48 +103,6 @@ def test_a_cuda_error_propagates_without_retries():
     if hasattr(torch, "AcceleratorError"):  # torch >= 2.8; older releases raise the RuntimeError above
         assert is_cuda_error(torch.AcceleratorError("device-side assert triggered"))
     assert not is_cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
-
-
-class FakeAccelerator:
-    """Memory of `capacity` units, each block freed when nothing references it any more (as a CUDA
-    tensor is), running out of memory like CUDA. Records the memory in use when each attempt starts."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.in_use = 0
-        self.in_use_at_start: list[int] = []
-
-    def allocate(self, units: int) -> object:
-        if self.in_use + units > self.capacity:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {units} more units, {self.in_use} in use")
-        self.in_use += units
-        block = object.__new__(type("Block", (), {}))
-        weakref.finalize(block, self._free, units)
-        return block
-
-    def _free(self, units: int) -> None:
-        self.in_use -= units
-
-
-def generate_on(accelerator: FakeAccelerator, reraise_in_handler: bool):
-    """A generate-like function: a KV cache of one unit per item, then activations as large again."""
-
-    def generate(items: list[str]) -> list[str]:
-        accelerator.in_use_at_start.append(accelerator.in_use)
-        kv_cache = [accelerator.allocate(1) for _ in items]
-        try:
-            activations = accelerator.allocate(len(items))
-        except torch.cuda.OutOfMemoryError as error:
-            if not reraise_in_handler:
-                raise
-            # A local that outlives its handler (as in retry loops that keep the last error) makes
-            # a reference cycle, frame -> error -> traceback -> frame, that only gc frees.
-            last_error = error
-            raise torch.cuda.OutOfMemoryError("while allocating activations") from last_error
-        assert kv_cache and activations
-        return [f"audio:{item}" for item in items]
-
-    return generate
 
 
 @pytest.mark.parametrize("reraise_in_handler", [False, True], ids=["plain", "reference_cycle"])
@@ -355,7 +314,7 @@ def test_a_new_slot_count_that_does_not_fit_keeps_the_engine_it_has(serve_app):
         try:
             before = await model.stats()
             needed = asked * before.engine.cache_bytes
-            if needed < _free_memory(torch.device("cpu")):  # what the engine checks against
+            if needed < free_memory(torch.device("cpu")):  # what the engine checks against
                 pytest.skip(f"this machine could hold a {needed / 2**30:.0f} GiB cache")
             with pytest.raises(EngineCapacityError, match=rf"max_slots={asked} .* would fit"):
                 await model.reconfigure({"max_batch_size": asked})

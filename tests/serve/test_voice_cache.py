@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from chatterbox.engine import TurboTTS
 from chatterbox.hub import local_checkpoint
+from chatterbox.tts import TurboTTS
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio
 from serve_app.schemas import SharedReference
 from serve_app.voices.cache import VoiceCache

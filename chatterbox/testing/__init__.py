@@ -9,7 +9,7 @@ the real file format.
 - ``tiny``: the same keys (every layer) at small widths, so tests run in seconds.
 - ``nano``: ``full`` with Chatterbox Nano's GPT-2 small T3 (``t3_nano_v1.safetensors``).
 
-CLI: ``python -m chatterbox.fixtures make-checkpoint DIR --size tiny|nano|full --seed N``.
+CLI: ``python -m chatterbox.testing make-checkpoint DIR --size tiny|nano|full --seed N``.
 """
 
 from __future__ import annotations
@@ -667,7 +667,7 @@ def make_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m chatterbox.fixtures", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m chatterbox.testing", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint directory")
     make.add_argument("dir", type=Path)
@@ -676,7 +676,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = make_checkpoint(args.dir, size=args.size, seed=args.seed)
     print(f"wrote {args.size} checkpoint (seed {args.seed}) to {out}")
-
-
-if __name__ == "__main__":
-    main()

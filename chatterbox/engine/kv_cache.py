@@ -1,4 +1,4 @@
-"""T3's KV cache for continuous batching: fixed slots, one request per row, and a voice-prefix cache.
+"""T3's one KV cache: fixed rows, one request per row, and a voice-prefix cache.
 
 A ``SlotCache`` row belongs to one request at a time and holds its positions 0..len-1 at cache
 positions 0..len-1: nothing is left-padded, so the keys and values of a voice's prefix
@@ -118,7 +118,7 @@ class SlotContext:
 class PrefixCache:
     """The prefix keys and values (1 + P positions) of the ``capacity`` most recently used voices.
 
-    Not thread-safe: only the engine's T3 loop touches it.
+    Not thread-safe: only the thread driving the ``DecodeBatch`` touches it.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -140,7 +140,8 @@ class PrefixCache:
     def put(self, voice_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.capacity < 1:
             return
-        self._entries[voice_id] = (k, v)
+        # Detached: an entry lives as long as its voice is used, and must hold no autograd graph.
+        self._entries[voice_id] = (k.detach(), v.detach())
         self._entries.move_to_end(voice_id)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

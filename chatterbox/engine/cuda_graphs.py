@@ -1,4 +1,4 @@
-"""T3's decode step as CUDA graphs, one per batch-size bucket (issue 13).
+"""T3's decode step as CUDA graphs, one per batch-size bucket.
 
 A decode step over B live rows launches a few hundred small kernels; at small B the GPU waits on
 the launches. A CUDA graph replays all of them at once, but only for the shapes it was captured
@@ -15,23 +15,57 @@ before it attends to it, so a padded row may scribble there on a free row, or on
 prefilling, unseen.
 
 Capture needs CUDA; elsewhere, or with ``enabled=False``, ``GraphedDecodeStep`` calls the step on
-the live rows as they are (eager).
+the live rows as they are (eager). After capture, a self-check replays each bucket on a probe batch
+against the eager step (``check_buckets``): a bucket whose capture failed, or whose replay differs
+beyond ``mismatch_bound``, logs a warning, is listed in ``eager_buckets`` and runs eagerly.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from chatterbox.t3.slots import SlotCache, SlotContext
+from chatterbox.constants import SPEECH_VOCAB_SIZE
+from chatterbox.engine.kv_cache import SlotCache, SlotContext
 from chatterbox.t3.t3 import T3
+
+logger = logging.getLogger(__name__)
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, lengths) -> logits
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LARGE_BUCKET_STEP = 32
 WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuBLAS/SDPA pick their kernels)
+MISMATCH_EPS = 8  # a replay may differ from eager by this many epsilons of the backbone's dtype
+
+
+def mismatch_bound(dtype: torch.dtype) -> float:
+    """Largest |replayed - eager| logit difference accepted, relative to the eager logits' largest
+    magnitude: a few rounding steps of the backbone's dtype (bf16: about 6e-2, fp32: about 1e-6)."""
+    return MISMATCH_EPS * torch.finfo(dtype).eps
+
+
+def check_buckets(
+    replay: Callable[[int], torch.Tensor],
+    eager: Callable[[int], torch.Tensor],
+    buckets: Iterable[int],
+    bound: float,
+) -> dict[int, str]:
+    """The buckets whose ``replay(bucket)`` logits differ from ``eager(bucket)``'s beyond ``bound``
+    (relative to the eager logits' largest magnitude), or that raise, each with why."""
+    failed = {}
+    for bucket in buckets:
+        try:
+            expected = eager(bucket)
+            error = float((replay(bucket) - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+        except Exception as exc:  # a replay that cannot run is a mismatch too
+            failed[bucket] = f"replay failed: {exc}"
+            continue
+        if not error <= bound:  # NaN fails too
+            failed[bucket] = f"replay differs from eager by {error:.2e} (relative; bound {bound:.2e})"
+    return failed
 
 
 def decode_buckets(max_slots: int) -> tuple[int, ...]:
@@ -66,9 +100,10 @@ class GraphedDecodeStep:
     """Replays a captured ``step`` for the live batch's bucket; eager where CUDA graphs are off.
 
     Captures every bucket at construction (largest first, all sharing one memory pool) after
-    warm-up runs; ``capture_s`` is the time that took. Each call copies the live tokens and
-    lengths into the static input buffers, fills the padding rows, replays the bucket's graph and
-    returns the live rows of its static output: a view that the next call overwrites.
+    warm-up runs, then self-checks them; ``capture_s`` is the time that took. Each call copies the
+    live tokens and lengths into the static input buffers, fills the padding rows, replays the
+    bucket's graph and returns the live rows of its static output: a view that the next call
+    overwrites. A bucket in ``eager_buckets`` calls the step eagerly instead.
     """
 
     def __init__(
@@ -78,12 +113,15 @@ class GraphedDecodeStep:
         pad_length: int,
         device: torch.device,
         enabled: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.step = step
         self.buckets = decode_buckets(max_slots)
         self.pad_length = pad_length
         self.graphed = enabled and device.type == "cuda" and torch.cuda.is_available()
         self.capture_s = 0.0
+        self.eager_buckets: dict[int, str] = {}  # bucket -> why it runs eagerly
+        self._bound = mismatch_bound(dtype)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, logits)
         # One set of static inputs; bucket b's graph reads their first b rows.
         self._tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
@@ -104,11 +142,36 @@ class GraphedDecodeStep:
                     self.step(tokens, lengths)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.step(tokens, lengths)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.step(tokens, lengths)
+            except Exception as error:  # e.g. an op that cannot be captured
+                self.eager_buckets[bucket] = f"capture failed: {error}"
+                continue
             self._graphs[bucket] = (graph, logits)
         torch.cuda.synchronize()
+        self.eager_buckets.update(
+            check_buckets(self._replay_probe, self._eager_probe, self._graphs, self._bound)
+        )
+        for bucket, why in sorted(self.eager_buckets.items()):
+            logger.warning("CUDA graph of decode bucket %d disabled, it runs eagerly: %s", bucket, why)
+            self._graphs.pop(bucket, None)
         self.capture_s = time.perf_counter() - start
+
+    def _probe(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A probe batch: distinct tokens, every row at ``pad_length`` (a position nobody reads
+        before writing it, so the probe leaves no trace in the cache)."""
+        tokens = torch.arange(bucket, device=self._tokens.device) * 97 % SPEECH_VOCAB_SIZE
+        return tokens, torch.full_like(tokens, self.pad_length)
+
+    def _eager_probe(self, bucket: int) -> torch.Tensor:
+        return self.step(*self._probe(bucket)).clone()
+
+    def _replay_probe(self, bucket: int) -> torch.Tensor:
+        self.stage(*self._probe(bucket))
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits.clone()
 
     def stage(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy live (B,) tokens and lengths into the static buffers, padded to B's bucket with
@@ -123,7 +186,7 @@ class GraphedDecodeStep:
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens, lengths (B,) int64 of live rows 0..B-1 -> logits (B, V)."""
-        if not self.graphed:
+        if not self.graphed or bucket_for(tokens.shape[0], self.buckets) in self.eager_buckets:
             return self.step(tokens, lengths)
         staged, _ = self.stage(tokens, lengths)
         graph, logits = self._graphs[staged.shape[0]]

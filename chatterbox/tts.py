@@ -1,4 +1,4 @@
-"""The TurboTTS engine: text + voice in, 24 kHz audio out, every stage in true batches.
+"""TurboTTS: loads Chatterbox Turbo, prepares voices and requests, and synthesises in true batches.
 
 Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
 
@@ -7,7 +7,8 @@ Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
     wavs = tts.generate([TTSRequest("Hello there.", voice=voice, sampling=SamplingParams(seed=1))])
 
 A request's audio depends only on its own text, voice, settings and seed, never on what else
-shares its batch.
+shares its batch. T3 runs on the engine's ``DecodeBatch`` (admit all, step until none is live),
+the very code the server runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from chatterbox.constants import S3GEN_SR, TURBO_REPO_ID
+from chatterbox.engine.batch import generate_tokens
 from chatterbox.errors import EmptyTextError, TextTooLongError, TTSInputError
 from chatterbox.hub import Checkpoint, hub_checkpoint, local_checkpoint, t3_weights_file
 from chatterbox.s3gen import S3Gen, S3GenRequest
@@ -227,7 +229,7 @@ class TurboTTS:
         return jobs
 
     def _t3(self, jobs: Sequence[Job], ignore_stop_token: bool) -> list[torch.Tensor]:
-        return self.t3.generate([job.t3_request() for job in jobs], ignore_stop_token=ignore_stop_token)
+        return generate_tokens(self.t3, [job.t3_request() for job in jobs], ignore_stop_token)
 
     def vocode_jobs(self, jobs: Sequence[Job], speech_tokens: Sequence[torch.Tensor]) -> list[np.ndarray]:
         # A row with no speech tokens (it drew nothing but stop tokens) is vocoded too, as upstream

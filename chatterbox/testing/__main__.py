@@ -1,0 +1,3 @@
+from chatterbox.testing import main
+
+main()
