@@ -4,10 +4,12 @@ Per request (turbo-spec 5.3, 5.7, 8, 9): append 3 silence tokens; encode [prompt
 tokens]; place the prompt mel at the start of ``cond``; sample the mel with the two-step mean flow;
 keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
 
-Batching: the flow runs all requests at once, right-padded with masks (exact per row). HiFT is not
-mask-aware: with ``batch_vocoder`` (CUDA) it runs one zero-padded batch and each row is trimmed to
-its length, which leaks padding into a row's last ``PADDED_VOCODER_TAIL_FRAMES`` frames (see
-``vocode_padded`` for the measured bound); otherwise (CPU) each mel runs alone, exactly.
+Batching: the flow runs all requests at once, right-padded with masks (exact per row). With
+``batch_vocoder`` (on by default on CUDA, off on CPU; set it to force either path) HiFT also runs one
+right-padded batch with each row's lengths (``vocode_batched``: every row equals its solo waveform,
+last frames included); otherwise each mel runs alone. ``vocode_padded`` is the same batch without
+lengths: its rows' last ``PADDED_VOCODER_TAIL_FRAMES`` frames see their padding (kept to measure
+what the masks buy).
 
 Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
 the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
@@ -155,14 +157,30 @@ def vocode_padded(
     return [wav[: SAMPLES_PER_FRAME * mel.shape[-1]] for wav, mel in zip(wavs, mels, strict=True)]
 
 
+def vocode_batched(
+    hift: HiFT, mels: list[torch.Tensor], phases: torch.Tensor, sources: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``vocode_padded`` with each row's length given to HiFT, so every row is its solo waveform
+    (float rounding aside: within 1e-5 of peak, tests/test_hift_batching.py). Same shapes."""
+    frames = [mel.shape[-1] for mel in mels]
+    longest = max(frames)
+    batch = torch.stack([F.pad(mel, (0, longest - n)) for mel, n in zip(mels, frames, strict=True)])
+    source = torch.stack([F.pad(s, (0, SAMPLES_PER_FRAME * longest - s.shape[-1])) for s in sources])
+    # Equal lengths need no masks (a batch of full rows is the solo computation).
+    lengths = None if min(frames) == longest else torch.tensor(frames, device=batch.device)
+    wavs = hift(batch.float(), phases.float(), source.float(), lengths)  # (B, 480 L)
+    return [wav[: SAMPLES_PER_FRAME * n] for wav, n in zip(wavs, frames, strict=True)]
+
+
 class S3Gen(nn.Module):
     def __init__(self, flow_config: FlowConfig, hift_config: HiFTConfig) -> None:
         super().__init__()
         self.flow = Flow(flow_config)
         self.mel2wav = HiFT(hift_config)
         self.register_buffer("trim_fade", fade_in(), persistent=False)
-        # Batched HiFT ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py, "HiFT
-        # strategy"), and only one mel at a time is exact; CUDA runs one padded batch.
+        # One HiFT batch for all rows (exact either way). Batched HiFT ran 2.3x slower than one mel
+        # at a time on CPU (bench/s3gen.py, "HiFT strategy"), so ``to_device`` turns it on for CUDA
+        # only; set it after ``to_device`` to force either path (tests batch on CPU).
         self.batch_vocoder = False
 
     @classmethod
@@ -264,13 +282,13 @@ class S3Gen(nn.Module):
     def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:
         """Waveform per mel (80, L) -> (480L,) float32 on the model's device, faded in.
 
-        With ``batch_vocoder`` all mels share one padded HiFT batch (``vocode_padded``: exact but
-        for the last frames of shorter rows); otherwise each runs alone.
+        With ``batch_vocoder`` all mels share one padded, length-masked HiFT batch
+        (``vocode_batched``); otherwise each runs alone. Both give each row its solo waveform.
         """
         phases = torch.stack([n.phases for n in noise]).to(self.device, torch.float32)  # (B, 9)
         sources = [n.source.to(self.device) for n in noise]
         if self.batch_vocoder:
-            wavs = vocode_padded(self.mel2wav, mels, phases, sources)
+            wavs = vocode_batched(self.mel2wav, mels, phases, sources)
         else:
             wavs = [
                 self.mel2wav(mel[None].float(), phases[i : i + 1], sources[i][None].float())[0]
