@@ -75,9 +75,8 @@ class Bucketed:
             out = self._compiled(*self._pad(bucket, *args))
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}".splitlines()[0]
-            warnings.warn(
-                f"torch.compile of S3Gen's {self.name} failed, running eager: {self.error}", stacklevel=2
-            )
+            message = f"torch.compile of S3Gen's {self.name} failed, running eager: {self.error}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
             return self.module(*args)
         return self._trim(out, length)
 

@@ -230,10 +230,10 @@ class S3Gen(nn.Module):
         """Run the flow estimator and HiFT through ``torch.compile`` (inductor), inputs padded to
         length buckets (``chatterbox.s3gen.compiled``), on this device and dtype.
 
-        Graphs for every ``batch_sizes`` x bucket are made here, or only for the buckets in ``warm``
-        (flow buckets, and HiFT buckets, that hold those mel frame counts); other shapes compile at
-        their first call. Returns the time taken; a compile error warns and leaves that module eager
-        (``CompileReport.errors``). Call again after ``to_device``.
+        Graphs for every ``batch_sizes`` x bucket (HiFT: batch 1 unless ``batch_vocoder``) are made
+        here, or only for the buckets in ``warm`` (flow and HiFT buckets that hold those mel frame
+        counts); other shapes compile at their first call. Returns the time taken; a compile error
+        warns and leaves that module eager (``CompileReport.errors``). Call again after ``to_device``.
         """
         estimator = self.flow.decoder.estimator
         flow = compiled_estimator(estimator, flow_buckets)
@@ -254,6 +254,8 @@ class S3Gen(nn.Module):
                 mask = torch.ones(b, 1, frames, device=device, dtype=dtype)
                 spks = torch.randn(b, S3GEN_MEL_BINS, device=device, dtype=dtype)
                 runs.append(lambda x=x, mask=mask, spks=spks: flow(x, mask, x, t_emb, spks, x))
+        # One mel at a time unless the vocoder batches: then HiFT sees batch 1 only.
+        for b in batch_sizes if self.batch_vocoder else (1,):
             for frames in hift_warm:
                 mel = torch.randn(b, S3GEN_MEL_BINS, frames, device=device) - 5
                 phases = torch.zeros(b, HARMONICS, device=device)
