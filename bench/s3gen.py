@@ -8,6 +8,7 @@ Prints markdown tables.
 
     python -m bench.s3gen                       # CPU defaults (fit in ~3 min here)
     python -m bench.s3gen --device cuda --batches 1,8,32 --sequential 8 --upstream 4
+    python -m bench.s3gen --compile             # eager vs torch.compile'd, side by side (only that)
 """
 
 from __future__ import annotations
@@ -56,6 +57,46 @@ def audio_seconds(wavs: list[torch.Tensor]) -> float:
     return sum(w.numel() for w in wavs) / S3GEN_SR
 
 
+def compare_compiled(
+    args: argparse.Namespace, eager: S3Gen, compiled: S3Gen, requests: list[S3GenRequest], batches: list[int]
+) -> None:
+    """The same batches through an eager S3Gen and a compiled copy, alternating; prints a table."""
+    eager.generate(requests[:1])  # warm-up at the measured size
+    flow_frames, speech_frames = 2 * (args.prompt_tokens + args.tokens + 3), 2 * (args.tokens + 3)
+    report = compiled.compile(batch_sizes=batches, warm=[flow_frames, speech_frames])
+    flow_bucket = compiled.flow.decoder.compiled.bucket(flow_frames)
+    hift_bucket = compiled.compiled_vocoder.bucket(speech_frames)
+    rows = []
+    for b in batches:
+        rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(args.repeats):
+            for name, model in (("eager", eager), ("compiled", compiled)):
+                wavs: list[torch.Tensor] = []
+                seconds = timed(lambda m=model, w=wavs, b=b: w.extend(m.generate(requests[:b])), args.device)
+                rates[name].append(audio_seconds(wavs) / seconds)
+        worst = max(
+            float((a - c).abs().max() / a.abs().max())
+            for a, c in zip(eager.generate(requests[:b]), compiled.generate(requests[:b]), strict=True)
+        )
+        rows.append((b, max(rates["eager"]), max(rates["compiled"]), worst))
+    print(
+        f"\nS3Gen eager vs torch.compile (inductor) on {args.device} ({args.dtype} flow, fp32 HiFT), "
+        f"{args.threads} threads, flow width {eager.flow.config.encoder.width}; utterances of {args.tokens} "
+        f"speech tokens with a {args.prompt_tokens}-token prompt: flow rows of {flow_frames} frames "
+        f"(bucket {flow_bucket}), mels of {speech_frames} frames (HiFT bucket {hift_bucket}, one mel at a "
+        f"time: batch_vocoder={compiled.batch_vocoder}). Best of {args.repeats} call(s) each, alternating.\n"
+    )
+    print("| batch | eager (audio s/s) | compiled (audio s/s) | compiled / eager | max |diff| / peak |")
+    print("|---|---|---|---|---|")
+    for b, eager_rate, compiled_rate, worst in rows:
+        print(
+            f"| {b} | {eager_rate:.3f} | {compiled_rate:.3f} | {compiled_rate / eager_rate:.2f}x "
+            f"| {worst:.1e} |"
+        )
+    errors = "; ".join(report.errors) or "none"
+    print(f"\nCompile: {report.seconds:.0f} s for {report.shapes} graphs (eager fallbacks: {errors}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=os.environ.get("CHATTERBOX_FULL_CHECKPOINT"))
@@ -71,6 +112,10 @@ def main() -> None:
     parser.add_argument("--hift", type=int, default=4, help="mels for the HiFT strategy comparison (0 skips)")
     parser.add_argument("--tokens", type=int, default=250)
     parser.add_argument("--prompt-tokens", type=int, default=250)
+    parser.add_argument(
+        "--compile", action="store_true", help="only eager vs S3Gen.compile, same requests, per batch"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per model and batch (--compile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -84,6 +129,12 @@ def main() -> None:
         model = S3Gen.from_file(checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype])
         tensors = make_inputs(count, args.tokens, args.prompt_tokens)
         requests = requests_from(tensors, count)
+        if args.compile:
+            compiled = S3Gen.from_file(
+                checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype]
+            )
+            compare_compiled(args, model, compiled, requests, batches)
+            return
         model.generate(requests[:1])  # warm-up at the measured size
 
         ours_batched = {}

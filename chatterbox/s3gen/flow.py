@@ -8,7 +8,7 @@ from noise (t = 0) to mel (t = 1), conditioned on ``mu``, the speaker vector and
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,8 @@ class MeanFlowSampler(nn.Module):
     def __init__(self, estimator: ConditionalDecoder) -> None:
         super().__init__()
         self.estimator = estimator
+        # Same call as ``estimator``, compiled over length buckets (``S3Gen.compile``); None: eager.
+        self.compiled: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -59,10 +61,11 @@ class MeanFlowSampler(nn.Module):
     ) -> torch.Tensor:
         """noise, mu, cond (B, 80, T); mask (B, 1, T); spks (B, 80) -> sample (B, 80, T) at t = 1."""
         times = torch.linspace(0, 1, steps + 1, device=noise.device)
+        estimate = self.compiled or self.estimator
         x = noise
         for t, r in itertools.pairwise(times):
             t_emb = self.estimator.embed_times(t[None], r[None])  # (1, time_dim), shared by all rows
-            x = x + (r - t).to(x.dtype) * self.estimator(x, mask, mu, t_emb, spks, cond)
+            x = x + (r - t).to(x.dtype) * estimate(x, mask, mu, t_emb, spks, cond)
         return x
 
 

@@ -4,14 +4,20 @@ Neural source filter + iSTFTNet: an F0 predictor drives a harmonic sine source, 
 STFT is fused into a HiFi-GAN style upsampler (x8, x5, x3) that predicts a 16-point STFT
 (magnitude and phase); the iSTFT (hop 4) makes the waveform. 480 samples per mel frame.
 
-Convolutions are symmetric and the STFTs reflect-pad, so this module is not mask-aware: batch only
-mels of equal length. The source randomness (harmonic phases, additive noise) is an explicit input.
+Batching rows of different lengths: convolutions are symmetric and the STFTs reflect-pad, so a
+right-padded row would see its padding in its last frames. Given ``lengths``, every convolution's
+input is zeroed past each row's end (the zeros a solo row is padded with), the source STFT reflects
+each row at its own end and the iSTFT overlap-adds only each row's own frames, so every row equals
+its solo output. Without ``lengths`` all rows are taken as full (the solo path: no masks).
+The source randomness (harmonic phases, additive noise) is an explicit input.
 Weight-normed convs keep the checkpoint's parametrization layout until ``fold_weight_norm``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,6 +85,62 @@ def stft_window() -> torch.Tensor:
     return torch.hann_window(N_FFT, periodic=True, dtype=torch.float64).float()
 
 
+def frame_mask(lengths: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+    """(B, 1, frames) bool, True on each row's first ``lengths`` frames (None: no mask)."""
+    if lengths is None:
+        return None
+    return (torch.arange(frames, device=lengths.device) < lengths[:, None]).unsqueeze(1)
+
+
+def stage_masks(lengths: torch.Tensor | None, frames: int) -> list[torch.Tensor | None]:
+    """Frame masks at HiFT's four rates: the mel's, after the x8 and x5 upsamplings, and the
+    120 L + 1 STFT frames after the last one (all None without lengths)."""
+    if lengths is None:
+        return [None] * (len(UPSAMPLE_RATES) + 1)
+    rates = itertools.accumulate((1, *UPSAMPLE_RATES[:-1]), operator.mul)  # 1, 8, 40
+    masks = [frame_mask(lengths * rate, frames * rate) for rate in rates]
+    per_frame = SAMPLES_PER_FRAME // HOP  # 120 STFT frames per mel frame, plus one at the end
+    return [*masks, frame_mask(lengths * per_frame + 1, frames * per_frame + 1)]
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, C, T) with the frames past each row's end zeroed (``where``: padding may hold inf)."""
+    return x if mask is None else torch.where(mask, x, 0.0)
+
+
+def row_stft(excitation: torch.Tensor, window: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+    """Centered STFT of (B, S) -> (B, 9, S / HOP + 1) complex, each row reflect-padded at its own end
+    ``samples`` (B,) (None: at S), as ``torch.stft(center=True)`` pads a solo row."""
+    pad = N_FFT // 2
+    padded = F.pad(excitation[:, None], (pad, pad), mode="reflect")[:, 0]  # (B, S + 16)
+    if samples is not None:
+        # A solo row of n samples continues with x[n - 2 - k] at n + k, k < pad.
+        k = torch.arange(pad, device=samples.device)
+        reflected = excitation.gather(1, (samples[:, None] - 2 - k).clamp(min=0))  # (B, pad)
+        padded = padded.scatter(1, samples[:, None] + pad + k, reflected)
+    return torch.stft(padded, N_FFT, HOP, N_FFT, window=window, center=False, return_complex=True)
+
+
+def row_istft(spec: torch.Tensor, window: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Centered iSTFT of (B, 9, F) complex -> (B, HOP * (F - 1)) from each row's own frames only.
+
+    ``mask`` (B, 1, F) marks them: the window envelope that ``torch.istft`` divides by is each
+    row's own, so a row's last samples do not see a padded frame's window.
+    """
+    frames = torch.fft.irfft(spec, n=N_FFT, dim=1) * window[None, :, None]  # (B, 16, F)
+    frames = torch.where(mask, frames, 0.0)
+    weights = mask.to(frames.dtype) * window.pow(2)[None, :, None]  # (B, 16, F)
+    total = HOP * (spec.shape[-1] - 1) + N_FFT
+
+    def overlap_add(x: torch.Tensor) -> torch.Tensor:
+        return F.fold(x, output_size=(1, total), kernel_size=(1, N_FFT), stride=(1, HOP))[:, 0, 0]
+
+    wav, envelope = overlap_add(frames), overlap_add(weights)  # (B, total) each
+    pad = N_FFT // 2
+    wav, envelope = wav[:, pad : total - pad], envelope[:, pad : total - pad]
+    return torch.where(envelope > 1e-11, wav / envelope, 0.0)
+
+
 class Snake(nn.Module):
     """x + sin²(αx)/α with a per-channel α (linear scale)."""
 
@@ -99,11 +161,12 @@ class ResBlock(nn.Module):
         self.activations1 = nn.ModuleList(Snake(channels) for _ in DILATIONS)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in DILATIONS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T), mask (B, 1, T) or None -> (B, C, T), exact on masked-in frames."""
         for conv1, conv2, act1, act2 in zip(
             self.convs1, self.convs2, self.activations1, self.activations2, strict=True
         ):
-            x = conv2(act2(conv1(act1(x)))) + x
+            x = conv2(masked(act2(conv1(masked(act1(x), mask))), mask)) + x
         return x
 
 
@@ -118,8 +181,12 @@ class F0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, 1)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1).abs()
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, 1, L) or None: frames past a row's end are zeroed before every conv."""
+        x = mel
+        for layer in self.condnet:
+            x = layer(masked(x, mask) if isinstance(layer, nn.Conv1d) else x)
+        return self.classifier(x.transpose(1, 2)).squeeze(-1).abs()
 
 
 class SourceModule(nn.Module):
@@ -186,40 +253,60 @@ class HiFT(nn.Module):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
-    def source(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mel (B, 80, L), phases (B, 9), noise (B, 9, 480L) -> excitation (B, 1, 480L)."""
-        return self.m_source(self.f0_predictor(mel), phases, noise)
+    def source(
+        self,
+        mel: torch.Tensor,
+        phases: torch.Tensor,
+        noise: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mel (B, 80, L), phases (B, 9), noise (B, 9, 480L), lengths (B,) valid frames per row or
+        None (all L) -> excitation (B, 1, 480L), exact on each row's own samples."""
+        return self.m_source(self.f0_predictor(mel, frame_mask(lengths, mel.shape[-1])), phases, noise)
 
-    def forward(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mel (B, 80, L) float32, source randomness as in ``source`` -> waveform (B, 480L)."""
-        return self.decode(mel, self.source(mel, phases, noise))
+    def forward(
+        self,
+        mel: torch.Tensor,
+        phases: torch.Tensor,
+        noise: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mel (B, 80, L) float32, source randomness and lengths as in ``source`` -> waveform
+        (B, 480L); a row's samples past 480 * lengths are not meaningful."""
+        return self.decode(mel, self.source(mel, phases, noise, lengths), lengths)
 
-    def decode(self, mel: torch.Tensor, excitation: torch.Tensor) -> torch.Tensor:
-        """mel (B, 80, L) float32 and its source excitation (B, 1, 480L) -> waveform (B, 480L)."""
-        spec = torch.stft(
-            excitation.squeeze(1),
-            N_FFT,
-            HOP,
-            N_FFT,
-            window=self.window,
-            return_complex=True,
-        )
-        source = torch.cat([spec.real, spec.imag], dim=1)  # (B, 18, 120L + 1)
+    def decode(
+        self, mel: torch.Tensor, excitation: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mel (B, 80, L) float32 and its source excitation (B, 1, 480L) -> waveform (B, 480L);
+        lengths (B,) valid frames per row, or None (every row is L frames: no masks)."""
+        masks = stage_masks(lengths, mel.shape[-1])
+        if lengths is None:
+            spec = torch.stft(
+                excitation.squeeze(1), N_FFT, HOP, N_FFT, window=self.window, return_complex=True
+            )
+        else:
+            spec = row_stft(excitation.squeeze(1), self.window, SAMPLES_PER_FRAME * lengths)
+        source = masked(torch.cat([spec.real, spec.imag], dim=1), masks[-1])  # (B, 18, 120L + 1)
 
-        x = self.conv_pre(mel)
+        x = self.conv_pre(masked(mel, masks[0]))
         kernels = len(RESBLOCK_KERNELS)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = up(masked(F.leaky_relu(x, LRELU_SLOPE), masks[i]))
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")  # 120L -> 120L + 1 STFT frames
-            x = x + self.source_resblocks[i](self.source_downs[i](source))
-            summed = self.resblocks[i * kernels](x)
+            mask = masks[i + 1]
+            x = x + self.source_resblocks[i](self.source_downs[i](source), mask)
+            summed = self.resblocks[i * kernels](x, mask)
             for j in range(1, kernels):
-                summed += self.resblocks[i * kernels + j](x)
+                summed += self.resblocks[i * kernels + j](x, mask)
             x = summed / kernels
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here
+        x = self.conv_post(masked(F.leaky_relu(x), masks[-1]))  # default slope 0.01 here
         magnitude = torch.exp(x[:, : N_FFT // 2 + 1]).clamp(max=MAX_MAGNITUDE)
         phase = torch.sin(x[:, N_FFT // 2 + 1 :])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec, N_FFT, HOP, N_FFT, window=self.window)
+        if lengths is None:
+            wav = torch.istft(spec, N_FFT, HOP, N_FFT, window=self.window)
+        else:
+            wav = row_istft(spec, self.window, masks[-1])
         return wav.clamp(-AUDIO_LIMIT, AUDIO_LIMIT)

@@ -4,10 +4,12 @@ Per request (turbo-spec 5.3, 5.7, 8, 9): append 3 silence tokens; encode [prompt
 tokens]; place the prompt mel at the start of ``cond``; sample the mel with the two-step mean flow;
 keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
 
-Batching: the flow runs all requests at once, right-padded with masks (exact per row). HiFT is not
-mask-aware: with ``batch_vocoder`` (CUDA) it runs one zero-padded batch and each row is trimmed to
-its length, which leaks padding into a row's last ``PADDED_VOCODER_TAIL_FRAMES`` frames (see
-``vocode_padded`` for the measured bound); otherwise (CPU) each mel runs alone, exactly.
+Batching: the flow runs all requests at once, right-padded with masks (exact per row). With
+``batch_vocoder`` (on by default on CUDA, off on CPU; set it to force either path) HiFT also runs one
+right-padded batch with each row's lengths (``vocode_batched``: every row equals its solo waveform,
+last frames included); otherwise each mel runs alone. ``vocode_padded`` is the same batch without
+lengths: its rows' last ``PADDED_VOCODER_TAIL_FRAMES`` frames see their padding (kept to measure
+what the masks buy).
 
 Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
 the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
@@ -17,7 +19,7 @@ seeded row equals an unbatched reference call after ``torch.manual_seed(seed)`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,15 @@ from chatterbox.constants import (
     S3GEN_SR,
     SPEECH_VOCAB_SIZE,
 )
+from chatterbox.s3gen.compiled import (
+    FLOW_BUCKETS,
+    HIFT_BUCKETS,
+    Bucketed,
+    CompileReport,
+    compiled_estimator,
+    compiled_hift,
+    warm_up,
+)
 from chatterbox.s3gen.flow import Flow, FlowConfig
 from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, HiFT, HiFTConfig, draw_source_noise
 from chatterbox.weights import load_strict, read_safetensors, subdict
@@ -44,6 +55,7 @@ FADE_SAMPLES = S3GEN_SR // 50  # 20 ms of silence, then a 20 ms raised-cosine fa
 # on the tiny and full-size HiFT): before them within PADDED_VOCODER_BODY_ERROR.
 PADDED_VOCODER_TAIL_FRAMES = 8  # 160 ms; the 3 appended silence tokens are the last 6 frames
 PADDED_VOCODER_BODY_ERROR = 5e-4
+MAX_COMPILED_BATCH = 16  # batch sizes a compiled module keeps graphs for (past it: eager, a warning)
 
 
 @dataclass
@@ -155,15 +167,33 @@ def vocode_padded(
     return [wav[: SAMPLES_PER_FRAME * mel.shape[-1]] for wav, mel in zip(wavs, mels, strict=True)]
 
 
+def vocode_batched(
+    hift: HiFT | Bucketed, mels: list[torch.Tensor], phases: torch.Tensor, sources: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``vocode_padded`` with each row's length given to HiFT, so every row is its solo waveform
+    (float rounding aside: within 1e-5 of peak, tests/test_hift_batching.py). Same shapes."""
+    frames = [mel.shape[-1] for mel in mels]
+    longest = max(frames)
+    batch = torch.stack([F.pad(mel, (0, longest - n)) for mel, n in zip(mels, frames, strict=True)])
+    source = torch.stack([F.pad(s, (0, SAMPLES_PER_FRAME * longest - s.shape[-1])) for s in sources])
+    # Equal lengths need no masks (a batch of full rows is the solo computation).
+    lengths = None if min(frames) == longest else torch.tensor(frames, device=batch.device)
+    wavs = hift(batch.float(), phases.float(), source.float(), lengths)  # (B, 480 L)
+    return [wav[: SAMPLES_PER_FRAME * n] for wav, n in zip(wavs, frames, strict=True)]
+
+
 class S3Gen(nn.Module):
     def __init__(self, flow_config: FlowConfig, hift_config: HiFTConfig) -> None:
         super().__init__()
         self.flow = Flow(flow_config)
         self.mel2wav = HiFT(hift_config)
         self.register_buffer("trim_fade", fade_in(), persistent=False)
-        # Batched HiFT ran 2.3x slower than one mel at a time on CPU (bench/s3gen.py, "HiFT
-        # strategy"), and only one mel at a time is exact; CUDA runs one padded batch.
+        # One HiFT batch for all rows (exact either way). Batched HiFT ran 2.3x slower than one mel
+        # at a time on CPU (bench/s3gen.py, "HiFT strategy"), so ``to_device`` turns it on for CUDA
+        # only; set it after ``to_device`` to force either path (tests batch on CPU).
         self.batch_vocoder = False
+        # HiFT's call compiled over length buckets (``compile``); None: eager.
+        self.compiled_vocoder: Bucketed | None = None
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> S3Gen:
@@ -189,6 +219,49 @@ class S3Gen(nn.Module):
         self.trim_fade = self.trim_fade.to(device=device, dtype=torch.float32)
         self.batch_vocoder = self.device.type == "cuda"
         return self
+
+    def compile(
+        self,
+        batch_sizes: Sequence[int] = (1,),
+        flow_buckets: Sequence[int] = FLOW_BUCKETS,
+        hift_buckets: Sequence[int] = HIFT_BUCKETS,
+        warm: Sequence[int] | None = None,
+    ) -> CompileReport:
+        """Run the flow estimator and HiFT through ``torch.compile`` (inductor), inputs padded to
+        length buckets (``chatterbox.s3gen.compiled``), on this device and dtype.
+
+        Graphs for every ``batch_sizes`` x bucket (HiFT: batch 1 unless ``batch_vocoder``) are made
+        here, or only for the buckets in ``warm`` (flow and HiFT buckets that hold those mel frame
+        counts); other shapes compile at their first call. Returns the time taken; a compile error
+        warns and leaves that module eager (``CompileReport.errors``). Call again after ``to_device``.
+        """
+        estimator = self.flow.decoder.estimator
+        flow = compiled_estimator(estimator, flow_buckets)
+        hift = compiled_hift(self.mel2wav, hift_buckets)
+        # Dynamo keeps one graph per shape of a module's forward; the default cap (8) is below a
+        # few batch sizes times the buckets, past which it would silently run eager.
+        graphs = max(len(flow_buckets), len(hift_buckets)) * max(len(batch_sizes), MAX_COMPILED_BATCH)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+        self.flow.decoder.compiled, self.compiled_vocoder = flow, hift
+        flow_warm = sorted({flow.bucket(n) for n in warm} - {None}) if warm else flow.buckets
+        hift_warm = sorted({hift.bucket(n) for n in warm} - {None}) if warm else hift.buckets
+        device, dtype = self.device, self.flow.input_embedding.weight.dtype
+        t_emb = estimator.embed_times(torch.zeros(1, device=device), torch.ones(1, device=device) / 2)
+        runs = []
+        for b in batch_sizes:
+            for frames in flow_warm:
+                x = torch.randn(b, S3GEN_MEL_BINS, frames, device=device, dtype=dtype)
+                mask = torch.ones(b, 1, frames, device=device, dtype=dtype)
+                spks = torch.randn(b, S3GEN_MEL_BINS, device=device, dtype=dtype)
+                runs.append(lambda x=x, mask=mask, spks=spks: flow(x, mask, x, t_emb, spks, x))
+        # One mel at a time unless the vocoder batches: then HiFT sees batch 1 only.
+        for b in batch_sizes if self.batch_vocoder else (1,):
+            for frames in hift_warm:
+                mel = torch.randn(b, S3GEN_MEL_BINS, frames, device=device) - 5
+                phases = torch.zeros(b, HARMONICS, device=device)
+                source = torch.randn(b, HARMONICS, SAMPLES_PER_FRAME * frames, device=device)
+                runs.append(lambda mel=mel, phases=phases, source=source: hift(mel, phases, source))
+        return warm_up(runs, [flow, hift])
 
     @property
     def device(self) -> torch.device:
@@ -264,16 +337,17 @@ class S3Gen(nn.Module):
     def vocode(self, mels: list[torch.Tensor], noise: list[S3GenNoise]) -> list[torch.Tensor]:
         """Waveform per mel (80, L) -> (480L,) float32 on the model's device, faded in.
 
-        With ``batch_vocoder`` all mels share one padded HiFT batch (``vocode_padded``: exact but
-        for the last frames of shorter rows); otherwise each runs alone.
+        With ``batch_vocoder`` all mels share one padded, length-masked HiFT batch
+        (``vocode_batched``); otherwise each runs alone. Both give each row its solo waveform.
         """
         phases = torch.stack([n.phases for n in noise]).to(self.device, torch.float32)  # (B, 9)
         sources = [n.source.to(self.device) for n in noise]
+        hift = self.compiled_vocoder or self.mel2wav
         if self.batch_vocoder:
-            wavs = vocode_padded(self.mel2wav, mels, phases, sources)
+            wavs = vocode_batched(hift, mels, phases, sources)
         else:
             wavs = [
-                self.mel2wav(mel[None].float(), phases[i : i + 1], sources[i][None].float())[0]
+                hift(mel[None].float(), phases[i : i + 1], sources[i][None].float())[0]
                 for i, mel in enumerate(mels)
             ]
         for wav in wavs:

@@ -23,8 +23,8 @@ decoded again as left context starts from the same flow noise, and a stream's au
 its tokens, voice, seed and schedule: not on how its tokens arrived or which streams shared a step.
 
 Batching: ``StreamingS3Gen.step`` decodes the next hop of several streams in one flow call, rows
-right-padded with masks as in ``S3Gen``; HiFT runs per segment, or on groups of segments of equal
-length when the model batches its vocoder (HiFT is not mask-aware).
+right-padded with masks as in ``S3Gen``; HiFT runs per segment, or, when the model batches its
+vocoder, on all segments at once, right-padded with their lengths (exact per row, as in ``S3Gen``).
 
 The full-utterance path (``S3Gen.generate``) is untouched. A stream whose tokens all arrive before
 its first hop is ready decodes in one final hop, which equals the full decode with the same draws
@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from chatterbox.constants import (
     S3GEN_MEL_BINS,
@@ -51,7 +52,7 @@ from chatterbox.constants import (
     SPEECH_VOCAB_SIZE,
 )
 from chatterbox.s3gen.encoder import PRE_LOOKAHEAD_TOKENS
-from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, draw_source_noise
+from chatterbox.s3gen.hift import HARMONICS, SAMPLES_PER_FRAME, draw_source_noise, frame_mask
 from chatterbox.s3gen.s3gen import S3Gen, S3GenNoise, S3GenRequest
 
 NOISE_BLOCK_FRAMES = 50  # positional noise is drawn in blocks of 1 s of mel frames
@@ -321,37 +322,35 @@ class StreamingS3Gen:
             torch.cat([s._seam.mel, mel], dim=1) if s._seam is not None else mel
             for s, mel in zip(streams, mels, strict=True)
         ]
-        groups: dict[int, list[int]] = {}
-        for i, segment in enumerate(segments):
-            groups.setdefault(segment.shape[1] if self.s3gen.batch_vocoder else i, []).append(i)
-        played: list[tuple[torch.Tensor, _Seam | None]] = [(torch.empty(0), None)] * len(streams)
-        for members in groups.values():
-            for i, outcome in zip(
-                members,
-                self._vocode_group(
-                    [streams[i] for i in members], [hops[i] for i in members], [segments[i] for i in members]
-                ),
-                strict=True,
-            ):
-                played[i] = outcome
-        return played
+        if self.s3gen.batch_vocoder:
+            return self._vocode_group(streams, hops, segments)
+        return [
+            self._vocode_group([stream], [hop], [segment])[0]
+            for stream, hop, segment in zip(streams, hops, segments, strict=True)
+        ]
 
     def _vocode_group(
         self, streams: Sequence[S3GenStream], hops: Sequence[Hop], segments: Sequence[torch.Tensor]
     ) -> list[tuple[torch.Tensor, _Seam | None]]:
-        """Segments of equal length through HiFT in one batch, each continuing its stream's sines."""
+        """Segments through HiFT in one batch, right-padded to the longest with their lengths given
+        (no masks when all are equal), each continuing its stream's sines."""
         hift, device = self.s3gen.mel2wav, self.s3gen.device
         held = [s._seam.mel.shape[1] if s._seam is not None else 0 for s in streams]
-        mel = torch.stack(list(segments))  # (G, 80, L)
-        length = mel.shape[-1]
+        frames = [segment.shape[1] for segment in segments]
+        longest = max(frames)
+        mel = torch.stack([F.pad(seg, (0, longest - n)) for seg, n in zip(segments, frames, strict=True)])
+        lengths = None if min(frames) == longest else torch.tensor(frames, device=device)
         source_noise = torch.stack(
             [
-                s.noise.source(s._speech_frame(h.start) - k, s._speech_frame(h.start) - k + length)
-                for s, h, k in zip(streams, hops, held, strict=True)
+                F.pad(
+                    s.noise.source(s._speech_frame(h.start) - k, s._speech_frame(h.start) - k + n),
+                    (0, SAMPLES_PER_FRAME * (longest - n)),
+                )
+                for s, h, k, n in zip(streams, hops, held, frames, strict=True)
             ]
-        )
+        )  # (G, 9, 480 L)
         phases = torch.stack([s.noise.phases for s in streams])
-        f0 = hift.f0_predictor(mel)  # (G, L) Hz
+        f0 = hift.f0_predictor(mel, frame_mask(lengths, longest))  # (G, L) Hz
         harmonic = torch.arange(1, HARMONICS + 1, device=device, dtype=f0.dtype)
         frame_cycles = f0[:, None, :] * harmonic[:, None] * (SAMPLES_PER_FRAME / S3GEN_SR)  # (G, 9, L)
         # Phase continuity: the first new frame starts where the previous hop's held-back frames ended.
@@ -367,12 +366,12 @@ class StreamingS3Gen:
         for g, (stream, k) in enumerate(zip(streams, held, strict=True)):
             if k:
                 excitation[g, 0, : k * SAMPLES_PER_FRAME] = stream._seam.excitation  # the source cache
-        wavs = hift.decode(mel, excitation)
+        wavs = hift.decode(mel, excitation, lengths)
         played = []
         for g, (stream, hop, k) in enumerate(zip(streams, hops, held, strict=True)):
             played_end = k + stream._speech_frame(hop.stop) - stream._speech_frame(hop.start)
             if hop.final:
-                played_end = length
+                played_end = frames[g]
             wav = wavs[g, : played_end * SAMPLES_PER_FRAME]  # the lookahead frames were right context
             if hop.start == 0:
                 wav[: self.s3gen.trim_fade.numel()] *= self.s3gen.trim_fade
