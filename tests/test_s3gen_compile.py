@@ -44,7 +44,8 @@ def test_compiled_s3gen_matches_eager_on_every_row(tiny_checkpoint: Path, induct
     requests = [make_request(40, 20, 1), make_request(30, 9, 2, odd=True)]
     report = compiled.compile(batch_sizes=(2,), warm=[2 * 63, 2 * 23])
     assert report.errors == ()
-    assert report.shapes == 2 and report.seconds > 0  # flow at batch 2, HiFT at batch 1
+    # `warm` names frame counts for both modules: flow 256 at batch 2; HiFT 64 and 128 at batch 1.
+    assert report.shapes == 3 and report.seconds > 0
     assert compiled.flow.decoder.compiled.bucket(2 * 63) == 256
     assert compiled.compiled_vocoder.bucket(2 * 23) == 64
     expected = eager.generate(requests)
