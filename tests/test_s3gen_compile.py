@@ -42,10 +42,10 @@ def test_compiled_s3gen_matches_eager_on_every_row(tiny_checkpoint: Path, induct
     compiled = S3Gen.from_file(tiny_checkpoint / "s3gen_meanflow.safetensors")
     # Flow rows of 2 * (P + N + 3) frames <= 256 and speech mels <= 64 frames: one bucket each.
     requests = [make_request(40, 20, 1), make_request(30, 9, 2, odd=True)]
-    report = compiled.compile(batch_sizes=(2,), warm=[2 * 63, 2 * 23])
+    # `warm` names frame counts for both modules: 46 frames fall in flow's 256 and HiFT's 64 buckets.
+    report = compiled.compile(batch_sizes=(2,), warm=[2 * 23])
     assert report.errors == ()
-    # `warm` names frame counts for both modules: flow 256 at batch 2; HiFT 64 and 128 at batch 1.
-    assert report.shapes == 3 and report.seconds > 0
+    assert report.shapes == 2 and report.seconds > 0  # flow at batch 2, HiFT at batch 1
     assert compiled.flow.decoder.compiled.bucket(2 * 63) == 256
     assert compiled.compiled_vocoder.bucket(2 * 23) == 64
     expected = eager.generate(requests)
