@@ -98,7 +98,12 @@ class TurboEngine:
         longest_row = 1 + t3_config.max_prompt_tokens + tts.max_text_tokens + 1 + MAX_NEW_TOKENS + 1
         self.max_positions = config.max_positions or min(longest_row, t3_config.gpt2.positions)
         self._batch = DecodeBatch(
-            tts.t3, config.max_slots, self.max_positions, config.prefix_cache_voices, config.cuda_graphs
+            tts.t3,
+            config.max_slots,
+            self.max_positions,
+            config.prefix_cache_voices,
+            config.cuda_graphs,
+            config.token_cap,
         )
         self.prefix_cache = self._batch.prefix_cache
         self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, schedule)
