@@ -46,7 +46,7 @@ def text_tokens(tts: TurboTTS, text: str) -> int:
 
 def test_the_default_cap_follows_from_25_tokens_a_second_at_the_slowest_pace():
     # 2 text tokens a second at the slowest: 12.5 speech tokens per text token, plus 2 s.
-    assert DEFAULT_TOKEN_CAP == TokenCap(per_text_token=12.5, extra=50)
+    assert DEFAULT_TOKEN_CAP.per_text_token == 12.5
     assert DEFAULT_TOKEN_CAP.extra == 2 * TOKEN_HZ
     assert EngineConfig().token_cap == DEFAULT_TOKEN_CAP
     assert DEFAULT_TOKEN_CAP.tokens(1) == 63
