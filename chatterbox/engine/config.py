@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from chatterbox.constants import TOKEN_HZ
+from chatterbox.s3gen.streaming import HopSchedule
 
 # The slowest plausible reading pace in GPT-2 text tokens per second: ~85 words a minute (about 8
 # characters a second) at ~1.4 tokens per English word, half the usual narration pace (~150).
@@ -40,6 +41,7 @@ class TokenCap:
 
 
 DEFAULT_TOKEN_CAP = TokenCap()
+DEFAULT_HOP_SCHEDULE = HopSchedule()
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class EngineConfig:
     # self-checked at construction). Off: no GPU has measured them yet.
     cuda_graphs: bool = False
     token_cap: TokenCap | None = DEFAULT_TOKEN_CAP  # None: max_new_tokens alone
+    # How streamed requests are cut into hops. The first hop goes down to 4 tokens (first audio
+    # after 7 decode steps) with overlap_frames <= 7, e.g. HopSchedule(first_hop=4, overlap_frames=4):
+    # a hop holds its overlap back, and 4 tokens are 8 mel frames (docs/streaming.md).
+    hop_schedule: HopSchedule = DEFAULT_HOP_SCHEDULE
 
     def __post_init__(self) -> None:
         minimums = {

@@ -30,7 +30,6 @@ from chatterbox.constants import MAX_NEW_TOKENS
 from chatterbox.engine.batch import DecodeBatch, Row, StageTimes
 from chatterbox.engine.config import EngineConfig
 from chatterbox.engine.vocoder import STREAM_END, VocoderStage, VocoderStats
-from chatterbox.s3gen.streaming import HopSchedule
 
 if TYPE_CHECKING:
     from chatterbox.tts import Job, TTSRequest, TurboTTS
@@ -89,9 +88,7 @@ _END = object()  # the last item of a streamed request's results
 class TurboEngine:
     """Continuous batching of TurboTTS requests: a DecodeBatch on one thread, S3Gen on another."""
 
-    def __init__(
-        self, tts: TurboTTS, config: EngineConfig | None = None, schedule: HopSchedule | None = None
-    ) -> None:
+    def __init__(self, tts: TurboTTS, config: EngineConfig | None = None) -> None:
         self.tts = tts
         self.config = config = config or EngineConfig()
         t3_config = tts.t3.config
@@ -106,7 +103,7 @@ class TurboEngine:
             config.token_cap,
         )
         self.prefix_cache = self._batch.prefix_cache
-        self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, schedule)
+        self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, config.hop_schedule)
 
         self._lock = threading.Condition()  # guards _incoming, _cancelled, _requests, _recent_times, _closing
         self._incoming: deque[_Request] = deque()  # submitted, not yet handed to the batch
