@@ -1,6 +1,6 @@
 """A model replica's memory is bounded by its caches: many distinct voices through a TurboModel
 replica of its own (tiny checkpoint, CPU, 4 voices cached) leave its resident memory flat once the
-voice and prefix caches are full; and the voice cache holds no autograd graph."""
+voice and prefix caches are full (marker `load`); and the voice cache holds no autograd graph."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ CACHED_VOICES = 4
 VOICES_PER_ROUND = 8
 WARM_ROUNDS = 3  # the caches fill in the first; allocator pools settle over the others
 MEASURED_ROUNDS = 4
-# A voice kept beyond the caches would hold its clip (~1 MB at 6 s) or at least its conditionals and
-# prefix K/V (~0.3 MB here): 32 of them would grow the replica by 10 MB or more.
-GROWTH_BOUND_BYTES = 6 * 2**20
+# Measured: with 64 voices cached (none evicted) the measured rounds grew the replica by 122 MiB
+# (~3.8 MiB a voice kept); with 4 cached its memory moved by -6 to +10 MiB between rounds.
+GROWTH_BOUND_BYTES = 24 * 2**20
 
 
 def reference(seed: int) -> ReferenceAudio:
@@ -87,6 +87,7 @@ async def one_round(model: DeploymentHandle, seeds: range) -> None:
     assert all(len(wav) > 0 for wav in audio)
 
 
+@pytest.mark.load  # ~3 minutes on the shared 2-core machine (56 voices prepared)
 def test_resident_memory_stops_growing_once_the_caches_are_full(model: DeploymentHandle):
     async def run() -> list[int]:
         seeds = iter(range(0, 10_000, VOICES_PER_ROUND))
