@@ -37,12 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from bench.common import timed
 from chatterbox.constants import SPEECH_VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -95,19 +95,6 @@ def log(message: str) -> None:
     print(f"gpu_suite: {message}", file=sys.stderr, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def errors(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Max absolute error and the error's RMS relative to the reference's RMS."""
     diff = (test.float() - reference.float()).flatten()
@@ -128,7 +115,7 @@ def decode_seconds(batch: DecodeBatch, requests: list[T3Request], steps: int, de
         batch.prefill()
     for _ in range(2):
         batch.step()
-    seconds = timed(lambda: [batch.step() for _ in range(steps)], device)
+    seconds = timed(lambda: [batch.step() for _ in range(steps)], str(device))
     for row in rows:
         batch.cancel(row)
     return seconds
@@ -343,7 +330,7 @@ class Suite:
         source = torch.empty(1 << 30, dtype=torch.uint8, device=self.device)
         target = torch.empty_like(source)
         target.copy_(source)
-        seconds = timed(lambda: [target.copy_(source) for _ in range(10)], self.device)
+        seconds = timed(lambda: [target.copy_(source) for _ in range(10)], str(self.device))
         bandwidth = 2 * source.numel() * 10 / seconds  # read + write
         setup = self.results["decode_setup"]
         kv_read = 64 * (setup["row_length_at_start"] + self.profile.decode_steps // 2)  # type: ignore[index]
@@ -370,7 +357,7 @@ class Suite:
         request = self.t3_requests(1, 1, greedy=False)
         generate_tokens(model, request, ignore_stop_token=True)  # warm-up
         samples = sorted(
-            timed(lambda: generate_tokens(model, request, ignore_stop_token=True), self.device)
+            timed(lambda: generate_tokens(model, request, ignore_stop_token=True), str(self.device))
             for _ in range(5)
         )
         self.results["time_to_first_token_s"] = {
