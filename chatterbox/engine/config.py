@@ -21,7 +21,8 @@ class TokenCap:
     that it costs seconds, not the 40 s of ``max_new_tokens``, which stays the hard ceiling. Turbo
     speaks 25 speech tokens a second; at the slowest plausible pace that is 12.5 per text token.
     ``extra`` (2 s) covers the leading and trailing silence, a tag's laugh or sigh, and texts of a
-    word or two. Rows that ignore STOP run to their limit: the cap stands in for a STOP they skip.
+    word or two. Rows that ignore STOP (benchmarks) run to their limit: the cap guards only a STOP
+    that is looked for.
     """
 
     per_text_token: float = TOKEN_HZ / SLOWEST_TEXT_TOKENS_PER_S
