@@ -70,11 +70,7 @@ class AutoscalingSettings(_Strict):
 class ChunkingConfig(_Strict):
     """How the ingress splits long text (sentences, then clauses, then words)."""
 
-    # Well under what users of the real model report unstable (hallucination past ~350 characters,
-    # drift after 25-30 s of audio): 250 characters are ~17 s at the usual 15 characters a second.
-    # Shorter chunks cost S3Gen time: each re-encodes the voice's 250-token prompt (+7 % flow work
-    # per character against 300, +17 % at 200).
-    max_chunk_chars: int = Field(250, gt=MAX_TAG_CHARS, le=4000)
+    max_chunk_chars: int = Field(300, gt=MAX_TAG_CHARS, le=4000)
 
 
 class StitchingConfig(_Strict):

@@ -23,7 +23,7 @@ def test_defaults_are_production_defaults():
     assert args.model == "ResembleAI/chatterbox-turbo"
     assert args.device == "auto"
     assert args.watermark is True
-    assert args.chunking.max_chunk_chars == 250
+    assert args.chunking.max_chunk_chars == 300
     assert args.batching == BatchingConfig(max_batch_size=8)
     assert args.engine == EngineConfig(max_slots=8, prefix_cache_voices=64)  # the engine's other defaults
 
