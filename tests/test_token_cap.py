@@ -51,8 +51,8 @@ def test_the_default_cap_follows_from_25_tokens_a_second_at_the_slowest_pace():
     assert EngineConfig().token_cap == DEFAULT_TOKEN_CAP
     assert DEFAULT_TOKEN_CAP.tokens(1) == 63
     assert DEFAULT_TOKEN_CAP.tokens(10) == 175
-    # A 250-character chunk is ~60 GPT-2 tokens: at most 800 tokens (32 s), under the 1000 ceiling.
-    assert DEFAULT_TOKEN_CAP.tokens(60) == 800
+    # A full 300-character chunk is ~70 GPT-2 tokens: at most 925 tokens, under the 1000 ceiling.
+    assert DEFAULT_TOKEN_CAP.tokens(70) == 925
 
 
 @pytest.mark.parametrize(
