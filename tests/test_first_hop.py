@@ -16,6 +16,7 @@ from chatterbox.s3gen import S3Gen
 from chatterbox.s3gen.streaming import HopSchedule, StreamingS3Gen
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
+from serve_app.config import AppArgs
 from tests.test_s3gen_streaming import full_decode, hops_as_tokens_arrive, make_request
 
 # A hop holds its overlap back for the next seam; 4 tokens are 8 frames, so 4 of them play.
@@ -31,6 +32,8 @@ def test_a_first_hop_of_4_needs_an_overlap_it_can_play_past():
     with pytest.raises(ValueError, match=r"overlap_frames \(8\) must not exceed the first hop's 7 frames"):
         EngineConfig(hop_schedule=HopSchedule(first_hop=4))
     assert EngineConfig(hop_schedule=FIRST_HOP_4).hop_schedule.first_hop == 4
+    served = AppArgs(engine={"hop_schedule": {"first_hop": 4, "overlap_frames": 4}})  # a config's args
+    assert served.engine.hop_schedule == FIRST_HOP_4
 
 
 @pytest.mark.parametrize("odd", [False, True])
