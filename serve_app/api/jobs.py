@@ -9,20 +9,20 @@ No `from __future__ import annotations` (see `serve_app.api.tts`).
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from serve_app.api.errors import ErrorResponse, error_response, renamed
-from serve_app.api.http_body import decode_base64, json_body, parse_json
-from serve_app.api.tts import TTSHttpRequest
+from serve_app.api.http_body import json_body, parse_json
+from serve_app.api.tts import TTSHttpFields, synthesis_request
 from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
 from serve_app.jobs.frontend import JobsFrontend
 from serve_app.jobs.records import JobView
-from serve_app.schemas import SynthesisRequest
+from serve_app.synthesis.captions import CAPTION_MEDIA_TYPES, CaptionFormat, captions
 from serve_app.synthesis.job_runner import CONTENT_TYPES
 
 logger = logging.getLogger("ray.serve")
@@ -36,7 +36,7 @@ _HTTP_FIELDS = {"reference_audio": "reference_audio_base64"}
 URL_SCHEMA = {"format": "uri", "maxLength": 4096}
 
 
-class JobHttpRequest(TTSHttpRequest):
+class JobHttpRequest(TTSHttpFields):
     """Body of `POST /v1/jobs`: the `/v1/tts` fields (text up to `jobs.max_text_chars`) and where to
     deliver the result (hosts in `jobs.allowed_hosts` only)."""
 
@@ -47,15 +47,6 @@ class JobHttpRequest(TTSHttpRequest):
 class JobAccepted(BaseModel):
     id: str
     status: Literal["queued"] = "queued"
-
-
-def synthesis_request(body: TTSHttpRequest, exclude: set[str]) -> SynthesisRequest:
-    """The handle-API request of an HTTP body (its clip decoded)."""
-    clip = body.reference_audio_base64
-    return SynthesisRequest(
-        **body.model_dump(exclude={"reference_audio_base64", *exclude}),
-        reference_audio=None if clip is None else decode_base64(clip, "reference_audio_base64"),
-    )
 
 
 async def answered(
@@ -93,7 +84,7 @@ class JobsRoutes:
     async def submit_job(self, request: Request) -> Response:
         async def submit(jobs: JobsFrontend) -> Response:
             body = await parse_json(request, JobHttpRequest, self._limits.max_request_bytes)
-            synthesis = synthesis_request(body, {"output_url", "webhook"})
+            synthesis = synthesis_request(body, frozenset({"output_url", "webhook"}))
             record = await jobs.submit(synthesis, body.output_url, body.webhook)
             return JSONResponse(JobAccepted(id=record.id).model_dump(), status_code=202)
 
@@ -129,3 +120,27 @@ class JobsRoutes:
             return FileResponse(path, media_type=CONTENT_TYPES[record.format], filename=filename)
 
         return await answered(audio, self._jobs, self._limits, "GET /v1/jobs/{job_id}/audio")
+
+    @router.get(
+        "/v1/jobs/{job_id}/captions",
+        responses={**JOB_ERRORS, 200: {"content": {t: {} for t in CAPTION_MEDIA_TYPES.values()}}},
+    )
+    async def job_captions(
+        self,
+        job_id: str,
+        format: str = Query("srt", json_schema_extra={"enum": list(get_args(CaptionFormat))}),
+    ) -> Response:
+        """The completed job's captions: SRT, WebVTT, or JSON segments (`serve_app.synthesis.captions`)."""
+
+        async def read(jobs: JobsFrontend) -> Response:
+            if format not in get_args(CaptionFormat):
+                raise SynthesisError(
+                    "invalid_parameter", f"format: one of {get_args(CaptionFormat)}", "format"
+                )
+            record, chunks = await jobs.result_chunks(job_id)
+            text = captions(chunks, record.sample_rate, format)
+            if format == "json":
+                return JSONResponse(text)
+            return Response(text, media_type=CAPTION_MEDIA_TYPES[format])
+
+        return await answered(read, self._jobs, self._limits, "GET /v1/jobs/{job_id}/captions")

@@ -19,9 +19,10 @@ from ray import serve
 from ray.serve.schema import ReplicaState
 
 from serve_app.api.http_body import json_body, parse_json
-from serve_app.api.jobs import JOB_ERRORS, URL_SCHEMA, answered, synthesis_request
-from serve_app.api.tts import TTSHttpRequest
+from serve_app.api.jobs import JOB_ERRORS, URL_SCHEMA, answered
+from serve_app.api.tts import TTSHttpFields, synthesis_request
 from serve_app.config import LimitsConfig
+from serve_app.errors import SynthesisError
 from serve_app.jobs.config import CONSUMER_DEPLOYMENT
 from serve_app.jobs.frontend import JobsFrontend
 from serve_app.jobs.records import FINISHED
@@ -31,12 +32,19 @@ router = APIRouter()
 _POLL_S = 0.25  # how often runsync looks at its job
 
 
+def _wait_s(wait: str) -> float:
+    """RunPod's `?wait=` of `/runsync`: milliseconds, 1000 to 300000."""
+    if not wait.isdigit() or not 1000 <= int(wait) <= 300_000:
+        raise SynthesisError("invalid_parameter", "wait: milliseconds from 1000 to 300000", "wait")
+    return int(wait) / 1000
+
+
 class RunPodRequest(BaseModel):
     """Body of `/run` and `/runsync`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input: TTSHttpRequest
+    input: TTSHttpFields
     webhook: str | None = Field(None, json_schema_extra=URL_SCHEMA)  # POST of the final status
 
 
@@ -60,7 +68,7 @@ class RunPodRoutes:
 
     async def _submit(self, jobs: JobsFrontend, request: Request) -> RunPodJob:
         body = await parse_json(request, RunPodRequest, self._limits.max_request_bytes)
-        record = await jobs.submit(synthesis_request(body.input, set()), None, body.webhook, "runpod")
+        record = await jobs.submit(synthesis_request(body.input), None, body.webhook, "runpod")
         return runpod_status(record, jobs.store)
 
     @router.post(
@@ -82,14 +90,20 @@ class RunPodRoutes:
         openapi_extra=json_body(RunPodRequest),
     )
     async def runpod_runsync(
-        self, endpoint_id: str, request: Request, wait: int | None = Query(None, ge=1000, le=300_000)
+        self,
+        endpoint_id: str,
+        request: Request,
+        wait: str | None = Query(
+            None, json_schema_extra={"type": "integer", "minimum": 1000, "maximum": 300_000}
+        ),
     ) -> Response:
         """Submit and wait up to `wait` ms (`jobs.config.runsync_wait_s` by default) for the result; a job
         still running by then answers its id and status, to poll with `/status`."""
 
         async def runsync(jobs: JobsFrontend) -> Response:
+            wait_s = jobs.config.runsync_wait_s if wait is None else _wait_s(wait)
             job = await self._submit(jobs, request)
-            deadline = time.monotonic() + (jobs.config.runsync_wait_s if wait is None else wait / 1000)
+            deadline = time.monotonic() + wait_s
             record = await jobs.get(job.id)
             while record.status not in FINISHED and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL_S)

@@ -16,7 +16,7 @@ from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.delivery import check_target
 from serve_app.jobs.records import JobRecord, new_job_id
 from serve_app.jobs.store import JobStore
-from serve_app.schemas import SynthesisRequest
+from serve_app.schemas import ChunkInfo, SynthesisRequest
 from serve_app.synthesis.prepare import Preparer
 
 # The fields a job keeps of its request (`request.json`); the clip is a file of its own.
@@ -48,6 +48,7 @@ class JobsFrontend:
         check_target(output_url, self.config.allowed_hosts, "output_url")
         check_target(webhook, self.config.allowed_hosts, "webhook")
         chunk_jobs, _ = await self._preparer.prepare(request)
+        await asyncio.to_thread(self.store.sweep)  # expired jobs leave the queue count and the disk
         if (await asyncio.to_thread(self.store.counts))["queued"] >= self.config.max_queued:
             raise SynthesisError(
                 "queue_full", f"{self.config.max_queued} jobs are already queued; retry later"
@@ -97,9 +98,19 @@ class JobsFrontend:
             raise SynthesisError("job_finished", f"job {job_id} is already {record.status}", "job_id")
         return record
 
-    async def audio(self, job_id: str) -> tuple[JobRecord, str]:
-        """A completed job's record and the path of its audio file (409 until it is completed)."""
+    async def completed(self, job_id: str) -> JobRecord:
+        """A completed job's record (409 until it is completed)."""
         record = await self.get(job_id)
         if record.status != "completed":
             raise SynthesisError("job_not_completed", f"job {job_id} is {record.status}", "job_id")
+        return record
+
+    async def audio(self, job_id: str) -> tuple[JobRecord, str]:
+        """A completed job's record and the path of its audio file."""
+        record = await self.completed(job_id)
         return record, str(self.store.audio_path(job_id))
+
+    async def result_chunks(self, job_id: str) -> tuple[JobRecord, list[ChunkInfo]]:
+        """A completed job's record and where each chunk sits in its audio."""
+        record = await self.completed(job_id)
+        return record, await asyncio.to_thread(self.store.result_chunks, job_id)
