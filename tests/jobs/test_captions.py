@@ -4,6 +4,7 @@ wrapped lines, and SRT/WebVTT that their parsers read back."""
 from __future__ import annotations
 
 import html
+import itertools
 import io
 
 import pytest
@@ -42,7 +43,7 @@ def test_cues_keep_chunk_boundaries_exact_and_share_time_by_characters():
     total_chars = sum(len(c.text.replace("\n", " ")) for c in first)
     for cue in first:
         assert cue.end - cue.start == pytest.approx(5.0 * len(cue.text.replace("\n", " ")) / total_chars)
-    for a, b in zip(cues, cues[1:], strict=False):
+    for a, b in itertools.pairwise(cues):
         assert a.end <= b.start + 1e-9
 
 
