@@ -4,8 +4,8 @@ wrapped lines, and SRT/WebVTT that their parsers read back."""
 from __future__ import annotations
 
 import html
-import itertools
 import io
+import itertools
 
 import pytest
 import srt
