@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import time
 
 import httpx
 import soundfile as sf
 
-from serve_app.jobs.records import JobRecord
+from serve_app.jobs.broker import RUN_JOB_TASK, producer
+from serve_app.jobs.records import JobRecord, new_job_id
+from serve_app.jobs.store import JobStore
 from tests.jobs.conftest import wait_job
 from tests.serve.test_serve_app import paragraph
 
@@ -135,3 +138,35 @@ def test_bad_job_bodies_are_refused_naming_the_field(jobs_app):
         json.loads(httpx.get(f"{jobs_app.url}/v1/jobs/{job.json()['id']}", timeout=30).text)["status"]
         == "cancelled"
     )
+
+
+def test_a_full_queue_is_503_with_retry_after(jobs_app):
+    store = JobStore(jobs_app.jobs_dir, jobs_app.args.jobs.retention_s)
+    queued = [
+        JobRecord(id=new_job_id(), format="wav", chunks_total=1, created_at=time.time())
+        for _ in range(jobs_app.args.jobs.max_queued)
+    ]
+    for record in queued:  # as many jobs waiting as the queue takes (never handed to the broker)
+        store.create(record, {"text": "waiting"}, None)
+    try:
+        response = submit(jobs_app, {"text": "One too many."})
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == str(jobs_app.args.limits.retry_after_s)
+        assert response.json()["error"]["code"] == "queue_full"
+    finally:
+        for record in queued:
+            shutil.rmtree(jobs_app.jobs_dir / "jobs" / record.id)
+
+
+def test_a_job_that_cannot_run_fails_with_the_error_code(jobs_app):
+    # A job whose saved voice was deleted after it was accepted: written and queued as the front end
+    # does, with a voice that no longer exists.
+    store = JobStore(jobs_app.jobs_dir, jobs_app.args.jobs.retention_s)
+    record = JobRecord(id=new_job_id(), format="wav", chunks_total=1, created_at=time.time())
+    store.create(record, {"text": "Read by a voice that is gone.", "voice": "deleted-voice"}, None)
+    producer(jobs_app.args.jobs).enqueue_task_sync(RUN_JOB_TASK, args=[record.id], task_id=record.id)
+    status = wait_job(jobs_app, record.id, timeout=60)
+    assert status["status"] == "failed"
+    assert status["error"]["code"] == "voice_not_found"
+    assert status["error"]["field"] == "voice"
+    assert httpx.get(f"{jobs_app.url}/v1/jobs/{record.id}/audio", timeout=30).status_code == 409
