@@ -4,6 +4,7 @@ and a real local Ray with the tiny CPU profile. The Ray and the app live for thi
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -84,7 +85,6 @@ def jobs_args(tmp: Path, redis_url: str, **jobs: object) -> AppArgs:
         max_batch_size=8,
         max_new_tokens=CHUNK_MAX_NEW_TOKENS,
         watermark=True,
-        max_chunks_in_flight=2,
         limits={"max_text_chars": 5000, "max_active_requests": 8},
         ingress={"num_cpus": 0, "max_ongoing_requests": 16},
         stitcher={"num_cpus": 0},
@@ -194,3 +194,30 @@ def wait_job(app: JobsApp, job_id: str, timeout: float = 180.0, until: frozenset
         if body["status"] in until or time.monotonic() > deadline:
             return body
         time.sleep(0.2)
+
+
+def replica_actors(deployment: str) -> set[str]:
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
+    return {
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
+    }
+
+
+def kill(actor: str) -> None:
+    ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+
+
+def tts_audio(app: JobsApp, text: str, seed: int) -> bytes:
+    """The same text and seed as one `/v1/tts` request, uninterrupted."""
+    body = httpx.post(f"{app.url}/v1/tts", json={"text": text, "seed": seed, "format": "wav"}, timeout=300)
+    return base64.b64decode(body.json()["audio_base64"])
+
+
+def wait_progress(app: JobsApp, job_id: str, chunks: int, timeout: float = 120.0) -> dict:
+    """Poll until the job has at least `chunks` chunks done; its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = httpx.get(f"{app.url}/v1/jobs/{job_id}", timeout=30).json()
+        if status["progress"]["chunks_done"] >= chunks or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
