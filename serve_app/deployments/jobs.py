@@ -21,14 +21,28 @@ from serve_app.synthesis.job_runner import JobRunner
 from serve_app.synthesis.prepare import Preparer
 from serve_app.voices.store import VoiceStore
 
+QUEUE_LENGTH_POLICY = "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy"
+
 
 class Jobs:
     @classmethod
     def get_deployment_options(cls, args: AppArgs) -> dict[str, Any]:
-        consumer = args.jobs.consumer
+        jobs = args.jobs
+        consumer = jobs.consumer
+        options: dict[str, Any] = {"num_replicas": consumer.num_replicas}
+        if consumer.autoscaled:
+            policy = {"broker_url": jobs.broker_url, "queue_name": jobs.queue_name}
+            options = {
+                "autoscaling_config": {
+                    "min_replicas": consumer.num_replicas,
+                    "max_replicas": consumer.max_replicas,
+                    "target_ongoing_requests": consumer.max_ongoing_requests,
+                    "policy": {"policy_function": QUEUE_LENGTH_POLICY, "policy_kwargs": policy},
+                }
+            }
         return {
             "name": CONSUMER_DEPLOYMENT,
-            "num_replicas": consumer.num_replicas,
+            **options,
             # Also the Celery worker's threads: the jobs one replica runs at once.
             "max_ongoing_requests": consumer.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": consumer.num_cpus},

@@ -14,10 +14,17 @@ class ConsumerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1)  # the minimum, when autoscaled
+    # Above num_replicas: Serve scales consumers on the queue's length and their running jobs
+    # (AsyncInferenceAutoscalingPolicy, which polls Redis; not the filesystem broker).
+    max_replicas: int | None = Field(None, ge=1)
     num_cpus: float = Field(0.25, ge=0)
-    # Jobs one consumer replica runs at once (its Celery worker's threads).
+    # Jobs one consumer replica runs at once (its Celery worker's threads); also the autoscaling target.
     max_ongoing_requests: int = Field(4, ge=1)
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas is not None and self.max_replicas > self.num_replicas
 
 
 class JobsConfig(BaseModel):
@@ -26,7 +33,9 @@ class JobsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    # Off by default: the consumer deployment is one more replica and broker connection at every
+    # application start (measured in docs/benchmarks.md). On, with no broker_url, it needs nothing else.
+    enabled: bool = False
     # Records, chunk checkpoints and results; in a cluster a volume every ingress and consumer mounts.
     dir: str = f"{DEFAULT_TINY_CACHE_DIR}/jobs"
     broker_url: str | None = None  # e.g. redis://redis:6379/0; None: the filesystem broker under `dir`
@@ -55,9 +64,13 @@ class JobsConfig(BaseModel):
     consumer: ConsumerConfig = ConsumerConfig()
 
     @model_validator(mode="after")
-    def _check_lease(self) -> JobsConfig:
+    def _check(self) -> JobsConfig:
         if self.lease_s >= self.visibility_timeout_s:
             raise ValueError(
                 "lease_s must be below visibility_timeout_s: a dead run's lease must lapse first"
+            )
+        if self.consumer.autoscaled and self.broker_url is None:
+            raise ValueError(
+                "consumer.max_replicas: autoscaling polls the broker's queue; set broker_url (Redis)"
             )
         return self

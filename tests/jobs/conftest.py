@@ -91,6 +91,7 @@ def jobs_args(tmp: Path, redis_url: str, **jobs: object) -> AppArgs:
         voices={"store_dir": str(tmp / "voices")},
         shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
         jobs={
+            "enabled": True,
             "dir": str(tmp / "jobs"),
             "broker_url": redis_url,
             "max_text_chars": 30_000,
