@@ -41,8 +41,9 @@ api.add_middleware(ApiKeyMiddleware, keys=lambda: serve.get_replica_context().se
 def _openapi() -> dict[str, Any]:
     """`/openapi.json`: FastAPI's document with the replica's limits (`serve_app.api.contract`)."""
     if api.openapi_schema is None:
-        limits = serve.get_replica_context().servable_object._limits
-        api.openapi_schema = contract.with_limits(FastAPI.openapi(api), limits)
+        replica = serve.get_replica_context().servable_object
+        jobs = None if replica._jobs is None else replica._jobs.config
+        api.openapi_schema = contract.with_limits(FastAPI.openapi(api), replica._limits, jobs)
     return api.openapi_schema
 
 

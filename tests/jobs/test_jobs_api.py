@@ -189,3 +189,15 @@ def test_a_job_resumed_after_its_consumer_died_is_byte_identical(jobs_app):
     assert record.runs == 2  # redelivered once, resumed
     audio = httpx.get(f"{jobs_app.url}/v1/jobs/{job_id}/audio", timeout=30).content
     assert audio == tts_audio(jobs_app, text, 21)
+
+
+def test_the_published_document_states_the_jobs_text_limit(jobs_app):
+    document = httpx.get(f"{jobs_app.url}/openapi.json", timeout=30).json()
+    limit = jobs_app.args.jobs.max_text_chars
+    body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["text"]["maxLength"] == limit
+    runpod = document["paths"]["/v2/{endpoint_id}/run"]["post"]["requestBody"]["content"]["application/json"]
+    fields = runpod["schema"]["$defs"][runpod["schema"]["properties"]["input"]["$ref"].rsplit("/", 1)[-1]]
+    assert fields["properties"]["text"]["maxLength"] == limit
+    tts = document["paths"]["/v1/tts"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert tts["properties"]["text"]["maxLength"] == jobs_app.args.limits.max_text_chars
