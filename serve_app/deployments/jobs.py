@@ -59,6 +59,13 @@ class Jobs:
         in_flight = jobs.max_chunks_in_flight or config.max_chunks_in_flight
         self._runner = JobRunner(model, stitcher, preparer, store, jobs, in_flight)
 
+    def check_health(self) -> None:
+        """Fails once the adapter's Celery worker thread has stopped (the replica would take no more
+        jobs), so Serve replaces the replica. `_adapter` is set by `@task_consumer` at start."""
+        worker = getattr(getattr(self, "_adapter", None), "_worker_thread", None)
+        if worker is not None and not worker.is_alive():
+            raise RuntimeError("the Celery worker thread of this consumer stopped")
+
     @task_handler(name=RUN_JOB_TASK)
     def run_job(self, job_id: str) -> str:
         return asyncio.run_coroutine_threadsafe(self._runner.run(job_id), self._loop).result()

@@ -91,9 +91,7 @@ class JobRunner:
             result: SynthesisResult = await self._stitcher.stitch.remote(plan, *audio)
         except SynthesisError as error:
             return await self._fail(job_id, owner, error)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
-        except Exception as error:
+        except Exception as error:  # a chunk or the stitch failed past its retries
             return await self._fail(job_id, owner, model_error(error))
         chunks = json.dumps([chunk.model_dump() for chunk in result.chunks]).encode()
         return await asyncio.to_thread(
