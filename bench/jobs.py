@@ -14,8 +14,10 @@ Starts a local Ray and the app on 127.0.0.1 (tiny checkpoint, CPU unless told), 
   characters (at sentences, as the service cuts), each sent to `POST /v1/tts` one at a time, the
   WAVs decoded and joined client-side. Time to first progress: its first piece's answer.
 
-Both synthesise the same text with the same seed (pieces get seed + i) on the same replicas, one
-after the other. Prints a markdown table.
+Equal work: the service cuts the job at `CLIENT_PIECE_CHARS` too, so both make the same chunks with
+the same seeds (piece i gets seed + i, as chunk i does) on the same replicas, one after the other;
+the job differs only in how the chunks reach the model (`jobs.max_chunks_in_flight` at once, no
+HTTP round trip each) and in joining them server-side. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def app_args(args: argparse.Namespace, jobs_dir: str, enabled: bool) -> AppArgs:
         ingress={"num_cpus": 0},
         stitcher={"num_cpus": 0},
         limits={"max_text_chars": args.chars * 2},
+        # The job is cut as the client cuts: the same chunks, so both do the same model work.
+        chunking={"max_chunk_chars": CLIENT_PIECE_CHARS},
         jobs=jobs,
         shutdown={"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1},
     )
