@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatterbox.fixtures import SIZES
 
+from chatterbox.fixtures import SIZES
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HiFT, HiFTConfig, draw_source_noise
 from chatterbox.s3gen.s3gen import vocode_batched, vocode_padded
