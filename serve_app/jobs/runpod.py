@@ -33,7 +33,7 @@ class RunPodJob(BaseModel):
     error: str | None = None
 
 
-def runpod_status(record: JobRecord, store: JobStore, with_output: bool = True) -> RunPodJob:
+def runpod_status(record: JobRecord, store: JobStore) -> RunPodJob:
     """The job as RunPod's `/status/{id}` states it (the audio read from the store when completed)."""
     delay = execution = None
     if record.started_at is not None:
@@ -41,7 +41,7 @@ def runpod_status(record: JobRecord, store: JobStore, with_output: bool = True) 
         if record.finished_at is not None:
             execution = round((record.finished_at - record.started_at) * 1000)
     output = None
-    if record.status == "completed" and with_output:
+    if record.status == "completed":
         output = {
             "audio_base64": base64.b64encode(store.audio_path(record.id).read_bytes()).decode("ascii"),
             "sample_rate": record.sample_rate,
