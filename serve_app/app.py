@@ -51,7 +51,7 @@ def build_app(args: AppArgs) -> Application:
         )
     ingress_options = Ingress.get_deployment_options(args)
     return serve.deployment(Ingress, **ingress_options).bind(
-        model, stitcher, args.ingress_args(on_gpu=num_gpus > 0), jobs
+        model, stitcher, jobs, args.ingress_args(on_gpu=num_gpus > 0)
     )
 
 

@@ -69,8 +69,8 @@ class Ingress(
         self,
         model: DeploymentHandle,
         stitcher: DeploymentHandle,
+        jobs: DeploymentHandle | None,  # bound so Serve runs the consumer; None: jobs are off
         config: IngressArgs,
-        jobs: DeploymentHandle | None = None,
     ) -> None:
         self._limits = config.limits
         self._app_name = serve.get_replica_context().app_name
@@ -81,7 +81,7 @@ class Ingress(
         self._synthesis = Synthesis(model, stitcher, config, self._voice_store)
         self.api_keys: ApiKeys = load_api_keys(config.auth)
         self._jobs: JobsFrontend | None = None
-        if jobs is not None:  # the consumer deployment (None: jobs.enabled is off)
+        if jobs is not None:
             make_dirs(config.jobs)
             preparer = Preparer(model, config.for_jobs(), self._voice_store)
             store = JobStore(jobs_root(config.jobs), config.jobs.retention_s)
