@@ -1,8 +1,10 @@
-"""Time to first audio: token-level streaming (TurboEngine.stream_audio) vs chunk-level streaming.
+"""Time to first audio: token-level streaming (TurboEngine.stream_audio) vs chunk-level streaming,
+and per first-hop size.
 
     python -m chatterbox.testing make-checkpoint /tmp/nano --size nano --seed 0
     python -m bench.streaming_ttfa --checkpoint /tmp/nano                 # CPU, levels 1 and 8
     python -m bench.streaming_ttfa --checkpoint DIR --device cuda         # levels 1, 8 and 32
+    python -m bench.streaming_ttfa --checkpoint /tmp/nano --first-hops 4,8,16 --levels 1
 
 The request is the first chunk the Serve ingress cuts from a long text (``--max-chunk-chars``, the
 service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
@@ -12,17 +14,25 @@ request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-b
 fixture checkpoint's random T3 rarely draws STOP, so each request samples as many tokens as a
 real voice speaks its text in (``--chars-per-second``; 25 tokens per second of audio).
 
-Then per concurrency level, that many token streams at once (different seeds): time to first
-audio p50/p95, the stream's real-time factor (wall time from the request to its last piece over
-its audio's length) and underruns: a listener starts playing at the first piece, and an underrun
-is a piece arriving more than 100 ms after everything before it finished playing (vLLM-Omni's
-harness counts gaps over 100 ms).
+``--first-hops`` runs one engine per first-hop size (``first_hop_schedule``: the default schedule
+with that first hop, its overlap at most the first hop's tokens, so a 4-token hop of 8 mel frames
+plays 4 of them) and times their token streams in the same rounds, side by side; then per size the
+seam error of the first request's tokens streamed against their full decode with the same draws
+(``bench.streaming_quality.measure``: log-mel L1 overall and at the seams, seam jump over the full
+decode's there).
+
+Then per first hop and concurrency level, that many token streams at once (different seeds): time
+to first audio p50/p95, the stream's real-time factor (wall time from the request to its last
+piece over its audio's length) and underruns: a listener starts playing at the first piece, and an
+underrun is a piece arriving more than 100 ms after everything before it finished playing
+(vLLM-Omni's harness counts gaps over 100 ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import statistics
 import time
@@ -32,9 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.streaming_quality import StreamQuality, measure
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import EngineConfig, TurboEngine
+from chatterbox.engine.config import DEFAULT_HOP_SCHEDULE
 from chatterbox.hub import local_checkpoint
+from chatterbox.s3gen.streaming import HopSchedule, PositionalNoise, StreamingS3Gen
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.config import ChunkingConfig
@@ -89,6 +102,25 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def first_hop_schedule(first_hop: int) -> HopSchedule:
+    """The engine's default schedule with this first hop; a hop holds its overlap back, so the
+    overlap is at most half the first hop's mel frames (2 per token)."""
+    overlap = min(DEFAULT_HOP_SCHEDULE.overlap_frames, first_hop)
+    return dataclasses.replace(DEFAULT_HOP_SCHEDULE, first_hop=first_hop, overlap_frames=overlap)
+
+
+def seam_error(tts: TurboTTS, request: TTSRequest, schedule: HopSchedule) -> StreamQuality:
+    """The request's tokens streamed with ``schedule`` against their full decode (same draws)."""
+    job = tts.jobs([request])[0]
+    s3_request = job.s3gen_request(tts.speech_tokens([request])[0])
+    pieces = StreamingS3Gen(tts.s3gen, schedule).stream_tokens([s3_request])[0]
+    full, reseeded = (
+        tts.s3gen.generate([s3_request], [PositionalNoise(seed, tts.s3gen.device).utterance(s3_request)])[0]
+        for seed in (s3_request.seed, s3_request.seed + 1000)
+    )
+    return measure(pieces, full.float().cpu(), reseeded.float().cpu(), schedule.overlap_frames)
+
+
 async def run(args: argparse.Namespace) -> None:
     tts = TurboTTS.from_checkpoint(local_checkpoint(args.checkpoint), device=args.device)
     chunk = split_text(TEXT, args.max_chunk_chars, tts.max_text_tokens)[0].text
@@ -96,45 +128,75 @@ async def run(args: argparse.Namespace) -> None:
     levels = [int(level) for level in args.levels.split(",")] if args.levels else [1, 8]
     if args.device == "cuda" and not args.levels:
         levels.append(32)
-    engine = TurboEngine(tts, EngineConfig(max_slots=max(levels), s3gen_max_batch=max(levels)))
-    engine.start()
+    first_hops = [int(n) for n in args.first_hops.split(",")]
+    engines = {
+        n: TurboEngine(
+            tts,
+            EngineConfig(
+                max_slots=max(levels), s3gen_max_batch=max(levels), hop_schedule=first_hop_schedule(n)
+            ),
+        )
+        for n in first_hops
+    }
+    for engine in engines.values():
+        engine.start()
 
     def request(seed: int) -> TTSRequest:
         return TTSRequest(chunk, sampling=SamplingParams(seed=seed, max_new_tokens=tokens))
 
     try:
-        await token_stream(engine, request(0))  # warm-up (allocator, kernels)
+        for engine in engines.values():
+            await token_stream(engine, request(0))  # warm-up (allocator, kernels)
         print(
             f"{args.checkpoint.name} on {args.device}, {torch.get_num_threads()} torch threads; first chunk "
             f"of the text ({len(chunk)} chars, max_chunk_chars {args.max_chunk_chars}): {tokens} tokens "
             f"= {tokens / TOKEN_HZ:.1f} s of audio\n"
         )
-        print(
-            "| run | chunk-level first audio (s) | token-level first audio (s) | ratio |\n|---|---|---|---|"
-        )
-        ratios = []
+        hops = " | ".join(f"token-level, first hop {n} (s)" for n in first_hops)
+        print(f"| run | chunk-level first audio (s) | {hops} | ratio (first hop {first_hops[-1]}) |")
+        print("|---" * (3 + len(first_hops)) + "|")
+        ratios, firsts = [], {n: [] for n in first_hops}
         for k in range(args.repeats):
-            chunk_s = await chunk_level_first_audio(engine, request(1 + k))
-            token_s = (await token_stream(engine, request(1 + k))).first_audio_s
-            ratios.append(chunk_s / token_s)
-            print(f"| {k + 1} | {chunk_s:.2f} | {token_s:.2f} | {ratios[-1]:.1f}x |")
+            chunk_s = await chunk_level_first_audio(engines[first_hops[-1]], request(1 + k))
+            for n, engine in engines.items():
+                firsts[n].append((await token_stream(engine, request(1 + k))).first_audio_s)
+            ratios.append(chunk_s / firsts[first_hops[-1]][-1])
+            cells = " | ".join(f"{firsts[n][-1]:.2f}" for n in first_hops)
+            print(f"| {k + 1} | {chunk_s:.2f} | {cells} | {ratios[-1]:.1f}x |")
         print(f"\nmedian ratio {statistics.median(ratios):.1f}x\n")
         print(
-            "| concurrency | streams | first audio p50 (s) | first audio p95 (s) | stream RTF p50 "
-            "| underruns (gaps > 100 ms) | streams with an underrun |\n|---|---|---|---|---|---|---|"
+            "| first hop (tokens) | overlap (frames) | first audio median (s) | first piece (s of audio) "
+            "| seams | log-mel L1 | seam log-mel L1 | seam jump / full decode's |\n"
+            "|---|---|---|---|---|---|---|---|"
         )
-        for level in levels:
-            runs = await asyncio.gather(
-                *(token_stream(engine, request(100 * level + i)) for i in range(level))
-            )
-            first = [r.first_audio_s for r in runs]
+        for n in first_hops:
+            schedule = first_hop_schedule(n)
+            quality = seam_error(tts, request(1), schedule)
+            piece_s = (2 * n - schedule.overlap_frames) * 0.02  # mel frames of 20 ms
             print(
-                f"| {level} | {len(runs)} | {percentile(first, 50):.2f} | {percentile(first, 95):.2f} "
-                f"| {statistics.median(r.rtf for r in runs):.2f} | {sum(r.underruns for r in runs)} "
-                f"| {sum(r.underruns > 0 for r in runs)} |"
+                f"| {n} | {schedule.overlap_frames} | {statistics.median(firsts[n]):.2f} | {piece_s:.2f} "
+                f"| {quality.seams} | {quality.mel_l1:.3f} | {quality.seam_mel_l1:.3f} "
+                f"| {quality.seam_jump / quality.full_jump_at_seams:.2f} |"
             )
+        print(
+            "\n| first hop | concurrency | streams | first audio p50 (s) | first audio p95 (s) "
+            "| stream RTF p50 | underruns (gaps > 100 ms) | streams with an underrun |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
+        for n, engine in engines.items():
+            for level in levels:
+                runs = await asyncio.gather(
+                    *(token_stream(engine, request(100 * level + i)) for i in range(level))
+                )
+                first = [r.first_audio_s for r in runs]
+                print(
+                    f"| {n} | {level} | {len(runs)} | {percentile(first, 50):.2f} "
+                    f"| {percentile(first, 95):.2f} | {statistics.median(r.rtf for r in runs):.2f} "
+                    f"| {sum(r.underruns for r in runs)} | {sum(r.underruns > 0 for r in runs)} |"
+                )
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chars-per-second", type=float, default=15.0, help="speaking rate of the text")
     parser.add_argument("--max-new-tokens", type=int, help="tokens per request (default: from the rate)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--first-hops",
+        default=str(DEFAULT_HOP_SCHEDULE.first_hop),
+        help="comma-separated first-hop sizes in tokens, timed side by side (e.g. 4,8,16)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     asyncio.run(run(args))

@@ -154,6 +154,10 @@ class TurboTTS:
             s3gen_state, read_safetensors(ckpt_dir / "ve.safetensors")
         )
         conditioner = conditioner.to(device).eval()
+        # Inference only: with no parameter requiring grad, no op can build an autograd graph, so
+        # nothing a server caches (voices, prefix K/V) can hold one, in inference mode or not.
+        for module in (t3, s3gen, conditioner):
+            module.requires_grad_(False)
         del s3gen_state
         tokenizer = TextTokenizer.from_dir(ckpt_dir)
         if tokenizer.vocab_size > t3.config.text_vocab:
@@ -179,6 +183,7 @@ class TurboTTS:
             reference = reference_from_array(audio, sample_rate)
         return self.prepare_voices([reference])[0]
 
+    @torch.inference_mode()
     def prepare_voices(self, references: Sequence[ReferenceAudio]) -> list[Voice]:
         """Conditionals of several clips, batched where that is exact."""
         conditionals = self.conditioner.condition([ref.wav_24k for ref in references])

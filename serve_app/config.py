@@ -71,6 +71,9 @@ class AutoscalingSettings(_Strict):
 class ChunkingConfig(_Strict):
     """How the ingress splits long text (sentences, then clauses, then words)."""
 
+    # 300 characters are ~20 s of speech at the usual 15 characters a second: under the 25-30 s and
+    # ~350 characters past which users of the real model report drift and hallucination, and the
+    # engine's token cap bounds a chunk that misses its STOP.
     max_chunk_chars: int = Field(300, gt=MAX_TAG_CHARS, le=4000)
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox.fixtures import SIZES
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.hift import HiFT, HiFTConfig, draw_source_noise
 from chatterbox.s3gen.s3gen import vocode_batched, vocode_padded
 from chatterbox.s3gen.streaming import HopSchedule, StreamingS3Gen
+from chatterbox.testing import SIZES
+from tests.s3gen_requests import random_request
 
 EXACT = 1e-5  # of each row's solo peak
 
@@ -63,14 +64,7 @@ def test_equal_lengths_take_the_unmasked_path(hift):
 
 
 def make_request(n_prompt: int, n_speech: int, seed: int, odd: bool = False) -> S3GenRequest:
-    g = torch.Generator().manual_seed(seed)
-    return S3GenRequest(
-        speech_tokens=torch.randint(0, 6561, (n_speech,), generator=g),
-        prompt_tokens=torch.randint(0, 6561, (n_prompt,), generator=g),
-        prompt_feat=torch.randn(2 * n_prompt + odd, 80, generator=g) * 2 - 6,
-        embedding=torch.randn(192, generator=g),
-        seed=seed,
-    )
+    return random_request(seed, n_prompt, n_speech, seed, odd)
 
 
 def test_s3gen_batched_vocoder_on_cpu_gives_each_request_its_solo_audio(tiny_checkpoint: Path):

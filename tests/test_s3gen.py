@@ -14,6 +14,7 @@ from chatterbox.s3gen.s3gen import PADDED_VOCODER_BODY_ERROR, PADDED_VOCODER_TAI
 from chatterbox.testing import SIZES
 from chatterbox.weights import CheckpointError, read_safetensors
 from tests.model_probes import s3gen_encoder_outputs
+from tests.s3gen_requests import random_request
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,7 @@ def model(state_dict) -> S3Gen:
 def make_request(
     n_prompt: int, n_speech: int, seed: int | None = 0, odd: bool = False, voice: int = 0
 ) -> S3GenRequest:
-    g = torch.Generator().manual_seed(1000 * voice + 7 * n_prompt + n_speech)
-    return S3GenRequest(
-        speech_tokens=torch.randint(0, 6561, (n_speech,), generator=g),
-        prompt_tokens=torch.randint(0, 6561, (n_prompt,), generator=g),
-        prompt_feat=torch.randn(2 * n_prompt + odd, 80, generator=g) * 2 - 6,
-        embedding=torch.randn(192, generator=g),
-        seed=seed,
-    )
+    return random_request(1000 * voice + 7 * n_prompt + n_speech, n_prompt, n_speech, seed, odd)
 
 
 def test_dimensions_come_from_the_tensors(model):

@@ -11,6 +11,7 @@ import torch
 from bench.streaming_quality import measure
 from chatterbox.s3gen import S3Gen, S3GenRequest
 from chatterbox.s3gen.streaming import HopSchedule, PositionalNoise, StreamingS3Gen
+from tests.s3gen_requests import random_request
 
 SCHEDULE = HopSchedule()  # hops of 16, 32, 60, 60, ... tokens, 3 lookahead, 8 frames of overlap
 
@@ -26,14 +27,7 @@ def streaming(model: S3Gen) -> StreamingS3Gen:
 
 
 def make_request(n_prompt: int, n_speech: int, seed: int | None = 0, odd: bool = False) -> S3GenRequest:
-    g = torch.Generator().manual_seed(7 * n_prompt + n_speech + 1000 * odd)
-    return S3GenRequest(
-        speech_tokens=torch.randint(0, 6561, (n_speech,), generator=g),
-        prompt_tokens=torch.randint(0, 6561, (n_prompt,), generator=g),
-        prompt_feat=torch.randn(2 * n_prompt + odd, 80, generator=g) * 2 - 6,
-        embedding=torch.randn(192, generator=g),
-        seed=seed,
-    )
+    return random_request(7 * n_prompt + n_speech + 1000 * odd, n_prompt, n_speech, seed, odd)
 
 
 def full_decode(model: S3Gen, request: S3GenRequest) -> torch.Tensor:

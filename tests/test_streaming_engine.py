@@ -31,7 +31,7 @@ def tts(tiny_checkpoint: Path) -> TurboTTS:
 
 @contextlib.contextmanager
 def streaming(tts: TurboTTS, **config: int) -> Iterator[tuple[TurboEngine, TurboEngine]]:
-    engine = TurboEngine(tts, EngineConfig(max_positions=900, **config), SCHEDULE)
+    engine = TurboEngine(tts, EngineConfig(max_positions=900, hop_schedule=SCHEDULE, **config))
     engine.start()
     try:
         yield engine, engine

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from chatterbox.constants import SPEECH_VOCAB_SIZE, START_SPEECH_TOKEN, STOP_SPEECH_TOKEN
 from chatterbox.engine.capacity import allocate_cache
+from chatterbox.engine.config import DEFAULT_TOKEN_CAP, TokenCap
 from chatterbox.engine.cuda_graphs import GraphedDecodeStep, static_slot_step
 from chatterbox.engine.kv_cache import PrefixCache, SlotContext
 from chatterbox.errors import TextTooLongError
@@ -83,12 +84,18 @@ class Row:
         return speech_only(new)
 
 
-def _stops(row: Row) -> bool:
-    """The stop rule, after each draw: the row's limit, or STOP (unless ``ignore_stop_token``).
-    The reference never checks its first draw for STOP, so a first STOP does not end a row."""
-    if len(row.tokens) >= row.limit:
+def _stops(row: Row, cap: TokenCap | None) -> bool:
+    """The stop rule, after each draw: the row's limit, the token cap for its text length, or STOP.
+    A row that ignores STOP runs to its limit (the cap stands in for a STOP). The reference never
+    checks its first draw for STOP, so a first STOP does not end a row."""
+    drawn = len(row.tokens)
+    if drawn >= row.limit:
         return True
-    return len(row.tokens) > 1 and row.tokens[-1] == STOP_SPEECH_TOKEN and not row.ignore_stop_token
+    if row.ignore_stop_token:
+        return False
+    if cap is not None and drawn >= cap.tokens(row.request.text_tokens.numel()):
+        return True
+    return drawn > 1 and row.tokens[-1] == STOP_SPEECH_TOKEN
 
 
 class _SamplerState:
@@ -144,6 +151,7 @@ class DecodeBatch:
         max_positions: int,
         prefix_cache_voices: int = 0,
         cuda_graphs: bool = False,
+        token_cap: TokenCap | None = DEFAULT_TOKEN_CAP,
     ) -> None:
         table = t3.config.gpt2.positions
         if max_positions > table:
@@ -151,6 +159,7 @@ class DecodeBatch:
         self.t3 = t3
         self.max_rows = max_rows
         self.max_positions = max_positions
+        self.token_cap = token_cap
         self.dtype = t3.speech_emb.weight.dtype
         self.device = t3.device
         self.cache = allocate_cache(t3.config.gpt2, max_rows, max_positions, self.dtype, self.device)
@@ -308,7 +317,7 @@ class DecodeBatch:
         state = self._state
         state.seen[index : index + 1] = F.one_hot(state.tokens[index : index + 1], state.vocab)
         row.times.first_token = time.monotonic()
-        assert not _stops(row)  # limit >= 2, and a first STOP never stops
+        assert not _stops(row, self.token_cap)  # limit and cap >= 2, and a first STOP never stops
 
     # ------------------------------------------------------------------------------- decode
 
@@ -333,7 +342,7 @@ class DecodeBatch:
         for row, token in zip(rows, tokens, strict=True):
             row.length += 1
             row.tokens.append(token)
-            if _stops(row):
+            if _stops(row, self.token_cap):
                 row.times.t3_done = time.monotonic()
                 finished.append(row)
         for row in finished[::-1]:  # descending rows: a moved row is never one still to release

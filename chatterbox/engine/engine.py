@@ -30,7 +30,6 @@ from chatterbox.constants import MAX_NEW_TOKENS
 from chatterbox.engine.batch import DecodeBatch, Row, StageTimes
 from chatterbox.engine.config import EngineConfig
 from chatterbox.engine.vocoder import STREAM_END, VocoderStage, VocoderStats
-from chatterbox.s3gen.streaming import HopSchedule
 
 if TYPE_CHECKING:
     from chatterbox.tts import Job, TTSRequest, TurboTTS
@@ -89,19 +88,22 @@ _END = object()  # the last item of a streamed request's results
 class TurboEngine:
     """Continuous batching of TurboTTS requests: a DecodeBatch on one thread, S3Gen on another."""
 
-    def __init__(
-        self, tts: TurboTTS, config: EngineConfig | None = None, schedule: HopSchedule | None = None
-    ) -> None:
+    def __init__(self, tts: TurboTTS, config: EngineConfig | None = None) -> None:
         self.tts = tts
         self.config = config = config or EngineConfig()
         t3_config = tts.t3.config
         longest_row = 1 + t3_config.max_prompt_tokens + tts.max_text_tokens + 1 + MAX_NEW_TOKENS + 1
         self.max_positions = config.max_positions or min(longest_row, t3_config.gpt2.positions)
         self._batch = DecodeBatch(
-            tts.t3, config.max_slots, self.max_positions, config.prefix_cache_voices, config.cuda_graphs
+            tts.t3,
+            config.max_slots,
+            self.max_positions,
+            config.prefix_cache_voices,
+            config.cuda_graphs,
+            config.token_cap,
         )
         self.prefix_cache = self._batch.prefix_cache
-        self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, schedule)
+        self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, config.hop_schedule)
 
         self._lock = threading.Condition()  # guards _incoming, _cancelled, _requests, _recent_times, _closing
         self._incoming: deque[_Request] = deque()  # submitted, not yet handed to the batch

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatterbox.engine import generate_tokens
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
 from reference.oracle import run_reference
@@ -66,7 +67,7 @@ def ours(full_checkpoint: Path, inputs: dict[str, torch.Tensor], reference: dict
         for c in CASES
     ]
     logits = teacher_forced_logits(model, requests, [inputs[f"{c}.forced"] for c in CASES])
-    tokens = model.generate(requests)
+    tokens = generate_tokens(model, requests)
     out = {}
     for case, case_logits, case_tokens in zip(CASES, logits, tokens, strict=True):
         out[f"{case}.logits"], out[f"{case}.greedy"] = case_logits, case_tokens
