@@ -1,4 +1,5 @@
-"""Builds the Serve application: Ingress -> TurboModel replicas -> Stitcher.
+"""Builds the Serve application: Ingress -> TurboModel replicas -> Stitcher, and the Jobs consumer
+(queued jobs -> TurboModel -> Stitcher).
 
     serve run serve_app.app:build_app model=tiny        # builder with typed args
     serve build serve_app.app:app -o serve_config.yaml  # `app`: the default application
@@ -11,11 +12,14 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve.task_consumer import task_consumer
 
 from serve_app.config import AppArgs
 from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.jobs import Jobs
 from serve_app.deployments.model import TurboModel
 from serve_app.deployments.stitcher import Stitcher
+from serve_app.jobs.broker import task_processor_config
 
 
 def visible_gpus() -> float:
@@ -39,9 +43,15 @@ def build_app(args: AppArgs) -> Application:
         args.model_args()
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
+    jobs = None
+    if args.jobs.enabled:
+        consumer = task_consumer(task_processor_config=task_processor_config(args.jobs))(Jobs)
+        jobs = serve.deployment(consumer, **Jobs.get_deployment_options(args)).bind(
+            model, stitcher, args.ingress_args(on_gpu=num_gpus > 0).for_jobs(), args.jobs
+        )
     ingress_options = Ingress.get_deployment_options(args)
     return serve.deployment(Ingress, **ingress_options).bind(
-        model, stitcher, args.ingress_args(on_gpu=num_gpus > 0)
+        model, stitcher, jobs, args.ingress_args(on_gpu=num_gpus > 0)
     )
 
 

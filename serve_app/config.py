@@ -20,6 +20,7 @@ from chatterbox.constants import (
 )
 from chatterbox.engine import EngineConfig
 from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
+from serve_app.jobs.config import JobsConfig
 
 # On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
 # little there, while a batch full of them holds a short request back for all of it. Tiny CPU
@@ -207,6 +208,7 @@ class AppArgs(_Strict):
     shutdown: ShutdownConfig = ShutdownConfig()
     voices: VoicesConfig = VoicesConfig()
     auth: AuthConfig = AuthConfig()
+    jobs: JobsConfig = JobsConfig()  # durable jobs (serve_app.jobs.config)
 
     @model_validator(mode="before")
     @classmethod
@@ -277,6 +279,7 @@ class AppArgs(_Strict):
             limits=self.limits,
             voices=self.voices,
             auth=self.auth,
+            jobs=self.jobs,
             max_new_tokens=self.max_new_tokens,
             max_chunks_in_flight=self.chunks_in_flight(on_gpu),
         )
@@ -322,5 +325,11 @@ class IngressArgs(_Strict):
     limits: LimitsConfig
     voices: VoicesConfig
     auth: AuthConfig
+    jobs: JobsConfig
     max_new_tokens: int
     max_chunks_in_flight: int = Field(ge=1)
+
+    def for_jobs(self) -> IngressArgs:
+        """These settings with the jobs' text limit: what jobs are prepared with."""
+        limits = self.limits.model_copy(update={"max_text_chars": self.jobs.max_text_chars})
+        return self.model_copy(update={"limits": limits})

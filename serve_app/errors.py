@@ -27,9 +27,12 @@ ERROR_STATUS: dict[str, int] = {
     "not_found": 404,
     "model_not_found": 404,
     "voice_not_found": 404,
+    "job_not_found": 404,
     "method_not_allowed": 405,
     "voice_exists": 409,
     "voice_limit_reached": 409,
+    "job_finished": 409,
+    "job_not_completed": 409,
     "request_too_large": 413,
     "reference_too_large": 413,
     "text_too_long": 413,
@@ -39,6 +42,7 @@ ERROR_STATUS: dict[str, int] = {
     "replica_unavailable": 503,
     "synthesis_failed": 503,
     "overloaded": 503,
+    "queue_full": 503,
     "not_ready": 503,
 }
 INPUT_ERROR_STATUS = 422

@@ -1,4 +1,4 @@
-"""`POST /v1/tts`: our own JSON API; the audio comes back whole, in base64.
+"""`POST /v1/tts`: our own JSON API; the audio comes back whole, in base64 (with its captions if asked).
 
 No `from __future__ import annotations` in route modules: Serve re-creates the route methods for
 FastAPI, which then cannot resolve string annotations (a `request: Request` parameter became a
@@ -20,6 +20,7 @@ from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
 from serve_app.schemas import ChunkInfo, SynthesisParams, SynthesisRequest
 from serve_app.synthesis.audio import AudioFormat
+from serve_app.synthesis.captions import CaptionFormat, captions
 from serve_app.synthesis.pipeline import Synthesis
 from serve_app.voices.store import BUILT_IN_VOICE
 
@@ -47,12 +48,27 @@ def _tts_schema(schema: dict[str, Any]) -> None:
     ]
 
 
-class TTSHttpRequest(SynthesisParams):
-    """Body of `POST /v1/tts`."""
+class TTSHttpFields(SynthesisParams):
+    """What to synthesise, over HTTP (also the fields of a job)."""
 
     model_config = ConfigDict(json_schema_extra=_tts_schema)
 
     reference_audio_base64: str | None = Field(None, json_schema_extra=BASE64_SCHEMA)
+
+
+class TTSHttpRequest(TTSHttpFields):
+    """Body of `POST /v1/tts`."""
+
+    captions: CaptionFormat | None = None  # also answer the captions, in this format
+
+
+def synthesis_request(body: TTSHttpFields, exclude: frozenset[str] = frozenset()) -> SynthesisRequest:
+    """The handle-API request of an HTTP body (its clip decoded; `exclude`: fields of the body only)."""
+    clip = body.reference_audio_base64
+    return SynthesisRequest(
+        **body.model_dump(exclude={"reference_audio_base64", *exclude}),
+        reference_audio=None if clip is None else decode_base64(clip, "reference_audio_base64"),
+    )
 
 
 class TTSHttpResponse(BaseModel):
@@ -61,6 +77,7 @@ class TTSHttpResponse(BaseModel):
     duration_s: float
     format: AudioFormat
     chunks: list[ChunkInfo]
+    captions: str | list[dict[str, str | float]] | None = None  # SRT or WebVTT text, or JSON segments
 
 
 class TTSRoutes:
@@ -79,11 +96,7 @@ class TTSRoutes:
         accepted_at = time.monotonic()
         try:
             body = await parse_json(request, TTSHttpRequest, self._limits.max_request_bytes)
-            clip = body.reference_audio_base64
-            synthesis = SynthesisRequest(
-                **body.model_dump(exclude={"reference_audio_base64"}),
-                reference_audio=None if clip is None else decode_base64(clip, "reference_audio_base64"),
-            )
+            synthesis = synthesis_request(body, frozenset({"captions"}))
             result = await self._synthesis.synthesize(synthesis, accepted_at)
         except SynthesisError as error:
             return error_response(renamed(error, _HTTP_FIELDS), self._limits.retry_after_s)
@@ -95,4 +108,7 @@ class TTSRoutes:
             audio_base64=base64.b64encode(result.audio).decode("ascii"),
             **result.model_dump(exclude={"audio"}),
         )
+        if body.captions is None:
+            return JSONResponse(response.model_dump(exclude={"captions"}))
+        response.captions = captions(result.chunks, result.sample_rate, body.captions)
         return JSONResponse(response.model_dump())
