@@ -15,6 +15,7 @@ from ray.serve import Application
 from ray.serve.task_consumer import task_consumer
 
 from serve_app.config import AppArgs
+from serve_app.deployments.args import ingress_args, model_args
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.jobs import Jobs
 from serve_app.deployments.model import TurboModel
@@ -40,18 +41,18 @@ def build_app(args: AppArgs) -> Application:
     is bound here and passed to the deployment that calls it."""
     num_gpus = replica_num_gpus(args, visible_gpus())
     model = serve.deployment(TurboModel, **TurboModel.get_deployment_options(args, num_gpus)).bind(
-        args.model_args()
+        model_args(args)
     )
     stitcher = serve.deployment(Stitcher, **Stitcher.get_deployment_options(args)).bind(args.watermark)
     jobs = None
     if args.jobs.enabled:
         consumer = task_consumer(task_processor_config=task_processor_config(args.jobs))(Jobs)
         jobs = serve.deployment(consumer, **Jobs.get_deployment_options(args)).bind(
-            model, stitcher, args.ingress_args(on_gpu=num_gpus > 0).for_jobs(), args.jobs
+            model, stitcher, ingress_args(args, on_gpu=num_gpus > 0).for_jobs(), args.jobs
         )
     ingress_options = Ingress.get_deployment_options(args)
     return serve.deployment(Ingress, **ingress_options).bind(
-        model, stitcher, jobs, args.ingress_args(on_gpu=num_gpus > 0)
+        model, stitcher, jobs, ingress_args(args, on_gpu=num_gpus > 0)
     )
 
 

@@ -35,18 +35,20 @@ MaxBatchSize = Annotated[int, Field(ge=1, le=256)]
 _ENGINE_FIELDS_FROM_ARGS = {"max_slots": "max_batch_size", "prefix_cache_voices": "voice_cache_size"}
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """Unknown keys are refused and a config never changes once built."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BatchingConfig(_Strict):
+class BatchingConfig(StrictConfig):
     """The model replicas' `user_config`: the slots of their engine's KV cache. A change rebuilds each
     replica's engine once it is idle (TurboModel.reconfigure)."""
 
     max_batch_size: MaxBatchSize
 
 
-class AutoscalingSettings(_Strict):
+class AutoscalingSettings(StrictConfig):
     """Replica range of the model deployment (min == max: a fixed count)."""
 
     min_replicas: int = Field(1, ge=0)
@@ -68,7 +70,7 @@ class AutoscalingSettings(_Strict):
         return self
 
 
-class ChunkingConfig(_Strict):
+class ChunkingConfig(StrictConfig):
     """How the ingress splits long text (sentences, then clauses, then words)."""
 
     # 300 characters are ~20 s of speech at the usual 15 characters a second: under the 25-30 s and
@@ -77,7 +79,7 @@ class ChunkingConfig(_Strict):
     max_chunk_chars: int = Field(300, gt=MAX_TAG_CHARS, le=4000)
 
 
-class StitchingConfig(_Strict):
+class StitchingConfig(StrictConfig):
     """How chunk audio is joined: chunk i+1 starts `pause - crossfade` after chunk i ends."""
 
     crossfade_ms: float = Field(10.0, ge=0.0, le=200.0)
@@ -86,7 +88,7 @@ class StitchingConfig(_Strict):
     # A chunk that ends mid-sentence (clause or word split) gets no pause, only the crossfade.
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictConfig):
     """Request limits enforced by the ingress before any model work."""
 
     max_text_chars: int = Field(20_000, ge=1)
@@ -102,7 +104,7 @@ class LimitsConfig(_Strict):
     retry_after_s: int = Field(2, ge=1)  # the Retry-After header of every 503 and 429
 
 
-class FrontDeploymentConfig(_Strict):
+class FrontDeploymentConfig(StrictConfig):
     """Ingress or stitcher: CPU-only deployments with a fixed replica count."""
 
     num_replicas: int = Field(1, ge=1)
@@ -112,7 +114,7 @@ class FrontDeploymentConfig(_Strict):
     max_ongoing_requests: int = Field(256, ge=1)
 
 
-class ShutdownConfig(_Strict):
+class ShutdownConfig(StrictConfig):
     """Serve's graceful-shutdown settings for every deployment (tests shorten them)."""
 
     graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0)
@@ -148,7 +150,7 @@ def front_deployment_options(
     }
 
 
-class VoicesConfig(_Strict):
+class VoicesConfig(StrictConfig):
     """Saved voices (serve_app.voices.store): one directory every ingress and model replica reads,
     so in a cluster a volume all their nodes mount (cluster/rayservice.yaml: /mnt/voices)."""
 
@@ -156,7 +158,7 @@ class VoicesConfig(_Strict):
     max_voices: int = Field(1000, ge=1, le=100_000)
 
 
-class AuthConfig(_Strict):
+class AuthConfig(StrictConfig):
     """API keys of the HTTP API (serve_app.api.auth). With none here and no file named by the
     CHATTERBOX_API_KEYS_FILE environment variable of the ingress replicas, the API is open.
 
@@ -167,7 +169,7 @@ class AuthConfig(_Strict):
     api_keys: tuple[SecretStr, ...] = ()
 
 
-class AppArgs(_Strict):
+class AppArgs(StrictConfig):
     """Everything `build_app` needs; every field has a production default."""
 
     # Model source (chatterbox.hub.resolve_model): "tiny" (a seeded random checkpoint built locally:
@@ -263,73 +265,3 @@ class AppArgs(_Strict):
     def model_max_ongoing(self) -> int:
         """Chunks one model replica accepts at once (Serve's `max_ongoing_requests` of TurboModel)."""
         return self.model_max_ongoing_requests or 2 * self.max_batch_size
-
-    def model_args(self) -> ModelArgs:
-        return ModelArgs(
-            source=ModelSource.from_args(self),
-            engine=self.engine,
-            voice_cache_size=self.voice_cache_size,
-            max_ongoing_requests=self.model_max_ongoing,
-        )
-
-    def ingress_args(self, on_gpu: bool) -> IngressArgs:
-        return IngressArgs(
-            chunking=self.chunking,
-            stitching=self.stitching,
-            limits=self.limits,
-            voices=self.voices,
-            auth=self.auth,
-            jobs=self.jobs,
-            max_new_tokens=self.max_new_tokens,
-            max_chunks_in_flight=self.chunks_in_flight(on_gpu),
-        )
-
-
-class ModelSource(_Strict):
-    """What one model replica loads."""
-
-    model: str
-    revision: str | None
-    tiny_cache_dir: str
-    device: Literal["auto", "cuda", "cpu"]
-    dtype: Literal["float32", "float16", "bfloat16"] | None
-
-    @classmethod
-    def from_args(cls, args: AppArgs, device: str | None = None) -> ModelSource:
-        """The model fields of ``args`` (``device`` overrides ``args.device``)."""
-        return cls(
-            model=args.model,
-            revision=args.revision,
-            tiny_cache_dir=args.tiny_cache_dir,
-            device=device or args.device,
-            dtype=args.dtype,
-        )
-
-
-class ModelArgs(_Strict):
-    """What one TurboModel replica is built with."""
-
-    source: ModelSource
-    engine: EngineConfig
-    voice_cache_size: int = Field(ge=1)
-    # The deployment's `max_ongoing_requests`: the replica never holds more chunk calls, so more
-    # engine slots could never fill. None: not in Serve (no such limit).
-    max_ongoing_requests: int | None = None
-
-
-class IngressArgs(_Strict):
-    """What one ingress replica is built with."""
-
-    chunking: ChunkingConfig
-    stitching: StitchingConfig
-    limits: LimitsConfig
-    voices: VoicesConfig
-    auth: AuthConfig
-    jobs: JobsConfig
-    max_new_tokens: int
-    max_chunks_in_flight: int = Field(ge=1)
-
-    def for_jobs(self) -> IngressArgs:
-        """These settings with the jobs' text limit: what jobs are prepared with."""
-        limits = self.limits.model_copy(update={"max_text_chars": self.jobs.max_text_chars})
-        return self.model_copy(update={"limits": limits})

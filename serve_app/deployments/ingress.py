@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 from serve_app.api import contract, jobs, openai, playground, probes, runpod, tts, voices
 from serve_app.api.auth import ApiKeyMiddleware, ApiKeys, load_api_keys
 from serve_app.api.errors import counting_refusals, http_exception
-from serve_app.config import AppArgs, IngressArgs, front_deployment_options
+from serve_app.config import AppArgs, front_deployment_options
+from serve_app.deployments.args import IngressArgs
 from serve_app.jobs.broker import jobs_root, make_dirs, producer
 from serve_app.jobs.frontend import JobsFrontend
 from serve_app.jobs.store import JobStore

@@ -13,7 +13,8 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 from ray.serve.task_consumer import task_handler
 
-from serve_app.config import AppArgs, IngressArgs
+from serve_app.config import AppArgs
+from serve_app.deployments.args import IngressArgs
 from serve_app.jobs.broker import RUN_JOB_TASK, jobs_root, make_dirs
 from serve_app.jobs.config import CONSUMER_DEPLOYMENT, JobsConfig
 from serve_app.jobs.store import JobStore

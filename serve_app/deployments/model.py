@@ -31,7 +31,8 @@ import torch
 from chatterbox.engine import EngineCapacityError, EngineConfig, TurboEngine
 from chatterbox.hub import resolve_model
 from chatterbox.tts import TTSRequest, TurboTTS
-from serve_app.config import AppArgs, BatchingConfig, ModelArgs
+from serve_app.config import AppArgs, BatchingConfig
+from serve_app.deployments.args import ModelArgs
 from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import IngressArgs
+from serve_app.deployments.args import IngressArgs
 from serve_app.errors import model_error
 from serve_app.schemas import AudioPiece, SynthesisRequest, SynthesisResult
 from serve_app.synthesis.fanout import Admission, synthesize_chunks

@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import decode_reference_audio
-from serve_app.config import IngressArgs
+from serve_app.deployments.args import IngressArgs
 from serve_app.errors import SynthesisError, input_error
 from serve_app.schemas import (
     FORBIDDEN_TEXT_CHARS,

@@ -15,7 +15,7 @@ import torch
 
 from chatterbox.engine import EngineConfig
 from chatterbox.sampling import SamplingParams
-from serve_app.config import ModelArgs, ModelSource
+from serve_app.deployments.args import ModelArgs, ModelSource
 from serve_app.deployments.model import TurboModel
 from serve_app.errors import ReplicaBrokenError, model_error
 from serve_app.schemas import ChunkJob, ReplicaStats

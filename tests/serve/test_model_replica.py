@@ -26,7 +26,8 @@ from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.app import build_app
-from serve_app.config import AppArgs, ModelArgs, ModelSource
+from serve_app.config import AppArgs
+from serve_app.deployments.args import ModelArgs, ModelSource
 from serve_app.deployments.failures import is_cuda_error, run_bisecting
 from serve_app.deployments.model import TurboModel
 from serve_app.errors import ChunkOutOfMemoryError

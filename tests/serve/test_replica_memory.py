@@ -18,6 +18,7 @@ from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TurboTTS
 from chatterbox.voice import ReferenceAudio, Voice, decode_reference_audio
 from serve_app.config import AppArgs
+from serve_app.deployments.args import model_args
 from serve_app.deployments.model import TurboModel
 from serve_app.schemas import ChunkJob, SharedReference
 from serve_app.voices.cache import VoiceCache
@@ -72,7 +73,7 @@ def model(serve_app, tmp_path_factory: pytest.TempPathFactory):  # the session's
     )
     options = TurboModel.get_deployment_options(args, num_gpus=0)
     handle = serve.run(
-        serve.deployment(TurboModel, **options).bind(args.model_args()), name=APP, route_prefix=None
+        serve.deployment(TurboModel, **options).bind(model_args(args)), name=APP, route_prefix=None
     )
     yield handle
     serve.delete(APP)
