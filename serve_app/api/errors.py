@@ -5,6 +5,7 @@ HTTP answers, errors in the middle of a stream, and the handle API's."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 
 from fastapi import Request
@@ -16,6 +17,8 @@ from starlette.routing import compile_path
 from serve_app.api.http_body import route_path
 from serve_app.errors import SynthesisError, error_status
 from serve_app.metrics import record_refusal
+
+logger = logging.getLogger("ray.serve")
 
 # Statuses that say "not now" rather than "not this": they carry Retry-After.
 RETRYABLE_STATUSES = frozenset({429, 503})
@@ -62,6 +65,13 @@ def counting_refusals() -> Iterator[None]:
     except Exception:
         count_refusal("internal_error", error_status("internal_error"))
         raise
+
+
+def unexpected_error(what: str) -> SynthesisError:
+    """Log the exception being handled (with its traceback) as one in `what`; the error the client
+    is told instead (500 `internal_error`)."""
+    logger.exception("unexpected error in %s", what)
+    return SynthesisError("internal_error", "internal error; see the server log")
 
 
 def renamed(error: SynthesisError, fields: Mapping[str, str]) -> SynthesisError:

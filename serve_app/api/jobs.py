@@ -6,7 +6,6 @@ the result) -> 202 `{id, status}`; `GET /v1/jobs/{job_id}` (status, progress, ti
 No `from __future__ import annotations` (see `serve_app.api.tts`).
 """
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, get_args
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from serve_app.api.errors import ErrorResponse, error_response, renamed
+from serve_app.api.errors import ErrorResponse, error_response, renamed, unexpected_error
 from serve_app.api.http_body import json_body, parse_json
 from serve_app.api.tts import TTSHttpFields, synthesis_request
 from serve_app.config import LimitsConfig
@@ -24,8 +23,6 @@ from serve_app.jobs.frontend import JobsFrontend
 from serve_app.jobs.records import JobView
 from serve_app.synthesis.captions import CAPTION_MEDIA_TYPES, CaptionFormat, captions
 from serve_app.synthesis.job_runner import CONTENT_TYPES
-
-logger = logging.getLogger("ray.serve")
 
 router = APIRouter()
 JOB_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -63,9 +60,7 @@ async def answered(
     except SynthesisError as error:
         return error_response(renamed(error, _HTTP_FIELDS), limits.retry_after_s)
     except Exception:
-        logger.exception("unexpected error in %s", what)
-        error = SynthesisError("internal_error", "internal error; see the server log")
-        return error_response(error, limits.retry_after_s)
+        return error_response(unexpected_error(what), limits.retry_after_s)
 
 
 class JobsRoutes:

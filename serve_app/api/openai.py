@@ -7,7 +7,6 @@ path. No `from __future__ import annotations` (see `serve_app.api.tts`).
 
 import base64
 import json
-import logging
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from serve_app.api.errors import (
     openai_error,
     openai_error_response,
     renamed,
+    unexpected_error,
 )
 from serve_app.api.http_body import CLIP_SCHEMA, decode_base64, json_body, parse_json
 from serve_app.config import LimitsConfig
@@ -31,8 +31,6 @@ from serve_app.schemas import TEXT_SCHEMA, VOICE_SCHEMA, AudioPiece, SynthesisPa
 from serve_app.synthesis.audio import AudioFormat
 from serve_app.synthesis.pipeline import Synthesis
 from serve_app.voices.store import BUILT_IN_VOICE
-
-logger = logging.getLogger("ray.serve")
 
 router = APIRouter()
 SERVED_MODEL_ID = "chatterbox-turbo"
@@ -252,8 +250,7 @@ class OpenAIRoutes:
         except SynthesisError as error:
             return openai_error_response(renamed(error, _OPENAI_FIELDS), self._limits.retry_after_s)
         except Exception:
-            logger.exception("unexpected error in POST /v1/audio/speech")
-            error = SynthesisError("internal_error", "internal error; see the server log")
+            error = unexpected_error("POST /v1/audio/speech")
             return openai_error_response(error, self._limits.retry_after_s)
         return Response(result.audio, media_type=CONTENT_TYPES[result.format])
 

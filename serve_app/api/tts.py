@@ -6,7 +6,6 @@ query parameter).
 """
 
 import base64
-import logging
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.api.errors import ErrorResponse, error_response, renamed
+from serve_app.api.errors import ErrorResponse, error_response, renamed, unexpected_error
 from serve_app.api.http_body import BASE64_SCHEMA, decode_base64, json_body, parse_json
 from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
@@ -23,8 +22,6 @@ from serve_app.synthesis.audio import AudioFormat
 from serve_app.synthesis.captions import CaptionFormat, captions
 from serve_app.synthesis.pipeline import Synthesis
 from serve_app.voices.store import BUILT_IN_VOICE
-
-logger = logging.getLogger("ray.serve")
 
 router = APIRouter()
 # Handle-API field names that this API's clients know under another name.
@@ -101,9 +98,7 @@ class TTSRoutes:
         except SynthesisError as error:
             return error_response(renamed(error, _HTTP_FIELDS), self._limits.retry_after_s)
         except Exception:
-            logger.exception("unexpected error in POST /v1/tts")
-            error = SynthesisError("internal_error", "internal error; see the server log")
-            return error_response(error, self._limits.retry_after_s)
+            return error_response(unexpected_error("POST /v1/tts"), self._limits.retry_after_s)
         response = TTSHttpResponse(
             audio_base64=base64.b64encode(result.audio).decode("ascii"),
             **result.model_dump(exclude={"audio"}),

@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from chatterbox.errors import TTSInputError
 from chatterbox.voice import ReferenceAudio, decode_reference_audio
-from serve_app.api.errors import OpenAIErrorResponse, openai_error_response
+from serve_app.api.errors import OpenAIErrorResponse, openai_error_response, unexpected_error
 from serve_app.api.http_body import CLIP_SCHEMA, media_type, parse_json, read_body
 from serve_app.api.openai import decode_reference
 from serve_app.config import LimitsConfig
@@ -119,9 +119,7 @@ async def _answer(work: Awaitable[BaseModel], retry_after_s: int, status: int = 
     except SynthesisError as error:
         return openai_error_response(error, retry_after_s)
     except Exception:
-        logger.exception("unexpected error in a /v1/voices route")
-        error = SynthesisError("internal_error", "internal error; see the server log")
-        return openai_error_response(error, retry_after_s)
+        return openai_error_response(unexpected_error("a /v1/voices route"), retry_after_s)
     return JSONResponse(result.model_dump(), status_code=status)
 
 
