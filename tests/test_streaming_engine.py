@@ -100,7 +100,7 @@ def test_concurrent_streams_each_get_their_solo_audio(tts: TurboTTS):
     async def run(streamer: TurboEngine) -> list[np.ndarray]:
         return list(await asyncio.gather(*(collect(streamer, r) for r in requests)))
 
-    with streaming(tts) as (_, streamer):
+    with streaming(tts, s3gen_max_batch=8) as (_, streamer):  # batched hops (the CPU default is 1)
         wavs = asyncio.run(run(streamer))
         stats = streamer.vocoder_stats()
     assert stats.hops > stats.steps  # some steps played several streams' hops together

@@ -50,7 +50,10 @@ class EngineConfig:
     max_slots: int = 8  # rows of the fixed KV cache = most requests decoding at once
     max_positions: int | None = None  # cache length per row; None: the longest possible row
     prefix_cache_voices: int = 16  # voices whose prefix K/V is kept (LRU); 0 turns the cache off
-    s3gen_max_batch: int = 8  # most rows (whole, or streamed hops) vocoded in one S3Gen call
+    # Most rows (whole, or streamed hops) vocoded in one S3Gen call. None: max_slots on CUDA; 1 on
+    # the CPU, where S3Gen is compute-bound and batching gains nothing (docs/benchmarks.md), and
+    # where a row vocoded alone gives the same samples whatever else is in flight.
+    s3gen_max_batch: int | None = None
     prefill_chunk_tokens: int | None = None  # most prefill positions per iteration (None: whole rows)
     # Decode steps replayed as CUDA graphs (engine/cuda_graphs.py; CUDA only, captured and
     # self-checked at construction). Off: no GPU has measured them yet.

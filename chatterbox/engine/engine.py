@@ -103,7 +103,9 @@ class TurboEngine:
             config.token_cap,
         )
         self.prefix_cache = self._batch.prefix_cache
-        self._vocoder = VocoderStage(tts, config.s3gen_max_batch, self._vocoded, config.hop_schedule)
+        on_cuda = tts.s3gen.device.type == "cuda"
+        s3gen_batch = config.s3gen_max_batch or (config.max_slots if on_cuda else 1)
+        self._vocoder = VocoderStage(tts, s3gen_batch, self._vocoded, config.hop_schedule)
 
         self._lock = threading.Condition()  # guards _incoming, _cancelled, _requests, _recent_times, _closing
         self._incoming: deque[_Request] = deque()  # submitted, not yet handed to the batch
