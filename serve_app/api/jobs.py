@@ -21,8 +21,8 @@ from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
 from serve_app.jobs.frontend import JobsFrontend
 from serve_app.jobs.records import JobView
+from serve_app.synthesis.audio import CONTENT_TYPES
 from serve_app.synthesis.captions import CAPTION_MEDIA_TYPES, CaptionFormat, captions
-from serve_app.synthesis.job_runner import CONTENT_TYPES
 
 router = APIRouter()
 JOB_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -28,7 +28,7 @@ from serve_app.api.http_body import CLIP_SCHEMA, decode_base64, json_body, parse
 from serve_app.config import LimitsConfig
 from serve_app.errors import SynthesisError
 from serve_app.schemas import TEXT_SCHEMA, VOICE_SCHEMA, AudioPiece, SynthesisParams, SynthesisRequest
-from serve_app.synthesis.audio import AudioFormat
+from serve_app.synthesis.audio import CONTENT_TYPES, AudioFormat
 from serve_app.synthesis.pipeline import Synthesis
 from serve_app.voices.store import BUILT_IN_VOICE
 
@@ -39,13 +39,6 @@ MODEL_ALIASES = frozenset({SERVED_MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tt
 # Formats streamed piece by piece (raw s16le, or WAV with an open-ended header); the compressed
 # ones need the whole signal for their encoder and arrive as one body after synthesis.
 STREAMED_FORMATS: frozenset[str] = frozenset({"pcm", "wav"})
-CONTENT_TYPES: dict[str, str] = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",  # Ogg Opus, as OpenAI sends it
-    "pcm": "audio/pcm",
-}
 SSE_CONTENT_TYPE = "text/event-stream"
 UNKNOWN_LENGTH = 0xFFFFFFFF  # RIFF and data sizes of a WAV whose length is not known yet
 

@@ -24,6 +24,15 @@ from serve_app.config import StitchingConfig
 from serve_app.synthesis.chunking import TextChunk
 
 AudioFormat = Literal["wav", "flac", "opus", "mp3", "pcm"]  # opus is in an Ogg container
+# The media type of each format's bytes. pcm is headerless 16-bit little-endian, as OpenAI's speech
+# API labels it; "audio/L16" would claim network (big-endian) byte order.
+CONTENT_TYPES: dict[AudioFormat, str] = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "opus": "audio/ogg",
+    "mp3": "audio/mpeg",
+    "pcm": "audio/pcm",
+}
 # (libsndfile container, subtype) per format; pcm is written by hand (no header).
 _SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "PCM_16"),
