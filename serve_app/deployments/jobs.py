@@ -15,7 +15,7 @@ from ray.serve.task_consumer import task_handler
 
 from serve_app.config import AppArgs
 from serve_app.deployments.args import IngressArgs
-from serve_app.jobs.broker import RUN_JOB_TASK, jobs_root, make_dirs
+from serve_app.jobs.broker import RUN_JOB_TASK, jobs_root, make_dirs, requeue_interrupted
 from serve_app.jobs.config import CONSUMER_DEPLOYMENT, JobsConfig
 from serve_app.jobs.store import JobStore
 from serve_app.synthesis.job_runner import JobRunner
@@ -56,6 +56,7 @@ class Jobs:
         self._loop = asyncio.get_running_loop()  # Serve runs a constructor on the replica's event loop
         make_dirs(jobs)
         store = JobStore(jobs_root(jobs), jobs.retention_s)
+        requeue_interrupted(jobs, store)
         preparer = Preparer(model, config, VoiceStore(config.voices.store_dir))
         in_flight = jobs.max_chunks_in_flight or config.max_chunks_in_flight
         self._runner = JobRunner(model, stitcher, preparer, store, jobs, in_flight)

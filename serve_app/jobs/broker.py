@@ -10,6 +10,7 @@ from ray.serve.task_consumer import instantiate_adapter_from_config
 from ray.serve.task_processor import CeleryTaskProcessorAdapter
 
 from serve_app.jobs.config import JobsConfig
+from serve_app.jobs.store import JobStore
 
 RUN_JOB_TASK = "run_job"  # the consumer's one task handler; its only argument is the job id
 
@@ -66,8 +67,28 @@ def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
     )
 
 
+def enqueue_job(adapter: CeleryTaskProcessorAdapter, job_id: str) -> None:
+    # The job id is the task id, so a redelivered task names its job.
+    adapter.enqueue_task_sync(RUN_JOB_TASK, args=[job_id], task_id=job_id)
+
+
 def producer(config: JobsConfig) -> CeleryTaskProcessorAdapter:
     """The adapter the ingress enqueues jobs with (connects on first use)."""
     adapter = instantiate_adapter_from_config(task_processor_config(config))
     assert isinstance(adapter, CeleryTaskProcessorAdapter)
     return adapter
+
+
+def requeue_interrupted(config: JobsConfig, store: JobStore) -> list[str]:
+    """With the filesystem broker, queue again the jobs that a run started and did not finish or
+    deliver; their ids. That transport deletes a message as it hands it out, so nothing else
+    redelivers a dead consumer's jobs: a consumer replica calls this as it starts (a job that
+    another live consumer still runs waits on its lease). Redis needs none: Celery redelivers."""
+    if config.broker_url is not None:
+        return []
+    interrupted = store.interrupted()
+    if interrupted:
+        adapter = producer(config)
+        for job_id in interrupted:
+            enqueue_job(adapter, job_id)
+    return interrupted

@@ -11,7 +11,7 @@ from typing import Literal
 from ray.serve.task_processor import CeleryTaskProcessorAdapter
 
 from serve_app.errors import SynthesisError
-from serve_app.jobs.broker import RUN_JOB_TASK
+from serve_app.jobs.broker import enqueue_job
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.delivery import check_target
 from serve_app.jobs.records import JobRecord, new_job_id
@@ -64,10 +64,7 @@ class JobsFrontend:
         )
         fields = request.model_dump(mode="json", exclude=REQUEST_FILE_EXCLUDE)
         await asyncio.to_thread(self.store.create, record, fields, request.reference_audio)
-        # The job id is the task id, so a redelivered task names its job.
-        await asyncio.to_thread(
-            self._producer.enqueue_task_sync, RUN_JOB_TASK, args=[record.id], task_id=record.id
-        )
+        await asyncio.to_thread(enqueue_job, self._producer, record.id)
         return record
 
     async def get(self, job_id: str) -> JobRecord:

@@ -61,6 +61,18 @@ class JobRecord(BaseModel):
     def finished(self) -> bool:
         return self.status in FINISHED
 
+    @property
+    def delivery_pending(self) -> bool:
+        """Finished, and an upload or webhook it asked for has not been tried yet."""
+        if self.status not in ("completed", "failed"):
+            return False
+        upload = (
+            self.output_url is not None
+            and self.status == "completed"
+            and self.delivery.output_uploaded is None
+        )
+        return upload or (self.webhook is not None and self.delivery.webhook_delivered is None)
+
     def lease_live(self, now: float) -> bool:
         return self.lease_owner is not None and self.lease_expires is not None and self.lease_expires > now
 

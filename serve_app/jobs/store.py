@@ -10,7 +10,9 @@
 
 Every change of a record happens under its lock, so a lease decides who writes a job's chunks: a
 chunk or result of a run that no longer holds the lease (its job was cancelled, or another run
-took over) is not stored. Files are written whole (temporary name, fsync, rename).
+took over) is not stored. A finished job that still has its upload or webhook to deliver keeps the
+lease until they are done, so a run that dies in between leaves them to the next delivery of the
+job, and two runs never deliver at once. Files are written whole (temporary name, fsync, rename).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from serve_app.jobs.records import JOB_ID, JobRecord
+from serve_app.jobs.records import JOB_ID, Delivery, JobRecord
 from serve_app.schemas import ChunkInfo
 from serve_app.voices.files import write_atomically
 
-LeaseAnswer = Literal["acquired", "held", "finished"]
+# "deliver": the job is finished, and its lease is taken to deliver what it asked for.
+LeaseAnswer = Literal["acquired", "held", "finished", "deliver"]
 
 
 class JobStore:
@@ -100,17 +103,21 @@ class JobStore:
         )
 
     def acquire_lease(self, job_id: str, owner: str, lease_s: float) -> LeaseAnswer:
-        """Take the job's lease for `owner` unless another run's is live or the job is finished."""
+        """Take the job's lease for `owner` unless another run's is live, or the job is finished
+        with nothing left to deliver."""
         answer: LeaseAnswer = "held"
 
         def take(record: JobRecord) -> JobRecord | None:
             nonlocal answer
             now = time.time()
-            if record.finished:
+            if record.finished and not record.delivery_pending:
                 answer = "finished"
                 return None
             if record.lease_live(now) and record.lease_owner != owner:
                 return None
+            if record.finished:
+                answer = "deliver"
+                return record.model_copy(update={"lease_owner": owner, "lease_expires": now + lease_s})
             answer = "acquired"
             return record.model_copy(
                 update={
@@ -130,7 +137,7 @@ class JobStore:
 
         def renew(record: JobRecord) -> JobRecord | None:
             nonlocal held
-            held = record.lease_owner == owner and not record.finished
+            held = record.lease_owner == owner and (not record.finished or record.delivery_pending)
             return record.model_copy(update={"lease_expires": time.time() + lease_s}) if held else None
 
         self.update(job_id, renew)
@@ -168,11 +175,28 @@ class JobStore:
             for path in sorted((self._dir(job_id) / "chunks").glob("*.npy"))
         }
 
+    def resume(self, job_id: str, owner: str, sample_rate: int) -> dict[int, np.ndarray]:
+        """The checkpointed chunks, with the record's progress counted again from them if `owner`
+        holds the lease: a run killed between writing a chunk and counting it left it one short."""
+        chunks = self.chunks(job_id)
+
+        def recount(record: JobRecord) -> JobRecord | None:
+            if record.lease_owner != owner or record.finished:
+                return None
+            samples = sum(len(audio) for audio in chunks.values())
+            return record.model_copy(
+                update={"chunks_done": len(chunks), "audio_seconds": samples / sample_rate}
+            )
+
+        self.update(job_id, recount)
+        return chunks
+
     def finish(
         self, job_id: str, owner: str, change: Callable[[JobRecord], JobRecord], files: dict[str, bytes]
     ) -> JobRecord | None:
         """End `owner`'s run: write `files` (name -> bytes) and apply `change`, if it still holds the
-        lease; the record afterwards, or None when it did not (nothing was stored)."""
+        lease (kept while a delivery is pending); the record afterwards, or None when it did not
+        (nothing was stored)."""
         done = False
 
         def end(record: JobRecord) -> JobRecord | None:
@@ -182,12 +206,21 @@ class JobStore:
             for name, data in files.items():
                 write_atomically(self._dir(job_id) / name, data)
             done = True
-            return change(record).model_copy(
-                update={"finished_at": time.time(), "lease_owner": None, "lease_expires": None}
-            )
+            ended = change(record).model_copy(update={"finished_at": time.time()})
+            return ended if ended.delivery_pending else _released(ended)
 
         record = self.update(job_id, end)
         return record if done else None
+
+    def delivered(self, job_id: str, owner: str, delivery: Delivery) -> None:
+        """Record how `owner` delivered the finished job, and release its lease."""
+
+        def end(record: JobRecord) -> JobRecord | None:
+            if record.lease_owner != owner:
+                return None
+            return _released(record.model_copy(update={"delivery": delivery}))
+
+        self.update(job_id, end)
 
     def audio_path(self, job_id: str) -> Path:
         return self._dir(job_id) / "audio"
@@ -204,6 +237,10 @@ class JobStore:
             counts["retried"] += record.runs > 1
         return counts
 
+    def interrupted(self) -> list[str]:
+        """Jobs a run started and did not finish, or finished and did not deliver."""
+        return [r.id for r in self._records(lambda r: r.status == "running" or r.delivery_pending)]
+
     def _records(self, keep: Callable[[JobRecord], bool]) -> Iterator[JobRecord]:
         for path in self.root.glob("*/record.json") if self.root.exists() else ():
             with contextlib.suppress(FileNotFoundError, ValueError):
@@ -218,3 +255,7 @@ class JobStore:
         for record in expired:
             shutil.rmtree(self._dir(record.id), ignore_errors=True)
         return len(expired)
+
+
+def _released(record: JobRecord) -> JobRecord:
+    return record.model_copy(update={"lease_owner": None, "lease_expires": None})

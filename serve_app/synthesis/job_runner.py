@@ -1,14 +1,15 @@
 """One durable job's run, in a `Jobs` consumer replica, over the model and stitcher handles: the
 request prepared as `/v1/tts` prepares it, its chunks fanned out (at most `max_in_flight` at once)
 and each checkpointed in the store as it finishes, then stitched (watermark, encoding) and stored,
-then delivered.
+then delivered (upload, webhook).
 
 A run holds the job's lease in the store and renews it every third of `lease_s`: a second delivery
 of the same job (Celery redelivers a task whose consumer died, or one unacknowledged for longer than
 its visibility timeout) waits while the lease is live, then resumes from the checkpointed chunks.
 Since chunk i's seed is the job's seed + i and checkpoints keep the exact float32 samples, a resumed
 job with a seed gives the same bytes as an uninterrupted one. A lease that cannot be renewed (the
-job was cancelled) cancels the run, and its chunk calls with it."""
+job was cancelled) cancels the run, and its chunk calls with it. A finished job keeps its lease
+until it is delivered: a run that dies in between leaves the delivery to the next one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
@@ -30,17 +32,12 @@ from serve_app.jobs.records import JobError, JobRecord, JobView
 from serve_app.jobs.runpod import runpod_status
 from serve_app.jobs.store import JobStore
 from serve_app.schemas import ChunkJob, SynthesisRequest, SynthesisResult
+from serve_app.synthesis.audio import CONTENT_TYPES
 from serve_app.synthesis.fanout import finished_in_order
 from serve_app.synthesis.prepare import Preparer
 
 logger = logging.getLogger("ray.serve")
-CONTENT_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "opus": "audio/ogg",
-    "mp3": "audio/mpeg",
-    "pcm": "audio/L16",
-}
+T = TypeVar("T")
 
 
 class JobRunner:
@@ -61,27 +58,36 @@ class JobRunner:
         self._max_in_flight = max_in_flight
 
     async def run(self, job_id: str) -> str:
-        """Run (or resume, or wait for) the job; its status once this delivery is done with it."""
+        """Run (or resume, or wait for) the job, then deliver what it asked for; its status once this
+        delivery of the task is done with it."""
         owner = uuid.uuid4().hex
-        renew_every = self._config.lease_s / 3
         while (
             answer := await asyncio.to_thread(self._store.acquire_lease, job_id, owner, self._config.lease_s)
         ) == "held":
-            await asyncio.sleep(renew_every)  # another run's lease is live: wait for it to end or lapse
+            await asyncio.sleep(self._config.lease_s / 3)  # another run's lease is live: wait for it
+        record = None
         if answer == "acquired":
-            work = asyncio.ensure_future(self._run(job_id, owner))
-            while not work.done():
-                await asyncio.wait({work}, timeout=renew_every)
-                if not work.done() and not await asyncio.to_thread(
-                    self._store.renew_lease, job_id, owner, self._config.lease_s
-                ):
-                    work.cancel()  # cancelled (or, after a stall, taken over): store nothing more
-            with contextlib.suppress(asyncio.CancelledError):
-                record = await work
-                if record is not None:
-                    await asyncio.to_thread(self._deliver, record)
+            record = await self._holding_lease(job_id, owner, self._run(job_id, owner))
+        elif answer == "deliver":  # an earlier run finished the job and died before delivering
+            record = await asyncio.to_thread(self._store.get, job_id)
+        if record is not None and record.delivery_pending:
+            await self._holding_lease(job_id, owner, asyncio.to_thread(self._deliver, record, owner))
         record = await asyncio.to_thread(self._store.get, job_id)
         return "expired" if record is None else record.status
+
+    async def _holding_lease(self, job_id: str, owner: str, work: Awaitable[T]) -> T | None:
+        """Await `work` while renewing `owner`'s lease every third of `lease_s`; a lease that cannot
+        be renewed (the job was cancelled, or another run took over after a stall) cancels it."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            await asyncio.wait({task}, timeout=self._config.lease_s / 3)
+            if not task.done() and not await asyncio.to_thread(
+                self._store.renew_lease, job_id, owner, self._config.lease_s
+            ):
+                task.cancel()  # store nothing more
+        with contextlib.suppress(asyncio.CancelledError):
+            return await task
+        return None
 
     async def _run(self, job_id: str, owner: str) -> JobRecord | None:
         fields, reference = await asyncio.to_thread(self._store.request, job_id)
@@ -113,7 +119,7 @@ class JobRunner:
     ) -> list[np.ndarray]:
         """Every chunk's audio: the checkpointed ones, the rest synthesised and checkpointed. A failed
         chunk is retried (`chunk_retries`, doubling delays); an input error at once is final."""
-        done = await asyncio.to_thread(self._store.chunks, job_id)
+        done = await asyncio.to_thread(self._store.resume, job_id, owner, sample_rate)
         for attempt in range(self._config.chunk_retries + 1):
             missing = [i for i in range(len(jobs)) if i not in done]
             try:
@@ -150,7 +156,7 @@ class JobRunner:
             {},
         )
 
-    def _deliver(self, record: JobRecord) -> None:
+    def _deliver(self, record: JobRecord, owner: str) -> None:
         """Upload the audio and call the webhook, as the job asked; the outcome goes in its record."""
         config = self._config
         delivery = record.delivery.model_copy()
@@ -178,7 +184,7 @@ class JobRunner:
                 delivery.webhook_delivered = True
         except Exception as error:
             delivery.webhook_delivered, delivery.error = False, f"webhook: {error}"
-        self._store.update(record.id, lambda r: r.model_copy(update={"delivery": delivery}))
+        self._store.delivered(record.id, owner, delivery)
 
     def _webhook_body(self, record: JobRecord) -> dict:
         if record.webhook_shape == "runpod":

@@ -85,7 +85,7 @@ def jobs_args(tmp: Path, redis_url: str, **jobs: object) -> AppArgs:
         max_batch_size=8,
         max_new_tokens=CHUNK_MAX_NEW_TOKENS,
         watermark=True,
-        limits={"max_text_chars": 5000, "max_active_requests": 8},
+        limits={"max_text_chars": 6000, "max_active_requests": 8},  # /v1/tts of the fault test's texts
         ingress={"num_cpus": 0, "max_ongoing_requests": 16},
         stitcher={"num_cpus": 0},
         voices={"store_dir": str(tmp / "voices")},
@@ -144,6 +144,10 @@ class Receiver:
     url: str
     requests: list[Received] = field(default_factory=list)
     fail_first: int = 0  # answer this many requests with 503 first
+    # Hold the first request unanswered until `release` is set (or 60 s); `stalled` is set as it comes.
+    stall_first: bool = False
+    stalled: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
         deadline = time.monotonic() + timeout
@@ -161,6 +165,10 @@ def receiver() -> Iterator[Receiver]:
         def _record(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             target = state["receiver"]
+            if target.stall_first and not target.stalled.is_set():
+                target.stalled.set()
+                target.release.wait(60)
+                return  # no answer: the connection closes
             if failures["seen"] < target.fail_first:
                 failures["seen"] += 1
                 self.send_response(503)
@@ -182,6 +190,7 @@ def receiver() -> Iterator[Receiver]:
     try:
         yield state["receiver"]
     finally:
+        state["receiver"].release.set()
         server.shutdown()
         server.server_close()
 

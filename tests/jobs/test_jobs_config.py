@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,15 @@ from ray.serve.config import AutoscalingConfig
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.deployments.jobs import QUEUE_LENGTH_POLICY, Jobs
-from serve_app.jobs.broker import task_processor_config
+from serve_app.jobs.broker import (
+    RUN_JOB_TASK,
+    jobs_root,
+    make_dirs,
+    requeue_interrupted,
+    task_processor_config,
+)
+from serve_app.jobs.records import JobRecord, new_job_id
+from serve_app.jobs.store import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +78,26 @@ def test_autoscaled_consumers_need_redis_and_leases_lapse_before_redelivery():
         AppArgs(jobs={"consumer": {"max_replicas": 3}})
     with pytest.raises(ValidationError, match="lease_s must be below"):
         AppArgs(jobs={"lease_s": 60, "visibility_timeout_s": 30})
+
+
+def test_the_filesystem_broker_gets_a_dead_consumers_jobs_again(tmp_path):
+    """kombu's filesystem transport deletes a message as it hands it out: the jobs a dead consumer
+    held are queued again (real broker files), the queued and finished ones are not."""
+    jobs = AppArgs(jobs={"dir": str(tmp_path)}).jobs
+    make_dirs(jobs)
+    store = JobStore(jobs_root(jobs), jobs.retention_s)
+    ids = [new_job_id() for _ in range(3)]
+    for job_id in ids:
+        store.create(JobRecord(id=job_id, format="wav", chunks_total=2, created_at=time.time()), {}, None)
+    queued, running, finished = ids
+    store.acquire_lease(running, "dead-run", lease_s=60)
+    store.acquire_lease(finished, "run", lease_s=60)
+    store.finish(finished, "run", lambda r: r.model_copy(update={"status": "completed"}), {})
+
+    assert requeue_interrupted(jobs, store) == [running]
+    assert store.get(queued).status == "queued"  # its own message is still in the queue
+    messages = [json.loads(path.read_bytes()) for path in (tmp_path / "broker" / "queue").iterdir()]
+    assert [message["headers"]["id"] for message in messages] == [running]
+    assert messages[0]["headers"]["task"] == RUN_JOB_TASK
+    redis = AppArgs(jobs={"dir": str(tmp_path), "broker_url": "redis://127.0.0.1:1/0"}).jobs
+    assert requeue_interrupted(redis, store) == []  # Celery redelivers from Redis itself

@@ -13,7 +13,8 @@ import soundfile as sf
 import srt
 import webvtt
 
-from tests.jobs.conftest import wait_job
+from serve_app.jobs.config import CONSUMER_DEPLOYMENT
+from tests.jobs.conftest import kill, replica_actors, wait_job
 from tests.serve.test_serve_app import paragraph
 
 TEXT = paragraph(700, 4)
@@ -40,6 +41,31 @@ def test_output_url_gets_the_audio_and_webhook_the_final_status(jobs_app, receiv
     assert status["delivery"]["output_uploaded"] is True
     final = wait_job(jobs_app, job_id)
     assert final["delivery"] == {"output_uploaded": True, "webhook_delivered": True, "error": None}
+
+
+def test_a_consumer_killed_while_delivering_leaves_the_delivery_to_the_next(jobs_app, receiver):
+    """The job finished, its upload stalls and its consumer dies: Redis redelivers the task, and the
+    next run delivers (before, the finished job was never delivered)."""
+    receiver.stall_first = True
+    body = {
+        "text": TEXT,
+        "seed": 5,
+        "output_url": f"{receiver.url}/out.wav",
+        "webhook": f"{receiver.url}/hook",
+    }
+    job_id = httpx.post(f"{jobs_app.url}/v1/jobs", json=body, timeout=60).json()["id"]
+    assert receiver.stalled.wait(120)
+    assert wait_job(jobs_app, job_id)["status"] == "completed"
+    (consumer,) = replica_actors(CONSUMER_DEPLOYMENT)
+    kill(consumer)
+    receiver.release.set()
+    put, hook = receiver.wait_for(2, timeout=120)
+    assert (put.method, put.path) == ("PUT", "/out.wav")
+    assert put.body == httpx.get(f"{jobs_app.url}/v1/jobs/{job_id}/audio", timeout=30).content
+    assert json.loads(hook.body)["delivery"]["output_uploaded"] is True
+    final = wait_job(jobs_app, job_id)
+    assert final["delivery"] == {"output_uploaded": True, "webhook_delivered": True, "error": None}
+    assert len(receiver.requests) == 2  # delivered once
 
 
 def test_captions_of_a_job_parse_and_match_its_audio(jobs_app):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from serve_app.jobs.records import JobRecord, new_job_id
+from serve_app.jobs.records import Delivery, JobRecord, new_job_id
 from serve_app.jobs.store import JobStore
 
 
@@ -84,3 +84,65 @@ def test_finished_jobs_expire_after_retention(tmp_path):
     assert store.sweep(now=now + 11) == 1
     assert store.get(old.id) is None
     assert store.get(running.id) is not None  # unfinished jobs never expire
+
+
+def finish_with_webhook(store: JobStore, owner: str) -> JobRecord:
+    job = JobRecord(
+        id=new_job_id(), format="wav", chunks_total=1, created_at=time.time(), webhook="http://127.0.0.1/h"
+    )
+    store.create(job, {"text": "hello"}, None)
+    assert store.acquire_lease(job.id, owner, lease_s=0.5) == "acquired"
+    return store.finish(job.id, owner, lambda r: r.model_copy(update={"status": "completed"}), {})
+
+
+def test_a_finished_job_keeps_its_lease_until_delivered(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    done = finish_with_webhook(store, "run")
+    assert done.delivery_pending and done.lease_owner == "run"
+    assert store.interrupted() == [done.id]
+    assert store.acquire_lease(done.id, "second", lease_s=5) == "held"  # the run is delivering
+    assert store.renew_lease(done.id, "run", lease_s=0.5)
+    store.delivered(done.id, "run", Delivery(webhook_delivered=True))
+    record = store.get(done.id)
+    assert record.lease_owner is None and record.delivery.webhook_delivered is True
+    assert not record.delivery_pending and store.interrupted() == []
+    assert store.acquire_lease(done.id, "second", lease_s=5) == "finished"
+
+
+def test_a_run_that_died_before_delivering_leaves_it_to_the_next(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    done = finish_with_webhook(store, "run")
+    time.sleep(0.6)  # the run died after finishing: its lease lapses
+    assert store.acquire_lease(done.id, "second", lease_s=5) == "deliver"
+    record = store.get(done.id)
+    assert record.status == "completed" and record.runs == 1 and record.lease_owner == "second"
+    store.delivered(done.id, "run", Delivery(webhook_delivered=True))  # not the holder: ignored
+    assert store.get(done.id).delivery_pending
+    store.delivered(done.id, "second", Delivery(webhook_delivered=False, error="webhook: 500"))
+    assert not store.get(done.id).delivery_pending  # tried: the outcome is in the record
+
+
+def test_interrupted_lists_started_unfinished_jobs_only(tmp_path):
+    store = JobStore(tmp_path, retention_s=60)
+    queued, running = make_job(store), make_job(store)
+    store.acquire_lease(running.id, "run", lease_s=5)
+    assert queued.id not in store.interrupted() == [running.id]
+
+
+def test_a_resumed_run_counts_the_chunks_it_finds(tmp_path):
+    """A run killed between writing chunk 1's file and counting it: the next run's progress is
+    counted from the files, so a finished job shows every chunk done."""
+    store = JobStore(tmp_path, retention_s=60)
+    job = make_job(store)
+    audio = np.ones(2400, dtype=np.float32)
+    assert store.acquire_lease(job.id, "dead", lease_s=0.3) == "acquired"
+    assert store.save_chunk(job.id, 0, audio, 24_000, "dead")
+    np.save(tmp_path / "jobs" / job.id / "chunks" / "00001.npy", audio)  # written, never counted
+    assert store.get(job.id).chunks_done == 1
+    time.sleep(0.4)
+    assert store.acquire_lease(job.id, "next", lease_s=5) == "acquired"
+    assert sorted(store.resume(job.id, "late", 24_000)) == [0, 1]  # not the holder: no recount
+    assert store.get(job.id).chunks_done == 1
+    assert sorted(store.resume(job.id, "next", 24_000)) == [0, 1]
+    record = store.get(job.id)
+    assert record.chunks_done == 2 and record.audio_seconds == 0.2
