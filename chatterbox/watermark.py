@@ -18,7 +18,6 @@ import itertools
 import threading
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -157,6 +156,8 @@ def _get_net() -> PerthNet:
 
 def apply_watermark(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     """The watermarked copy of a mono float waveform (same length as PerTh gives, float32)."""
+    import librosa  # here, not at the top: the GPU suite runs the model without librosa
+
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:
         raise ValueError(f"watermarking takes mono audio, got shape {wav.shape}")
@@ -178,6 +179,8 @@ def apply_watermark(wav: np.ndarray, sample_rate: int) -> np.ndarray:
 
 def detect_watermark(wav: np.ndarray, sample_rate: int) -> float:
     """PerTh's watermark confidence, rounded to 0 or 1 as PerTh reports it (1.0 for our output)."""
+    import librosa
+
     wav = np.asarray(wav, dtype=np.float32)
     if sample_rate != PERTH_SR:
         wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=PERTH_SR, res_type="polyphase")
