@@ -143,9 +143,7 @@ NANO = replace(FULL, t3_width=768, t3_layers=12)
 SIZES = {"tiny": TINY, "nano": NANO, "full": FULL}
 
 
-# --------------------------------------------------------------------------------------------
 # Random tensors at the modules' own initial scales
-# --------------------------------------------------------------------------------------------
 
 
 class _StateDictBuilder:
@@ -510,9 +508,7 @@ def builtin_conditionals(dims: CheckpointDims, seed: int) -> dict[str, dict[str,
     }
 
 
-# --------------------------------------------------------------------------------------------
 # A small byte-level BPE in the GPT-2 file format
-# --------------------------------------------------------------------------------------------
 
 _BPE_CORPUS = """\
 The quick brown fox jumps over the lazy dog. Hello world, this is a test of the speech service.

@@ -27,9 +27,7 @@ VE_N_FFT = 400
 VE_HOP = 160
 
 
-# ---------------------------------------------------------------------------------------------
 # Resampling 24 kHz -> 16 kHz: the reference uses two different resamplers (turbo-spec 1.1)
-# ---------------------------------------------------------------------------------------------
 
 
 def soxr_resample_24k_to_16k(wav_24k: np.ndarray) -> np.ndarray:
@@ -78,11 +76,6 @@ def sinc_resample_24k_to_16k(wav_24k: Tensor) -> Tensor:
     phases = torch.nn.functional.conv1d(padded, kernel, stride=_SINC_IN)  # (B, out, frames)
     out = phases.transpose(1, 2).reshape(padded.shape[0], -1)  # phases interleaved in time order
     return out[:, : math.ceil(_SINC_OUT * n / _SINC_IN)].reshape(*lead, -1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Spectrograms
-# ---------------------------------------------------------------------------------------------
 
 
 def tokenizer_log_mel(wav_16k: Tensor, mel_filters: Tensor, window: Tensor) -> Tensor:
