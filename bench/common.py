@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,6 +24,11 @@ def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values``; NaN when there are none."""
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 def hardware_name(device: str) -> str:
