@@ -168,16 +168,8 @@ class Suite:
         from bench.t3 import make_requests
 
         p, greedy_sampling = self.profile, {"top_k": 1} if greedy else {}
-        return make_requests(
-            n,
-            new_tokens + 1,
-            p.prompt_tokens,
-            p.text_tokens,
-            self.dims.speaker_dim,
-            self.text_vocab,
-            self.args.seed,
-            **greedy_sampling,
-        )
+        size = (p.prompt_tokens, p.text_tokens, self.dims.speaker_dim, self.text_vocab)
+        return make_requests(n, new_tokens + 1, *size, self.args.seed, **greedy_sampling)
 
     def s3gen_requests(self, n: int) -> list[S3GenRequest]:
         from bench.s3gen import make_inputs, requests_from
@@ -446,27 +438,21 @@ class Suite:
 
     def s3gen_compile(self) -> None:
         """One batch through the eager S3Gen and a compiled copy, compiled for that shape alone."""
-        from bench.s3gen import compare_compiled, make_inputs, requests_from
+        from bench.s3gen import compare_compiled
 
-        batch, tokens, prompt = (
-            self.profile.compile_batch,
-            self.profile.s3gen_tokens,
-            self.profile.prompt_tokens,
-        )
+        batch, args = self.profile.compile_batch, self.args
         settings = argparse.Namespace(
-            device=self.args.device,
-            dtype=self.args.dtype,
-            threads=self.args.threads,
-            tokens=tokens,
-            prompt_tokens=prompt,
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            tokens=self.profile.s3gen_tokens,
+            prompt_tokens=self.profile.prompt_tokens,
             repeats=2,
         )
-        requests = requests_from(make_inputs(batch, tokens, prompt), batch)
+        compiled = self.load_s3gen(DTYPES[args.dtype])
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
-            compare_compiled(
-                settings, self.tts.s3gen, self.load_s3gen(DTYPES[self.args.dtype]), requests, [batch]
-            )
+            compare_compiled(settings, self.tts.s3gen, compiled, self.s3gen_requests(batch), [batch])
         self.results["s3gen_compile"] = table.getvalue().strip()
 
     def environment(self) -> None:

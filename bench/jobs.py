@@ -20,7 +20,6 @@ import argparse
 import base64
 import io
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ import ray
 import soundfile as sf
 from ray import serve
 
+from bench.common import free_port
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.synthesis.chunking import split_text
@@ -53,12 +53,6 @@ def script(chars: int) -> str:
             paragraphs.append(" ".join(sentences))
             sentences = []
     return "\n\n".join([*paragraphs, " ".join(sentences)]).strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_job(url: str, text: str, seed: int) -> tuple[float, float, float]:

@@ -18,7 +18,6 @@ import asyncio
 import gc
 import math
 import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import ray
 import torch
 from ray import serve
 
-from bench.common import percentile
+from bench.common import free_port, percentile
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
@@ -171,12 +170,6 @@ async def run_stream_level(url: str, concurrency: int, rounds: int, budget_s: fl
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=timeout) as http:
         await asyncio.gather(*(client(i, http) for i in range(concurrency)))
     return level
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
