@@ -369,7 +369,8 @@ class Suite:
         self.results["weights_bytes_allocated"] = base
 
     def reference_rate(self) -> None:
-        from reference.oracle import reference_available, run_reference
+        from bench.t3 import reference_sequential
+        from reference.oracle import reference_available
 
         if not reference_available():
             self.notes.append("Reference fp32 batch-1 rate skipped: no reference venv (reference/setup.sh).")
@@ -379,23 +380,10 @@ class Suite:
                 f"Reference fp32 batch-1 rate skipped: upstream T3 is full-size only, not {self.args.size}."
             )
             return
-        request = self.t3_requests(1, 1, greedy=False)[0]
-        tensors = {
-            "0.speaker_emb": request.speaker_emb,
-            "0.prompt": request.prompt_speech_tokens,
-            "0.text": request.text_tokens,
-        }
-        tokens = 200
-        _, ref = run_reference(
-            "t3.timed_sequential",
-            tensors,
-            t3_file=str(self.t3_file),
-            requests=1,
-            tokens=tokens,
-            threads=torch.get_num_threads(),
-            device=self.args.device,
+        seconds, tokens = reference_sequential(
+            self.t3_file, self.t3_requests(1, 1, greedy=False), 200, torch.get_num_threads(), self.args.device
         )
-        self.results["reference_fp32_batch1_tokens_per_s"] = sum(ref["tokens"]) / sum(ref["seconds"])
+        self.results["reference_fp32_batch1_tokens_per_s"] = tokens / seconds
 
     def streaming(self) -> None:
         """Concurrent token streams through one engine (default hop schedule), after a warm-up."""

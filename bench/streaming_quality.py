@@ -117,7 +117,7 @@ def stream_and_measure(
             s3gen.generate([request], [PositionalNoise(seed, s3gen.device).utterance(request)])[0]
             for seed in (request.seed, request.seed + 1000)
         )
-        results.append(measure(pieces, full, reseeded, schedule.overlap_frames))
+        results.append(measure(pieces, full.float().cpu(), reseeded.float().cpu(), schedule.overlap_frames))
     return results
 
 

@@ -10,7 +10,7 @@ The request is the first chunk the Serve ingress cuts from a long text. Chunk-le
 the same engine, request and seed, alternately, ``--repeats`` times. A random T3 rarely draws STOP,
 so each request samples as many tokens as a voice speaks its text in (``--chars-per-second``).
 ``--first-hops`` times one engine per first hop side by side, then the seam error of each
-(``bench.streaming_quality.measure``). Then per first hop and concurrency level, that many streams
+(``bench.streaming_quality``). Then per first hop and concurrency level, that many streams
 at once: first audio p50/p95, real-time factor (request to last piece over audio length), and
 underruns: pieces arriving over 100 ms after all before them finished playing (vLLM-Omni's count).
 """
@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from bench.common import percentile
-from bench.streaming_quality import StreamQuality, measure
+from bench.streaming_quality import StreamQuality, stream_and_measure
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.engine.config import DEFAULT_HOP_SCHEDULE
 from chatterbox.hub import local_checkpoint
-from chatterbox.s3gen.streaming import HopSchedule, PositionalNoise, StreamingS3Gen
+from chatterbox.s3gen.streaming import HopSchedule
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
 
@@ -112,13 +112,7 @@ def first_hop_schedule(first_hop: int) -> HopSchedule:
 def seam_error(tts: TurboTTS, request: TTSRequest, schedule: HopSchedule) -> StreamQuality:
     """The request's tokens streamed with ``schedule`` against their full decode (same draws)."""
     job = tts.jobs([request])[0]
-    s3_request = job.s3gen_request(tts.speech_tokens([request])[0])
-    pieces = StreamingS3Gen(tts.s3gen, schedule).stream_tokens([s3_request])[0]
-    full, reseeded = (
-        tts.s3gen.generate([s3_request], [PositionalNoise(seed, tts.s3gen.device).utterance(s3_request)])[0]
-        for seed in (s3_request.seed, s3_request.seed + 1000)
-    )
-    return measure(pieces, full.float().cpu(), reseeded.float().cpu(), schedule.overlap_frames)
+    return stream_and_measure(tts.s3gen, schedule, [job.s3gen_request(tts.speech_tokens([request])[0])])[0]
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -57,6 +57,30 @@ def make_requests(
     return requests
 
 
+def reference_sequential(
+    t3_file: Path, requests: list[T3Request], tokens: int, threads: int, device: str
+) -> tuple[float, int]:
+    """Seconds and tokens of upstream's ``T3.inference_turbo`` on ``requests`` one at a time, each
+    sampling ``tokens`` tokens (the oracle venv, on the same weights file)."""
+    tensors = {}
+    for i, r in enumerate(requests):
+        tensors |= {
+            f"{i}.speaker_emb": r.speaker_emb,
+            f"{i}.prompt": r.prompt_speech_tokens,
+            f"{i}.text": r.text_tokens,
+        }
+    _, ref = run_reference(
+        "t3.timed_sequential",
+        tensors,
+        t3_file=str(t3_file),
+        requests=len(requests),
+        tokens=tokens,
+        threads=threads,
+        device=device,
+    )
+    return sum(ref["seconds"]), sum(ref["tokens"])
+
+
 def timed_generate(model: T3, requests: list[T3Request]) -> tuple[float, int]:
     out: list[torch.Tensor] = []
     seconds = timed(
@@ -100,26 +124,9 @@ def main() -> None:
         if not args.no_reference:
             if not reference_available():
                 sys.exit("reference venv missing: set REF_VENV or pass --no-reference")
-            tensors = {}
-            for i, r in enumerate(baseline):
-                tensors.update(
-                    {
-                        f"{i}.speaker_emb": r.speaker_emb,
-                        f"{i}.prompt": r.prompt_speech_tokens,
-                        f"{i}.text": r.text_tokens,
-                    }
-                )
-            _, ref = run_reference(
-                "t3.timed_sequential",
-                tensors,
-                t3_file=str(t3_file),
-                requests=len(baseline),
-                tokens=args.tokens,
-                threads=args.threads,
-                device=args.device,
-            )
+            seconds, tokens = reference_sequential(t3_file, baseline, args.tokens, args.threads, args.device)
             label = "upstream inference_turbo, 1 by 1"
-            rows.append((label, 1, len(baseline), args.tokens, sum(ref["seconds"]), sum(ref["tokens"])))
+            rows.append((label, 1, len(baseline), args.tokens, seconds, tokens))
         seconds = tokens = 0
         for request in baseline:
             s, n = timed_generate(model, [request])
