@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,6 +25,18 @@ def timed(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values``; NaN when there are none."""
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a local Serve app)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def hardware_name(device: str) -> str:

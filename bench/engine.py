@@ -4,21 +4,12 @@
     python -m bench.engine --size full --device cuda --dtype bf16 --tokens 250 \\
         --concurrency 1,8,32,64 --baseline-requests 4              # Turbo size, 10 s requests, GPU
 
-Text in, watermarked 24 kHz audio out, with the checkpoint's built-in voice on both sides (so no
-voice conditioning is timed). Every request samples exactly ``--tokens`` speech tokens (stop token
-ignored; 25 tokens = 1 s, plus the 120 ms of silence S3Gen appends), so all rows produce equal
-lengths. In one run, on the same seeded random weights and device:
-
-- upstream ``ChatterboxTurboTTS.generate`` (fp32, as upstream runs) on ``--baseline-requests``
-  requests one at a time, in the oracle venv (``REF_VENV``), its stop logit masked out;
-- ours one request at a time, on the same requests;
-- ours batched: one ``generate`` call per concurrency level.
-
-Each side is warmed up first with one request of the measured length. Ours is timed as
-``generate(watermark=False)`` followed by the watermark of each output, which is exactly what
-``generate(watermark=True)`` does, so one run gives the figure with and without the watermark.
-``--size nano`` puts a GPT-2 small T3 (768x12, ``t3_nano_v1.safetensors``) beside the Turbo-size
-S3Gen, voice encoder, tokenizer and ``conds.pt``. Prints one markdown table.
+Text in, watermarked 24 kHz audio out, built-in voice on both sides; every request samples exactly
+``--tokens`` speech tokens (stop token ignored). On the same seeded weights and device: upstream
+(fp32, oracle venv, stop logit masked) and ours one request at a time on ``--baseline-requests``
+requests, then ours batched at each ``--concurrency``, each side warmed up first. Ours is timed as
+``generate(watermark=False)`` plus the watermark of each output (what ``watermark=True`` does), so
+one run gives both figures. ``--size nano`` puts a GPT-2 small T3 beside the Turbo-size rest.
 """
 
 from __future__ import annotations

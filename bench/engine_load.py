@@ -4,22 +4,13 @@
     python -m bench.engine_load --quick          # tiny checkpoint, few short requests (CI dry run, < 2 min)
     python -m bench.engine_load --device cuda --size full --dtype bf16 --max-batch-size 32 --requests 96
 
-Requests arrive as a seeded Poisson process (open loop: arrivals never wait for answers), each
-with its own text, seed and length: ``--min-tokens``..``--max-tokens`` speech tokens drawn per
-request (50-500 = 2-20 s of audio), stop token ignored so every request makes exactly its length.
-Both engines serve the same request list at each rate, one after the other on the same model:
-
-- **static**: the replica's batcher before TurboEngine. Whenever the model is free it takes up to
-  ``--max-batch-size`` waiting requests and runs ``TurboTTS.generate`` on them (T3 until the
-  batch's longest row is done, then S3Gen on the whole batch); requests that arrive meanwhile wait.
-- **engine**: ``TurboEngine`` with ``--max-batch-size`` slots; every request is submitted as it
-  arrives and joins the running decode at the next step.
-
-The rates are fractions (``--load``) of the static engine's capacity, measured first: its audio
-seconds per second on full batches of requests drawn like the others. Both engines are warmed up
-first. Reported per engine and rate: audio s/s (audio of all requests / first arrival to last
-answer), latency (arrival to audio) p50/p95/p99, queue wait p50 (arrival to its batch's start, or
-to its engine slot), and the mean live batch: speech tokens sampled per decode step.
+Requests arrive as a seeded Poisson process (arrivals never wait for answers), each with its own
+text, seed and ``--min-tokens``..``--max-tokens`` length (stop token ignored). Both engines serve
+the same list at each rate (``--load``: fractions of the static batcher's capacity on full
+batches): **static** runs ``TurboTTS.generate`` on up to ``--max-batch-size`` waiting requests
+whenever the model is free; **engine** submits each request to ``TurboEngine`` as it arrives.
+Reported: audio s/s, latency (arrival to audio) p50/p95/p99, queue wait p50 (to its batch's start
+or engine slot) and the mean live batch (speech tokens per decode step).
 """
 
 from __future__ import annotations
@@ -168,6 +159,43 @@ def row(engine: str, load: float, rate: float, run: Run) -> str:
     )
 
 
+TABLE_HEADER = (
+    "| engine | load | req/s | requests | audio s/s | latency p50 s | p95 s | p99 s "
+    "| queue wait p50 s | mean live batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def load_rows(
+    tts: TurboTTS, max_batch_size: int, loads: list[float], lengths: np.ndarray, gaps: np.ndarray
+) -> tuple[float, list[str]]:
+    """The static capacity (audio s/s), and a table row per engine and load (both warmed up first)."""
+    engine = TurboEngine(tts, EngineConfig(max_slots=max_batch_size))
+    engine.start()
+    lines = []
+    try:
+        warm_up = make_arrivals(np.full(2, lengths.min()), gaps[:2], 1e9)
+        asyncio.run(run_static(tts, warm_up, max_batch_size))
+        asyncio.run(run_engine(engine, warm_up, "warm-up"))
+        # Capacity: full static batches of requests drawn like the measured ones, all at once.
+        full = make_arrivals(lengths[:max_batch_size], gaps[:max_batch_size], 1e9)
+        capacity_run = asyncio.run(run_static(tts, full, max_batch_size))
+        capacity = sum(s.audio_s for s in capacity_run.served) / max(
+            s.finished_s for s in capacity_run.served
+        )
+        progress(f"static capacity {capacity:.2f} audio s/s")
+        mean_audio_s = float(np.mean(lengths)) / TOKEN_HZ + 0.12  # + S3Gen's trailing silence
+        for load in loads:
+            rate = load * capacity / mean_audio_s  # requests per second
+            arrivals = make_arrivals(lengths, gaps, rate)
+            lines.append(row("static", load, rate, asyncio.run(run_static(tts, arrivals, max_batch_size))))
+            progress(lines[-1])
+            lines.append(row("engine", load, rate, asyncio.run(run_engine(engine, arrivals, f"load-{load}"))))
+            progress(lines[-1])
+    finally:
+        engine.close()
+    return capacity, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, ("tiny", "nano", "full"))
@@ -187,49 +215,19 @@ def main() -> None:
     if args.quick:
         vars(args).update(QUICK)
     torch.set_num_threads(args.threads)
-    loads = [float(x) for x in args.load.split(",")]
     lengths, gaps = draw_lengths(args.requests, args.min_tokens, args.max_tokens, args.seed)
-
     began = time.monotonic()
-    lines = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-load-") as tmp:
         ckpt_dir = checkpoint_dir(args.size, args.checkpoint, Path(tmp))
         tts = TurboTTS.from_checkpoint(
             local_checkpoint(ckpt_dir), device=args.device, dtype=DTYPES[args.dtype]
         )
-        engine = TurboEngine(tts, EngineConfig(max_slots=args.max_batch_size))
-        engine.start()
-        try:
-            warm_up = make_arrivals(np.full(2, args.min_tokens), gaps[:2], 1e9)
-            asyncio.run(run_static(tts, warm_up, args.max_batch_size))
-            asyncio.run(run_engine(engine, warm_up, "warm-up"))
-            # Capacity: full static batches of requests drawn like the measured ones, all at once.
-            full = make_arrivals(lengths[: args.max_batch_size], gaps[: args.max_batch_size], 1e9)
-            capacity_run = asyncio.run(run_static(tts, full, args.max_batch_size))
-            capacity = sum(s.audio_s for s in capacity_run.served) / max(
-                s.finished_s for s in capacity_run.served
-            )
-            progress(f"static capacity {capacity:.2f} audio s/s")
-            mean_audio_s = float(np.mean(lengths)) / TOKEN_HZ + 0.12  # + S3Gen's trailing silence
-            for load in loads:
-                rate = load * capacity / mean_audio_s  # requests per second
-                arrivals = make_arrivals(lengths, gaps, rate)
-                lines.append(
-                    row("static", load, rate, asyncio.run(run_static(tts, arrivals, args.max_batch_size)))
-                )
-                progress(lines[-1])
-                lines.append(
-                    row("engine", load, rate, asyncio.run(run_engine(engine, arrivals, f"load-{load}")))
-                )
-                progress(lines[-1])
-        finally:
-            engine.close()
-
+        loads = [float(x) for x in args.load.split(",")]
+        capacity, lines = load_rows(tts, args.max_batch_size, loads, lengths, gaps)
     t3 = tts.t3.config.gpt2
-    hardware = hardware_name(args.device)
     print(
         f"\nOpen-loop Poisson load, {args.size} checkpoint (T3 {t3.width}x{t3.layers}), {args.dtype} on "
-        f"{args.device} ({hardware}, {args.threads} threads, {os.cpu_count()} cores), "
+        f"{args.device} ({hardware_name(args.device)}, {args.threads} threads, {os.cpu_count()} cores), "
         f"{time.strftime('%Y-%m-%d')}. {args.requests} requests per rate of "
         f"{args.min_tokens}-{args.max_tokens} speech tokens (mean {np.mean(lengths) / TOKEN_HZ:.1f} s of "
         "audio), stop token ignored, no watermark; "
@@ -238,11 +236,7 @@ def main() -> None:
         f"slot; live batch = speech tokens per decode step. Total run {time.monotonic() - began:.0f} s.\n"
         f"`python -m bench.engine_load {' '.join(sys.argv[1:])}`\n"
     )
-    print(
-        "| engine | load | req/s | requests | audio s/s | latency p50 s | p95 s | p99 s "
-        "| queue wait p50 s | mean live batch |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(TABLE_HEADER)
     print("\n".join(lines))
 
 

@@ -1,39 +1,31 @@
-"""The CUDA path measured in one offline run; ``bench/gpu_suite.sh`` is the entry point.
-
-The suite imports chatterbox inside its functions: the check for missing packages runs first.
+"""The CUDA path measured in one offline run (entry point: ``bench/gpu_suite.sh``).
 
     bash bench/gpu_suite.sh                          # one CUDA GPU, full-size seeded fixture, bf16
-    bash bench/gpu_suite.sh --device cpu --size tiny # the CI dry run (graphs skipped with a note)
+    bash bench/gpu_suite.sh --device cpu --size tiny # the CI dry run (CUDA-only parts noted)
 
-Builds a seeded random checkpoint with ``chatterbox.testing`` in memory (no download, no Ray) and
-writes ``results.json`` and ``results.md`` into ``--out``:
-
-- precision: bf16 vs fp32 error of T3 logits (along the steps where both runs have fed the same
-  tokens), flow mel, the wave from the bf16 flow, HiFT alone under bf16/fp16 autocast, and greedy-token
-  agreement of a bf16 T3 with the fp32 one over 500 steps (100 at tiny size);
-- T3 decode steps/s and tokens/s of ``DecodeBatch.step`` (the engine's own step, sampling with the
-  service defaults) at each ``--batches`` size, eager (attention over the longest live row) and as
-  CUDA graphs (static shapes: attention over the whole cache under the per-row mask, batch padded
-  to its bucket), with graph capture time and the graphs' self-check;
-- the reference's fp32 batch-1 rate at full size when its venv exists (``reference/setup.sh``; its
-  T3 has the full size built in, so smaller sizes skip it), else a note;
-- time to first token (prefill + first draw, batch 1), peak GPU memory per slot capacity, the
-  measured copy bandwidth and the bandwidth bound of a batch-64 step;
-- ``bench/engine_load.py`` at full size when present (its table, verbatim), else a note.
-
-Random weights: the numbers measure speed and numerical error, not speech quality.
+On a seeded random checkpoint (random weights: speed and numerical error, not speech quality) it
+writes ``results.json`` (after every section) and ``results.md`` into ``--out``: bf16 vs fp32 error
+(T3 logits while both runs fed the same tokens, greedy agreement, flow mel, wave, HiFT under
+autocast); ``DecodeBatch.step`` rates per ``--batches`` size, eager and as CUDA graphs; upstream's
+fp32 batch-1 rate (full size, oracle venv only); time to first token, peak memory per slot
+capacity and the batch-64 bandwidth bound; through ``TurboEngine``, streamed time to first audio
+per concurrency (``bench.streaming_ttfa``) and Poisson load (``bench.engine_load``); last, S3Gen
+eager vs compiled (``bench.s3gen``) at one batch size and length bucket, so the compile stays
+bounded. chatterbox is imported inside functions, after the check for missing packages.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
+import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,22 +34,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bench.common import timed
+from bench.common import DTYPES, timed
 from chatterbox.constants import SPEECH_VOCAB_SIZE
 
 if TYPE_CHECKING:
     from chatterbox.engine import DecodeBatch
     from chatterbox.engine.cuda_graphs import GraphedDecodeStep
+    from chatterbox.s3gen import S3Gen, S3GenRequest
     from chatterbox.t3 import T3Request
 
 # What the suite imports beyond torch (the GPU machine has these, but not ray, librosa,
 # soundfile or perth, which the suite never needs).
 REQUIRED_PACKAGES = ("numpy", "safetensors", "tokenizers")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # What bf16 may cost against fp32, as relative RMS errors (bf16 keeps 8 bits of mantissa, ~0.4 %
 # per rounding): T3's logits and the flow's mel, and the wave the bf16 flow gives through the fp32
 # HiFT. The report marks each figure against its bound; tests/test_bf16_cpu.py holds the tiny
 # checkpoint on the CPU to them.
+# The sections no other section reads, in the order they run (the costliest last).
+SKIPPABLE = ("reference_rate", "streaming", "engine_load", "s3gen_compile")
 BF16_BOUNDS = {"t3_logits_rel_rms": 0.05, "flow_mel_rel_rms": 0.05, "wave_rel_rms": 0.1}
 
 
@@ -72,12 +66,18 @@ class SizeProfile:
     greedy_steps: int  # bf16-vs-fp32 greedy agreement run
     s3gen_tokens: int  # speech tokens per S3Gen request in the precision check
     slot_capacities: tuple[int, ...]  # peak-memory probe
+    compile_batch: int  # S3Gen eager vs compiled: one batch of s3gen_tokens-token requests
+    stream_levels: tuple[int, ...]  # concurrent token streams through the engine
+    stream_tokens: int  # speech tokens per stream
+    load: tuple[int, int, int, int]  # Poisson load: requests, min and max tokens, engine slots
 
 
 PROFILES = {
-    "tiny": SizeProfile(20, 10, 160, 10, 100, 30, (4, 8)),
-    "nano": SizeProfile(375, 50, 1536, 50, 500, 150, (8, 32, 64)),
-    "full": SizeProfile(375, 50, 1536, 100, 500, 150, (8, 32, 64, 128)),
+    "tiny": SizeProfile(20, 10, 160, 10, 100, 30, (4, 8), 2, (1, 2, 4), 20, (4, 25, 75, 4)),
+    "nano": SizeProfile(375, 50, 1536, 50, 500, 150, (8, 32, 64), 16, (1, 16, 64), 150, (32, 50, 250, 32)),
+    "full": SizeProfile(
+        375, 50, 1536, 100, 500, 150, (8, 32, 64, 128), 16, (1, 16, 64), 150, (32, 50, 250, 32)
+    ),
 }
 
 
@@ -135,75 +135,46 @@ def graph_error(graphed: GraphedDecodeStep, slots: int, length: int, device: tor
 
 class Suite:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        """``workdir`` holds the fixture's T3 file (the reference loads it too) while the suite runs."""
-        from safetensors.torch import save_file
-
-        from chatterbox.s3gen import S3Gen
+        """``workdir`` holds the fixture checkpoint (the reference loads its T3 file too)."""
+        from chatterbox.hub import local_checkpoint, t3_weights_file
         from chatterbox.t3 import T3
-        from chatterbox.testing import FULL, SIZES, s3gen_synthesis_state_dict, t3_state_dict
+        from chatterbox.testing import SIZES, make_checkpoint
+        from chatterbox.tts import TurboTTS
 
         self.args = args
         self.device = torch.device(args.device)
         self.dims = SIZES[args.size]
         self.profile = PROFILES[args.size]
-        self.results: dict[str, object] = {}
+        self.results: dict[str, object] = {"section_s": {}}
         self.notes: list[str] = []
         begin = time.perf_counter()
-        self.t3_file = workdir / "t3_turbo_v1.safetensors"
-        self.text_vocab = FULL.t3_text_vocab  # the official tokenizer's ids, at every size
-        assert self.text_vocab is not None
-        save_file(t3_state_dict(self.dims, self.text_vocab, seed=args.seed), self.t3_file)
-        self.t3 = {
-            "fp32": T3.from_file(self.t3_file, self.device, torch.float32),
-            "bf16": T3.from_file(self.t3_file, self.device, torch.bfloat16),
-        }
-        s3gen_sd = s3gen_synthesis_state_dict(self.dims, seed=args.seed)
-        self.s3gen = {
-            "fp32": S3Gen.from_state_dict(s3gen_sd).to_device(self.device, torch.float32),
-            "bf16": S3Gen.from_state_dict(s3gen_sd).to_device(self.device, torch.bfloat16),
-        }
+        self.checkpoint = make_checkpoint(workdir, args.size, seed=args.seed)
+        self.t3_file = t3_weights_file(self.checkpoint)
+        self.tts = TurboTTS.from_checkpoint(
+            local_checkpoint(self.checkpoint), self.device, DTYPES[args.dtype]
+        )
+        self.text_vocab = self.tts.t3.config.text_vocab
+        other = "fp32" if args.dtype == "bf16" else "bf16"
+        self.t3 = {args.dtype: self.tts.t3, other: T3.from_file(self.t3_file, self.device, DTYPES[other])}
+        self.s3gen = {args.dtype: self.tts.s3gen, other: self.load_s3gen(DTYPES[other])}
         self.results["fixture_s"] = time.perf_counter() - begin
 
-    # ------------------------------------------------------------------------------ inputs
+    def load_s3gen(self, dtype: torch.dtype) -> S3Gen:
+        from chatterbox.s3gen import S3Gen
+
+        return S3Gen.from_file(self.checkpoint / "s3gen_meanflow.safetensors", self.device, dtype)
 
     def t3_requests(self, n: int, new_tokens: int, greedy: bool) -> list[T3Request]:
-        from chatterbox.sampling import SamplingParams
-        from chatterbox.t3 import T3Request
+        from bench.t3 import make_requests
 
-        g = torch.Generator().manual_seed(self.args.seed)
-        requests = []
-        for i in range(n):
-            speaker = torch.rand(self.dims.speaker_dim, generator=g)
-            sampling = SamplingParams(seed=i, max_new_tokens=new_tokens, **({"top_k": 1} if greedy else {}))
-            requests.append(
-                T3Request(
-                    text_tokens=torch.randint(0, self.text_vocab, (self.profile.text_tokens,), generator=g),
-                    speaker_emb=speaker / speaker.norm(),
-                    prompt_speech_tokens=torch.randint(
-                        0, SPEECH_VOCAB_SIZE, (self.profile.prompt_tokens,), generator=g
-                    ),
-                    sampling=sampling,
-                )
-            )
-        return requests
+        p, greedy_sampling = self.profile, {"top_k": 1} if greedy else {}
+        size = (p.prompt_tokens, p.text_tokens, self.dims.speaker_dim, self.text_vocab)
+        return make_requests(n, new_tokens + 1, *size, self.args.seed, **greedy_sampling)
 
-    def s3gen_requests(self, n: int) -> list:
-        from chatterbox.s3gen import S3GenRequest
+    def s3gen_requests(self, n: int) -> list[S3GenRequest]:
+        from bench.s3gen import make_inputs, requests_from
 
-        g = torch.Generator().manual_seed(self.args.seed)
-        prompt = self.profile.prompt_tokens
-        return [
-            S3GenRequest(
-                speech_tokens=torch.randint(0, SPEECH_VOCAB_SIZE, (self.profile.s3gen_tokens,), generator=g),
-                prompt_tokens=torch.randint(0, SPEECH_VOCAB_SIZE, (prompt,), generator=g),
-                prompt_feat=torch.randn(2 * prompt, 80, generator=g) * 2 - 6,
-                embedding=torch.randn(192, generator=g),
-                seed=i,
-            )
-            for i in range(n)
-        ]
-
-    # ------------------------------------------------------------------------------ precision
+        return requests_from(make_inputs(n, self.profile.s3gen_tokens, self.profile.prompt_tokens), n)
 
     def precision(self) -> None:
         from chatterbox.engine import generate_tokens
@@ -270,8 +241,6 @@ class Suite:
                 "wave_rel_rms": max(e["rel_rms"] for e in wave_errors),
             }
         self.results["hift_autocast"] = hift
-
-    # ------------------------------------------------------------------------------ decode speed
 
     def decode(self) -> None:
         from chatterbox.engine import DecodeBatch
@@ -347,8 +316,6 @@ class Suite:
             "batch64_fraction_of_bound": best / bound if best else None,
         }
 
-    # ------------------------------------------------------------------------------ latency, memory
-
     def first_token(self) -> None:
         """Prefill + first draw for one request (generate_tokens with one new token: 2 draws)."""
         from chatterbox.engine import generate_tokens
@@ -401,10 +368,9 @@ class Suite:
         self.results["memory"] = rows
         self.results["weights_bytes_allocated"] = base
 
-    # ------------------------------------------------------------------------------ others' benches
-
     def reference_rate(self) -> None:
-        from reference.oracle import reference_available, run_reference
+        from bench.t3 import reference_sequential
+        from reference.oracle import reference_available
 
         if not reference_available():
             self.notes.append("Reference fp32 batch-1 rate skipped: no reference venv (reference/setup.sh).")
@@ -414,63 +380,68 @@ class Suite:
                 f"Reference fp32 batch-1 rate skipped: upstream T3 is full-size only, not {self.args.size}."
             )
             return
-        request = self.t3_requests(1, 1, greedy=False)[0]
-        tensors = {
-            "0.speaker_emb": request.speaker_emb,
-            "0.prompt": request.prompt_speech_tokens,
-            "0.text": request.text_tokens,
-        }
-        tokens = 200
-        _, ref = run_reference(
-            "t3.timed_sequential",
-            tensors,
-            t3_file=str(self.t3_file),
-            requests=1,
-            tokens=tokens,
-            threads=torch.get_num_threads(),
-            device=self.args.device,
+        seconds, tokens = reference_sequential(
+            self.t3_file, self.t3_requests(1, 1, greedy=False), 200, torch.get_num_threads(), self.args.device
         )
-        self.results["reference_fp32_batch1_tokens_per_s"] = sum(ref["tokens"]) / sum(ref["seconds"])
+        self.results["reference_fp32_batch1_tokens_per_s"] = tokens / seconds
+
+    def streaming(self) -> None:
+        """Concurrent token streams through one engine (default hop schedule), after a warm-up."""
+        from bench.streaming_ttfa import CONCURRENCY_HEADER, TEXT, concurrency_row, token_stream
+        from chatterbox.engine import EngineConfig, TurboEngine
+        from chatterbox.sampling import SamplingParams
+        from chatterbox.tts import TTSRequest
+
+        levels, tokens = self.profile.stream_levels, self.profile.stream_tokens
+        engine = TurboEngine(self.tts, EngineConfig(max_slots=max(levels), s3gen_max_batch=max(levels)))
+
+        def request(seed: int) -> TTSRequest:
+            return TTSRequest(TEXT, sampling=SamplingParams(seed=seed, max_new_tokens=tokens))
+
+        async def rows() -> list[str]:
+            await token_stream(engine, request(0))
+            return [await concurrency_row(engine, level, request) for level in levels]
+
+        engine.start()
+        try:
+            self.results["streaming"] = {
+                "tokens": tokens,
+                "table": [CONCURRENCY_HEADER, *asyncio.run(rows())],
+            }
+        finally:
+            engine.close()
 
     def engine_load(self) -> None:
-        script = REPO_ROOT / "bench" / "engine_load.py"
-        if not script.exists():
-            self.notes.append("bench/engine_load.py skipped: not in this checkout.")
-            return
-        if self.args.size != "full":
-            self.notes.append("bench/engine_load.py skipped: it runs at --size full only.")
-            return
-        command = [
-            sys.executable,
-            "-m",
-            "bench.engine_load",
-            "--device",
-            self.args.device,
-            "--size",
-            "full",
-            "--dtype",
-            self.args.dtype,
-            "--max-batch-size",
-            "64",
-            "--requests",
-            "64",
-            "--load",
-            "0.9",
-        ]
-        try:
-            proc = subprocess.run(
-                command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.args.engine_load_timeout
-            )
-        except subprocess.TimeoutExpired:
-            self.notes.append(f"bench/engine_load.py stopped after {self.args.engine_load_timeout} s.")
-            return
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-            self.notes.append(f"bench/engine_load.py failed (exit {proc.returncode}): {last}")
-            return
-        self.results["engine_load"] = {"command": " ".join(command[1:]), "output": proc.stdout}
+        """Open-loop Poisson arrivals at 90 % of the static batcher's capacity, static vs engine."""
+        from bench.engine_load import TABLE_HEADER, draw_lengths, load_rows
 
-    # ------------------------------------------------------------------------------ report
+        requests, min_tokens, max_tokens, slots = self.profile.load
+        lengths, gaps = draw_lengths(requests, min_tokens, max_tokens, self.args.seed)
+        capacity, rows = load_rows(self.tts, slots, [0.9], lengths, gaps)
+        self.results["engine_load"] = {
+            "setup": f"{requests} requests of {min_tokens}-{max_tokens} tokens, {slots} slots / static batch",
+            "static_capacity_audio_s_per_s": capacity,
+            "table": [TABLE_HEADER, *rows],
+        }
+
+    def s3gen_compile(self) -> None:
+        """One batch through the eager S3Gen and a compiled copy, compiled for that shape alone."""
+        from bench.s3gen import compare_compiled
+
+        batch, args = self.profile.compile_batch, self.args
+        settings = argparse.Namespace(
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            tokens=self.profile.s3gen_tokens,
+            prompt_tokens=self.profile.prompt_tokens,
+            repeats=2,
+        )
+        compiled = self.load_s3gen(DTYPES[args.dtype])
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            compare_compiled(settings, self.tts.s3gen, compiled, self.s3gen_requests(batch), [batch])
+        self.results["s3gen_compile"] = table.getvalue().strip()
 
     def environment(self) -> None:
         self.results["environment"] = {
@@ -491,7 +462,6 @@ class Suite:
         self.results["notes"] = self.notes
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(self.results, indent=2))
-        (out / "results.md").write_text(markdown(self.results))
 
 
 def bf16_errors(r: dict) -> dict[str, float]:
@@ -588,7 +558,8 @@ def markdown(r: dict) -> str:
             "",
             "## Peak GPU memory per slot capacity",
             "",
-            f"Weights allocated: {r['weights_bytes_allocated'] / 1e9:.2f} GB (both T3 precisions and S3Gen).",
+            f"Weights allocated: {r['weights_bytes_allocated'] / 1e9:.2f} GB (T3 and S3Gen in both"
+            " precisions, the voice conditioner).",
             "",
             "| slots | positions | peak over weights GB | per slot MB | KV per slot MB |",
             "|---:|---:|---:|---:|---:|",
@@ -598,15 +569,21 @@ def markdown(r: dict) -> str:
                 f"| {m['slots']} | {m['positions']} | {m['peak_bytes_over_weights'] / 1e9:.2f} |"
                 f" {m['peak_bytes_per_slot'] / 1e6:.0f} | {m['kv_bytes_per_slot'] / 1e6:.0f} |"
             )
+    if "streaming" in r:
+        lines += ["", f"## Streamed time to first audio ({r['streaming']['tokens']} tokens a stream)", ""]
+        lines += r["streaming"]["table"]
     if "engine_load" in r:
+        load = r["engine_load"]
+        lines += ["", f"## Poisson load ({load['setup']})", ""]
         lines += [
+            f"Static capacity: {load['static_capacity_audio_s_per_s']:.2f} audio s/s.",
             "",
-            "## bench.engine_load",
-            "",
-            f"`{r['engine_load']['command']}`",
-            "",
-            r["engine_load"]["output"],
+            *load["table"],
         ]
+    if "s3gen_compile" in r:
+        lines += ["", "## S3Gen eager vs compiled", "", r["s3gen_compile"]]
+    sections = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in r["section_s"].items())
+    lines += ["", f"Section times: {sections}."]
     if r["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in r["notes"])]
     return "\n".join(lines) + "\n"
@@ -622,7 +599,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (more than free cores stalls every op)"
     )
-    parser.add_argument("--engine-load-timeout", type=float, default=200)
+    parser.add_argument(
+        "--skip", default="", help=f"comma-separated sections not to run, of {', '.join(SKIPPABLE)}"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: a new temp folder)")
     parser.add_argument(
         "--hide-packages",
@@ -631,6 +610,9 @@ def main() -> None:
         "machine lacks: ray,librosa,soundfile,perth)",
     )
     args = parser.parse_args()
+    skipped = {name for name in args.skip.split(",") if name}
+    if skipped - set(SKIPPABLE):
+        parser.error(f"--skip takes {', '.join(SKIPPABLE)}; got {args.skip}")
     hidden = {name for name in args.hide_packages.split(",") if name}
     missing = missing_packages(hidden)
     if missing:
@@ -649,11 +631,16 @@ def main() -> None:
         log(f"fixture built and loaded ({time.perf_counter() - begin:.0f} s)")
         suite.environment()
         stages = (suite.precision, suite.decode, suite.bandwidth, suite.first_token, suite.memory)
-        for stage in (*stages, suite.reference_rate):
+        for stage in (*stages, *(getattr(suite, name) for name in SKIPPABLE)):
+            if stage.__name__ in skipped:
+                suite.notes.append(f"{stage.__name__} skipped (--skip).")
+                continue
+            started = time.perf_counter()
             stage()
-            log(f"{stage.__name__} done ({time.perf_counter() - begin:.0f} s)")
-    suite.engine_load()
-    suite.write(out, time.perf_counter() - begin)
+            suite.results["section_s"][stage.__name__] = seconds = time.perf_counter() - started
+            log(f"{stage.__name__} done in {seconds:.0f} s ({time.perf_counter() - begin:.0f} s in all)")
+            suite.write(out, time.perf_counter() - begin)
+    (out / "results.md").write_text(markdown(suite.results))
     print((out / "results.md").read_text())
     print(f"results: {out}")
 

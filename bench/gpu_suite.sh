@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path measured in one offline command: see bench/gpu_suite.py for what it runs.
 #
-#   bash bench/gpu_suite.sh [--out DIR]                  # one CUDA GPU: full-size fixture, < 8 min
-#   bash bench/gpu_suite.sh --device cpu --size tiny     # dry run (CI), < 3 min
+#   bash bench/gpu_suite.sh [--out DIR]                  # one CUDA GPU: full-size fixture
+#   bash bench/gpu_suite.sh --device cpu --size tiny     # dry run (CI), mostly S3Gen's compile
 #
 # Needs Python with torch plus numpy, safetensors and tokenizers (it names any that are missing);
 # no download, no Ray, no install of this repo: the repo root goes on PYTHONPATH.

@@ -4,20 +4,14 @@ what the jobs consumer adds to an application's start.
     python -m bench.jobs                    # tiny checkpoint on CPU, embedded filesystem broker
     python -m bench.jobs --redis-url redis://127.0.0.1:6379/0 --chars 20000
 
-Starts a local Ray and the app on 127.0.0.1 (tiny checkpoint, CPU unless told), then:
-
-- **start**: `serve.run` of the application with jobs off and on (the consumer deployment, its
-  Celery worker on the broker), alternating, `--starts` times each.
-- **one job**: `POST /v1/jobs` with the whole script, polled every 0.1 s until completed, then the
-  audio fetched. Time to first progress: submit to the first poll that shows a finished chunk.
-- **seed client**: the client the service replaces: the script cut into pieces of at most 180
-  characters (at sentences, as the service cuts), each sent to `POST /v1/tts` one at a time, the
-  WAVs decoded and joined client-side. Time to first progress: its first piece's answer.
-
-Equal work: the service cuts the job at `CLIENT_PIECE_CHARS` too, so both make the same chunks with
-the same seeds (piece i gets seed + i, as chunk i does) on the same replicas, one after the other;
-the job differs only in how the chunks reach the model (`jobs.max_chunks_in_flight` at once, no
-HTTP round trip each) and in joining them server-side. Prints a markdown table.
+On a local Ray and app (127.0.0.1): **start** times `serve.run` with jobs off and on, alternating,
+`--starts` times each. **one job** is `POST /v1/jobs` with the whole script, polled every 0.1 s,
+then its audio fetched. **seed client** cuts the script into pieces of at most 180 characters at
+sentences and sends each to `POST /v1/tts` in turn, joining the WAVs. Time to first progress: the
+first poll showing a finished chunk, or the first piece's answer. Equal work: the service cuts the
+job at `CLIENT_PIECE_CHARS` too, with the same seeds on the same replicas; the job differs only in
+how chunks reach the model (`jobs.max_chunks_in_flight` at once, no HTTP round trip each) and in
+joining them server-side.
 """
 
 from __future__ import annotations
@@ -26,7 +20,6 @@ import argparse
 import base64
 import io
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -38,6 +31,7 @@ import ray
 import soundfile as sf
 from ray import serve
 
+from bench.common import free_port
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.synthesis.chunking import split_text
@@ -59,12 +53,6 @@ def script(chars: int) -> str:
             paragraphs.append(" ".join(sentences))
             sentences = []
     return "\n\n".join([*paragraphs, " ".join(sentences)]).strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_job(url: str, text: str, seed: int) -> tuple[float, float, float]:

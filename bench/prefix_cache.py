@@ -3,12 +3,10 @@
     python -m bench.prefix_cache --checkpoint DIR   # Nano T3 + Turbo S3Gen, fp32, CPU (default)
     python -m bench.prefix_cache --size tiny        # dry run
 
-Both sides run the same requests (built-in voice, the same texts, one new token each) through
-``TurboEngine.stream``, one request at a time on an idle engine: one engine keeps no prefixes
-(``prefix_cache_voices=0``: every prefill computes the speaker + voice-prompt positions), the other
-has the voice's prefix cached by its warm-up request. Each side gets the same untimed warm-up.
-Measured per request from the engine's stage times: admission to first token (the prefill plus
-the first draw). Streaming skips S3Gen, so no vocoder work competes with the prefills.
+The same requests (built-in voice, one new token each) through ``TurboEngine.stream``, one at a
+time on an idle engine, alternating between an engine that keeps no prefixes and one whose warm-up
+cached the voice's prefix. Measured from the engine's stage times: admission to first token.
+Streaming skips S3Gen, so no vocoder work competes with the prefills.
 """
 
 from __future__ import annotations

@@ -3,14 +3,12 @@
     python -m bench.serve_load                                   # tiny checkpoint on CPU
     python -m bench.serve_load --model ResembleAI/chatterbox-turbo --device cuda --max-new-tokens 1000
 
-Starts a local Ray and the app (one model replica), then for each concurrency level sends
-`concurrency x rounds` multi-chunk requests over HTTP from that many concurrent clients (at
-concurrency 1 at least `--direct-runs`), stopping early when the level's time budget runs out.
-Before Serve starts it times the same request in-process (chunk, generate in batches of
-max_batch_size, stitch, watermark, encode) with the replica's torch thread count, so the Serve
-path's overhead at concurrency 1 can be read off. Then, per `--stream-levels` concurrency, the same
-request streamed (`POST /v1/audio/speech`, pcm): time to first audio bytes beside total latency.
-Prints two markdown tables.
+First the same request in-process (chunk, generate in batches of max_batch_size, stitch,
+watermark, encode; the replica's torch threads), so the Serve path's overhead can be read off.
+Then on a local Ray and app (one model replica), per concurrency level, `concurrency x rounds`
+multi-chunk HTTP requests from that many clients (at least `--direct-runs` at concurrency 1),
+stopping when the level's time budget runs out; and per `--stream-levels`, the request streamed
+(`POST /v1/audio/speech`, pcm): time to first audio bytes beside total latency.
 """
 
 from __future__ import annotations
@@ -20,18 +18,17 @@ import asyncio
 import gc
 import math
 import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import ray
 import torch
 from ray import serve
 
+from bench.common import free_port, percentile
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
@@ -72,10 +69,6 @@ class StreamLevel:
 
 # Ray workers import serve_app and chatterbox from this checkout, as the driver does.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 def replica_torch_threads(model_num_cpus: float) -> int:
@@ -177,12 +170,6 @@ async def run_stream_level(url: str, concurrency: int, rounds: int, budget_s: fl
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency), timeout=timeout) as http:
         await asyncio.gather(*(client(i, http) for i in range(concurrency)))
     return level
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

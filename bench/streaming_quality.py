@@ -1,18 +1,11 @@
 """How far a streamed utterance is from its full decode, per hop schedule.
 
-A streamed utterance cannot equal the full decode: each hop's flow row sees the voice prompt, a
-bounded left context and 3 lookahead tokens instead of the whole sequence, and the vocoder joins
-the hops at seams. Both decodes here use the same draws at the same positions
-(``PositionalNoise.utterance``), so every difference comes from streaming. Measured per utterance:
-
-- log-mel L1: mean |ln mel(streamed) - ln mel(full)| (S3Gen's 80-bin mel), over the whole utterance
-  and over the seam windows (each cross-fade region plus ``SEAM_MARGIN_FRAMES`` either side);
-- seam jump: the largest |x[n] - x[n-1]| of the streamed audio inside the seam windows, next to the
-  full decode's largest jump in the same windows (a click would show as a streamed jump far above it);
-- for scale, the log-mel L1 between the full decode and a full decode with another seed's draws.
-
-Prints a markdown table per checkpoint size; ``--schedules`` adds rows for other first hops and
-overlaps (the trade-off in docs/streaming.md).
+Both decodes use the same draws at the same positions (``PositionalNoise.utterance``), so every
+difference comes from streaming (a hop's shorter flow row, the seams). Per utterance: log-mel L1
+(mean |ln mel(streamed) - ln mel(full)|) overall and in the seam windows (each cross-fade plus
+``SEAM_MARGIN_FRAMES`` either side); the streamed audio's largest sample-to-sample jump in those
+windows next to the full decode's (a click stands far above it); and, for scale, the log-mel L1
+between two full decodes with different draws. ``--schedules`` adds other first hops and overlaps.
 
     python -m bench.streaming_quality                     # the tiny fixture's S3Gen, a few minutes on CPU
     python -m bench.streaming_quality --size full         # make-checkpoint --size full --seed 0's S3Gen
@@ -124,7 +117,7 @@ def stream_and_measure(
             s3gen.generate([request], [PositionalNoise(seed, s3gen.device).utterance(request)])[0]
             for seed in (request.seed, request.seed + 1000)
         )
-        results.append(measure(pieces, full, reseeded, schedule.overlap_frames))
+        results.append(measure(pieces, full.float().cpu(), reseeded.float().cpu(), schedule.overlap_frames))
     return results
 
 

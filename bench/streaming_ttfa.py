@@ -1,31 +1,18 @@
-"""Time to first audio: token-level streaming (TurboEngine.stream_audio) vs chunk-level streaming,
-and per first-hop size.
+"""Time to first audio: token-level (TurboEngine.stream_audio) vs chunk-level streaming, per first hop.
 
     python -m chatterbox.testing make-checkpoint /tmp/nano --size nano --seed 0
     python -m bench.streaming_ttfa --checkpoint /tmp/nano                 # CPU, levels 1 and 8
     python -m bench.streaming_ttfa --checkpoint DIR --device cuda         # levels 1, 8 and 32
     python -m bench.streaming_ttfa --checkpoint /tmp/nano --first-hops 4,8,16 --levels 1
 
-The request is the first chunk the Serve ingress cuts from a long text (``--max-chunk-chars``, the
-service default). Chunk-level streaming sends a chunk's audio when the whole chunk is synthesised:
-its first audio is ``TurboEngine.submit`` of that chunk. Token-level streaming sends each hop as
-the engine's vocoder stage decodes it (``TurboEngine.stream_audio``). Both run the same engine,
-request and seed, alternately, ``--repeats`` times, at concurrency 1: the side-by-side table. A
-fixture checkpoint's random T3 rarely draws STOP, so each request samples as many tokens as a
-real voice speaks its text in (``--chars-per-second``; 25 tokens per second of audio).
-
-``--first-hops`` runs one engine per first-hop size (``first_hop_schedule``: the default schedule
-with that first hop, its overlap at most the first hop's tokens, so a 4-token hop of 8 mel frames
-plays 4 of them) and times their token streams in the same rounds, side by side; then per size the
-seam error of the first request's tokens streamed against their full decode with the same draws
-(``bench.streaming_quality.measure``: log-mel L1 overall and at the seams, seam jump over the full
-decode's there).
-
-Then per first hop and concurrency level, that many token streams at once (different seeds): time
-to first audio p50/p95, the stream's real-time factor (wall time from the request to its last
-piece over its audio's length) and underruns: a listener starts playing at the first piece, and an
-underrun is a piece arriving more than 100 ms after everything before it finished playing
-(vLLM-Omni's harness counts gaps over 100 ms).
+The request is the first chunk the Serve ingress cuts from a long text. Chunk-level first audio is
+``TurboEngine.submit`` of that chunk; token-level is the first hop of ``stream_audio``. Both run on
+the same engine, request and seed, alternately, ``--repeats`` times. A random T3 rarely draws STOP,
+so each request samples as many tokens as a voice speaks its text in (``--chars-per-second``).
+``--first-hops`` times one engine per first hop side by side, then the seam error of each
+(``bench.streaming_quality``). Then per first hop and concurrency level, that many streams
+at once: first audio p50/p95, real-time factor (request to last piece over audio length), and
+underruns: pieces arriving over 100 ms after all before them finished playing (vLLM-Omni's count).
 """
 
 from __future__ import annotations
@@ -36,22 +23,21 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench.streaming_quality import StreamQuality, measure
+from bench.common import percentile
+from bench.streaming_quality import StreamQuality, stream_and_measure
 from chatterbox.constants import S3GEN_SR, TOKEN_HZ
 from chatterbox.engine import EngineConfig, TurboEngine
 from chatterbox.engine.config import DEFAULT_HOP_SCHEDULE
 from chatterbox.hub import local_checkpoint
-from chatterbox.s3gen.streaming import HopSchedule, PositionalNoise, StreamingS3Gen
+from chatterbox.s3gen.streaming import HopSchedule
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
-from serve_app.config import ChunkingConfig
-from serve_app.synthesis.chunking import split_text
 
 TEXT = (
     "The lighthouse keeper climbed the stairs before dawn, as she had every morning for thirty "
@@ -98,8 +84,22 @@ async def chunk_level_first_audio(engine: TurboEngine, request: TTSRequest) -> f
     return time.perf_counter() - start
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+CONCURRENCY_HEADER = (
+    "| first hop | concurrency | streams | first audio p50 (s) | first audio p95 (s) "
+    "| stream RTF p50 | underruns (gaps > 100 ms) | streams with an underrun |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+async def concurrency_row(engine: TurboEngine, level: int, request: Callable[[int], TTSRequest]) -> str:
+    """``level`` token streams at once (seeds ``100 * level + i``): a CONCURRENCY_HEADER row."""
+    runs = await asyncio.gather(*(token_stream(engine, request(100 * level + i)) for i in range(level)))
+    first = [r.first_audio_s for r in runs]
+    return (
+        f"| {engine.config.hop_schedule.first_hop} | {level} | {len(runs)} | {percentile(first, 50):.2f} "
+        f"| {percentile(first, 95):.2f} | {statistics.median(r.rtf for r in runs):.2f} "
+        f"| {sum(r.underruns for r in runs)} | {sum(r.underruns > 0 for r in runs)} |"
+    )
 
 
 def first_hop_schedule(first_hop: int) -> HopSchedule:
@@ -112,16 +112,13 @@ def first_hop_schedule(first_hop: int) -> HopSchedule:
 def seam_error(tts: TurboTTS, request: TTSRequest, schedule: HopSchedule) -> StreamQuality:
     """The request's tokens streamed with ``schedule`` against their full decode (same draws)."""
     job = tts.jobs([request])[0]
-    s3_request = job.s3gen_request(tts.speech_tokens([request])[0])
-    pieces = StreamingS3Gen(tts.s3gen, schedule).stream_tokens([s3_request])[0]
-    full, reseeded = (
-        tts.s3gen.generate([s3_request], [PositionalNoise(seed, tts.s3gen.device).utterance(s3_request)])[0]
-        for seed in (s3_request.seed, s3_request.seed + 1000)
-    )
-    return measure(pieces, full.float().cpu(), reseeded.float().cpu(), schedule.overlap_frames)
+    return stream_and_measure(tts.s3gen, schedule, [job.s3gen_request(tts.speech_tokens([request])[0])])[0]
 
 
 async def run(args: argparse.Namespace) -> None:
+    # Here, not at the top: the GPU suite imports this module on a machine without the Serve stack.
+    from serve_app.synthesis.chunking import split_text
+
     tts = TurboTTS.from_checkpoint(local_checkpoint(args.checkpoint), device=args.device)
     chunk = split_text(TEXT, args.max_chunk_chars, tts.max_text_tokens)[0].text
     tokens = args.max_new_tokens or math.ceil(TOKEN_HZ * len(chunk) / args.chars_per_second)
@@ -178,28 +175,18 @@ async def run(args: argparse.Namespace) -> None:
                 f"| {quality.seams} | {quality.mel_l1:.3f} | {quality.seam_mel_l1:.3f} "
                 f"| {quality.seam_jump / quality.full_jump_at_seams:.2f} |"
             )
-        print(
-            "\n| first hop | concurrency | streams | first audio p50 (s) | first audio p95 (s) "
-            "| stream RTF p50 | underruns (gaps > 100 ms) | streams with an underrun |\n"
-            "|---|---|---|---|---|---|---|---|"
-        )
-        for n, engine in engines.items():
+        print("\n" + CONCURRENCY_HEADER)
+        for engine in engines.values():
             for level in levels:
-                runs = await asyncio.gather(
-                    *(token_stream(engine, request(100 * level + i)) for i in range(level))
-                )
-                first = [r.first_audio_s for r in runs]
-                print(
-                    f"| {n} | {level} | {len(runs)} | {percentile(first, 50):.2f} "
-                    f"| {percentile(first, 95):.2f} | {statistics.median(r.rtf for r in runs):.2f} "
-                    f"| {sum(r.underruns for r in runs)} | {sum(r.underruns > 0 for r in runs)} |"
-                )
+                print(await concurrency_row(engine, level, request))
     finally:
         for engine in engines.values():
             engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from serve_app.config import ChunkingConfig  # here for the reason in run
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -3,21 +3,16 @@
     python -m bench.t3                                          # Nano-size random T3, fp32, CPU
     python -m bench.t3 --size full --device cuda --dtype bf16   # Turbo size on a GPU
 
-Builds a seeded random T3 checkpoint (Nano = GPT-2 small backbone, or the full Turbo size), then,
-in one run, times ``generate_tokens`` (the engine's DecodeBatch run to completion) at each batch
-size, the same loop on requests one at a time, and upstream's ``T3.inference_turbo`` (fp32, as
-upstream runs) on requests one at a time in the oracle venv (``REF_VENV``) on the same weights
-and device, with its stop logit masked out. Equal work on every side: every row of every loop
-samples the same ``--tokens`` tokens (stop token ignored), and each side is warmed up by one
-untimed request first. Wall times include each call's prefill. Prints one markdown table; 25
-speech tokens are one second of audio.
+On one seeded random T3 (Nano or Turbo size): ``generate_tokens`` (the engine's DecodeBatch) at
+each batch size, the same one request at a time, and upstream's ``T3.inference_turbo`` (fp32,
+oracle venv, stop logit masked) one at a time on the same weights and device. Every row samples
+``--tokens`` tokens (stop ignored), each side is warmed up first, and wall times include prefill.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import DTYPES, add_reference_args
-from chatterbox.constants import TOKEN_HZ
+from bench.common import DTYPES, add_reference_args, hardware_name, timed
+from chatterbox.constants import SPEECH_VOCAB_SIZE, TOKEN_HZ
 from chatterbox.engine import generate_tokens
 from chatterbox.sampling import SamplingParams
 from chatterbox.t3 import T3, T3Request
@@ -36,30 +31,61 @@ from reference.oracle import reference_available, run_reference
 
 
 def make_requests(
-    n: int, tokens: int, prompt_tokens: int, text_tokens: int, speaker_dim: int
+    n: int,
+    tokens: int,
+    prompt_tokens: int,
+    text_tokens: int,
+    speaker_dim: int,
+    text_vocab: int = 50276,
+    seed: int = 0,
+    **sampling: int,
 ) -> list[T3Request]:
-    """n requests with their own voices and texts, each sampling exactly ``tokens`` tokens."""
-    g = torch.Generator().manual_seed(0)
+    """n requests with their own voices and texts, each sampling exactly ``tokens`` tokens with the
+    service defaults but for ``sampling`` (SamplingParams fields)."""
+    g = torch.Generator().manual_seed(seed)
     requests = []
     for i in range(n):
         speaker = torch.rand(speaker_dim, generator=g)
         requests.append(
             T3Request(
-                text_tokens=torch.randint(0, 50276, (text_tokens,), generator=g),
+                text_tokens=torch.randint(0, text_vocab, (text_tokens,), generator=g),
                 speaker_emb=speaker / speaker.norm(),
-                prompt_speech_tokens=torch.randint(0, 6561, (prompt_tokens,), generator=g),
-                sampling=SamplingParams(seed=i, max_new_tokens=tokens - 1),
+                prompt_speech_tokens=torch.randint(0, SPEECH_VOCAB_SIZE, (prompt_tokens,), generator=g),
+                sampling=SamplingParams(seed=i, max_new_tokens=tokens - 1, **sampling),
             )
         )
     return requests
 
 
+def reference_sequential(
+    t3_file: Path, requests: list[T3Request], tokens: int, threads: int, device: str
+) -> tuple[float, int]:
+    """Seconds and tokens of upstream's ``T3.inference_turbo`` on ``requests`` one at a time, each
+    sampling ``tokens`` tokens (the oracle venv, on the same weights file)."""
+    tensors = {}
+    for i, r in enumerate(requests):
+        tensors |= {
+            f"{i}.speaker_emb": r.speaker_emb,
+            f"{i}.prompt": r.prompt_speech_tokens,
+            f"{i}.text": r.text_tokens,
+        }
+    _, ref = run_reference(
+        "t3.timed_sequential",
+        tensors,
+        t3_file=str(t3_file),
+        requests=len(requests),
+        tokens=tokens,
+        threads=threads,
+        device=device,
+    )
+    return sum(ref["seconds"]), sum(ref["tokens"])
+
+
 def timed_generate(model: T3, requests: list[T3Request]) -> tuple[float, int]:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    begin = time.perf_counter()
-    out = generate_tokens(model, requests, ignore_stop_token=True)
-    seconds = time.perf_counter() - begin  # generate returns CPU tensors, so the GPU is done
+    out: list[torch.Tensor] = []
+    seconds = timed(
+        lambda: out.extend(generate_tokens(model, requests, ignore_stop_token=True)), str(model.device)
+    )
     return seconds, sum(t.numel() for t in out)
 
 
@@ -98,26 +124,9 @@ def main() -> None:
         if not args.no_reference:
             if not reference_available():
                 sys.exit("reference venv missing: set REF_VENV or pass --no-reference")
-            tensors = {}
-            for i, r in enumerate(baseline):
-                tensors.update(
-                    {
-                        f"{i}.speaker_emb": r.speaker_emb,
-                        f"{i}.prompt": r.prompt_speech_tokens,
-                        f"{i}.text": r.text_tokens,
-                    }
-                )
-            _, ref = run_reference(
-                "t3.timed_sequential",
-                tensors,
-                t3_file=str(t3_file),
-                requests=len(baseline),
-                tokens=args.tokens,
-                threads=args.threads,
-                device=args.device,
-            )
+            seconds, tokens = reference_sequential(t3_file, baseline, args.tokens, args.threads, args.device)
             label = "upstream inference_turbo, 1 by 1"
-            rows.append((label, 1, len(baseline), args.tokens, sum(ref["seconds"]), sum(ref["tokens"])))
+            rows.append((label, 1, len(baseline), args.tokens, seconds, tokens))
         seconds = tokens = 0
         for request in baseline:
             s, n = timed_generate(model, [request])
@@ -131,7 +140,7 @@ def main() -> None:
     ours_rate = next(n / s for label, *_, s, n in rows if label == "ours, 1 by 1")
     print(
         f"\nT3 {args.size} ({dims.t3_width}x{dims.t3_layers}), {args.dtype} on {args.device}"
-        f" ({platform.processor() or platform.machine()}, {args.threads} threads, {os.cpu_count()} cores),"
+        f" ({hardware_name(args.device)}, {args.threads} threads, {os.cpu_count()} cores),"
         f" prompt {args.prompt_tokens} + text {args.text_tokens} tokens per row, stop token ignored;"
         f" total run {time.perf_counter() - began:.0f} s\n"
     )

@@ -1,14 +1,11 @@
 """TurboTTS: loads Chatterbox Turbo, prepares voices and requests, and synthesises in true batches.
 
-Everything above (the CLI, Ray Serve replicas, Python users) calls this API:
-
     tts = TurboTTS.from_pretrained()                       # or local_dir=..., device=..., dtype=...
     voice = tts.prepare_voice(open("ref.wav", "rb").read())
     wavs = tts.generate([TTSRequest("Hello there.", voice=voice, sampling=SamplingParams(seed=1))])
 
-A request's audio depends only on its own text, voice, settings and seed, never on what else
-shares its batch. T3 runs on the engine's ``DecodeBatch`` (admit all, step until none is live),
-the very code the server runs.
+A request's audio depends only on its own text, voice, settings and seed, never on its batch. T3
+runs on the engine's ``DecodeBatch``, the very code the server runs.
 """
 
 from __future__ import annotations
@@ -111,8 +108,6 @@ class TurboTTS:
         self.device = device
         self.default_voice = default_voice.to(device)
 
-    # ---------------------------------------------------------------------------------- loading
-
     @classmethod
     def from_pretrained(
         cls,
@@ -167,8 +162,6 @@ class TurboTTS:
         default_voice = Voice.from_builtin(ckpt_dir / "conds.pt")
         return cls(t3, s3gen, conditioner, tokenizer, default_voice, checkpoint.model_id, device)
 
-    # ----------------------------------------------------------------------------------- voices
-
     def prepare_voice(
         self, audio: bytes | ReferenceAudio | np.ndarray, sample_rate: int | None = None
     ) -> Voice:
@@ -196,8 +189,6 @@ class TurboTTS:
         """The id of the voice this model prepares from the reference ``reference_id`` names."""
         return hashlib.sha256(f"{reference_id}:{self.model_id}".encode()).hexdigest()
 
-    # ------------------------------------------------------------------------------------- text
-
     @property
     def max_text_tokens(self) -> int:
         """The longest text (in tokens, after normalisation) one request may carry."""
@@ -215,8 +206,6 @@ class TurboTTS:
                 field,
             )
         return ids
-
-    # ------------------------------------------------------------------------------- synthesis
 
     def jobs(self, requests: Sequence[TTSRequest]) -> list[Job]:
         """Tokenise every request's text and fix its seed and voice before any model work."""

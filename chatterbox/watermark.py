@@ -1,14 +1,10 @@
 """Resemble's PerTh implicit watermark, applied to every audio our public paths return by default.
 
-PerTh hides a mark in the magnitude spectrogram below 2 kHz: a small convolutional encoder adds a
-residual to the normalised log-magnitude of a 32 kHz STFT, and the phase is kept. The network and its
-trained weights come from the `resemble-perth` package, whose own model code imports torch's audio
-extension package (each wheel of which loads only beside one torch build); so the network is written
-here in plain torch and loads the weights file that package ships. The parity suite checks that the
-marked audio and the detector's score equal PerTh's own.
-
-A standalone step so the Serve stitcher can watermark a whole stitched result once, without a
-model replica; the network is loaded lazily, once per process.
+PerTh adds a small encoder's residual to the normalised log-magnitude of a 32 kHz STFT below 2 kHz
+and keeps the phase. The `resemble-perth` package's model code imports torch's audio extension
+(each wheel loads beside one torch build only), so the network is written here in plain torch and
+loads the weights that package ships; the parity suite checks marks and scores equal PerTh's.
+A standalone step (the Serve stitcher marks a whole stitched result once); loaded once per process.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import itertools
 import threading
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -157,6 +152,8 @@ def _get_net() -> PerthNet:
 
 def apply_watermark(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     """The watermarked copy of a mono float waveform (same length as PerTh gives, float32)."""
+    import librosa  # here, not at the top: the GPU suite runs the model without librosa
+
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:
         raise ValueError(f"watermarking takes mono audio, got shape {wav.shape}")
@@ -178,6 +175,8 @@ def apply_watermark(wav: np.ndarray, sample_rate: int) -> np.ndarray:
 
 def detect_watermark(wav: np.ndarray, sample_rate: int) -> float:
     """PerTh's watermark confidence, rounded to 0 or 1 as PerTh reports it (1.0 for our output)."""
+    import librosa
+
     wav = np.asarray(wav, dtype=np.float32)
     if sample_rate != PERTH_SR:
         wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=PERTH_SR, res_type="polyphase")

@@ -6,10 +6,10 @@
         failed = batch.prefill()       # waiting rows into free cache rows, with their first draw
         finished = batch.step()        # one token per decoding row; the rows that stopped
 
-The server's T3 thread, ``TurboTTS.generate`` (``generate_tokens``) and the GPU suite all run it.
-Each request owns a ``SlotCache`` row (positions from 0, no padding) and samples with its own
-settings, history and seed, so its tokens do not depend on when it joined or what shares its
-steps. The stop rule (``_stops``) and the speech-token filter (``speech_only``) live here only.
+The server's T3 thread, ``generate_tokens`` (``TurboTTS.generate``) and the GPU suite all run it.
+Each request owns a ``SlotCache`` row and samples with its own settings, history and seed, so its
+tokens do not depend on what shares its steps. The stop rule (``_stops``) and the speech-token
+filter (``speech_only``) live here only.
 """
 
 from __future__ import annotations
@@ -180,8 +180,6 @@ class DecodeBatch:
         self.tokens_drawn = 0
         self.peak_live = 0
 
-    # --------------------------------------------------------------------------------- rows
-
     def make_row(
         self,
         request: T3Request,
@@ -235,8 +233,6 @@ class DecodeBatch:
         rows = [*self.decoding, *filter(None, [self.prefilling])]
         self.decoding, self.prefilling = [], None
         return rows
-
-    # ------------------------------------------------------------------------------ prefill
 
     def prefill(self, budget: int | None = None) -> list[tuple[Row, Exception]]:
         """Prefill waiting rows into free cache rows, at most ``budget`` positions (None: no bound);
@@ -318,8 +314,6 @@ class DecodeBatch:
         state.seen[index : index + 1] = F.one_hot(state.tokens[index : index + 1], state.vocab)
         row.times.first_token = time.monotonic()
         assert not _stops(row, self.token_cap)  # limit and cap >= 2, and a first STOP never stops
-
-    # ------------------------------------------------------------------------------- decode
 
     def step(self) -> list[Row]:
         """One token for every decoding row (rows 0..B-1), each at its own position; returns the

@@ -1,23 +1,14 @@
 """T3's decode step as CUDA graphs, one per batch-size bucket.
 
-A decode step over B live rows launches a few hundred small kernels; at small B the GPU waits on
-the launches. A CUDA graph replays all of them at once, but only for the shapes it was captured
-with, so the live batch is padded to a bucket (1, 2, 4, 8, 16, 32, 64, then every 32 up to the
-slot count) and the step must have static shapes: it attends over the whole slot cache under a
-per-row mask instead of over the longest live row. Padded rows are masked like any other row
-(each row attends only to its own keys), so they never change a live row's logits.
+At small batches a decode step waits on its few hundred kernel launches; a graph replays them at
+once, but only at its captured shapes. So the live batch is padded to a bucket (1, 2, 4, ..., 64,
+then every 32 up to the slot count) and the step attends over the whole slot cache under a per-row
+mask. A padded row (token 0, length ``pad_length``) attends only to its own keys, and writes at a
+position no row reads before writing it, so it never changes a live row.
 
-The step is any callable ``step(tokens (b,), lengths (b,)) -> logits (b, V)`` that reads and
-writes cache rows 0..b-1, each row writing its new key at position ``lengths[i]``
-(``static_slot_step`` makes T3's); a padded row gets token 0 and length ``pad_length``, which must
-be a cache position no row reads before writing it. The last one is: a row writes a position
-before it attends to it, so a padded row may scribble there on a free row, or on a row still
-prefilling, unseen.
-
-Capture needs CUDA; elsewhere, or with ``enabled=False``, ``GraphedDecodeStep`` calls the step on
-the live rows as they are (eager). After capture, a self-check replays each bucket on a probe batch
-against the eager step (``check_buckets``): a bucket whose capture failed, or whose replay differs
-beyond ``mismatch_bound``, logs a warning, is listed in ``eager_buckets`` and runs eagerly.
+Without CUDA, or with ``enabled=False``, the step runs eagerly on the live rows. After capture each
+bucket replays a probe batch against the eager step; a bucket whose capture fails or whose replay
+differs beyond ``mismatch_bound`` logs a warning, joins ``eager_buckets`` and runs eagerly.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@
     async for tokens in engine.stream(request): ...        # speech tokens as T3 samples them
     async for piece in engine.stream_audio(request): ...   # audio hop by hop while T3 decodes
 
-The shell only: a T3 thread driving a ``DecodeBatch``, the ``VocoderStage`` thread, per-request
-futures and queues on the callers' event loops, and stats. A request's ``Job`` is made once, by
-TurboTTS. A seeded request's tokens and audio equal ``TurboTTS.generate([request])``'s (fp32 CPU:
-the same tokens, audio within 1e-6) whenever it joined and whatever shared its steps.
+The shell only: a T3 thread driving a ``DecodeBatch``, the ``VocoderStage`` thread, futures and
+queues on the callers' event loops, and stats. A seeded request's tokens and audio equal
+``TurboTTS.generate([request])``'s (fp32 CPU: the same tokens, audio within 1e-6) whatever shared
+its steps.
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ class TurboEngine:
         self._step_times: deque[float] = deque(maxlen=STEP_RATE_WINDOW)
         self._counts = dict.fromkeys(("done", "cancelled", "failed"), 0)
 
-    # --------------------------------------------------------------------------------- lifecycle
-
     @property
     def cache_bytes(self) -> int:
         return self._batch.cache.nbytes
@@ -158,8 +156,6 @@ class TurboEngine:
             requests = list(self._requests.values())
         for request in requests:
             self._fail(request, EngineClosedError(f"the engine closed before request {request.id} finished"))
-
-    # ------------------------------------------------------------------------------------ API
 
     async def submit(
         self,
@@ -247,8 +243,6 @@ class TurboEngine:
             times = entry.times if entry is not None else self._recent_times.get(request_id)
             return StageTimes(**vars(times)) if times is not None else None
 
-    # ----------------------------------------------------------------------------- admission
-
     def _enqueue(
         self,
         request: TTSRequest,
@@ -308,8 +302,6 @@ class TurboEngine:
             if not ended:
                 self.cancel(entry.id)  # the consumer stopped early
 
-    # ------------------------------------------------------------------------------- T3 thread
-
     def _t3_loop(self) -> None:
         batch = self._batch
         with torch.inference_mode():
@@ -368,8 +360,6 @@ class TurboEngine:
         elif self._forget(entry, "done"):
             self._post(entry, entry.results.put_nowait, _END)  # type: ignore[union-attr]
 
-    # ------------------------------------------------------------------------ vocoder thread
-
     def _vocoded(self, entry: _Request, result: object) -> None:
         """The vocoder stage's result for a request (on its thread)."""
         if isinstance(result, asyncio.CancelledError):
@@ -395,8 +385,6 @@ class TurboEngine:
                 return
             if self._forget(entry, "done"):
                 self._post(entry, _set_result, entry.audio, audio)
-
-    # ------------------------------------------------------------------------------- endings
 
     def _forget(self, entry: _Request, outcome: str) -> bool:
         """The request leaves the engine: count it and keep its stage times for a while. Called

@@ -73,8 +73,6 @@ class VocoderStage:
         self._streams: dict[VocoderItem, S3GenStream] = {}
         self._counts = dict.fromkeys(("batches", "steps", "hops", "done", "cancelled", "failed"), 0)
 
-    # ------------------------------------------------------------------------------- any thread
-
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="turbo-engine-s3gen", daemon=True)
@@ -119,8 +117,6 @@ class VocoderStage:
             streams_cancelled=counts["cancelled"],
             streams_failed=counts["failed"],
         )
-
-    # ------------------------------------------------------------------------- stage's thread
 
     def _run(self) -> None:
         device = self.tts.s3gen.device

@@ -1,16 +1,13 @@
-"""HiFT vocoder (mel2wav): 80-bin mel at 50 Hz -> 24 kHz waveform (turbo-spec 5.6).
+"""HiFT vocoder (mel2wav): 80-bin mel at 50 Hz -> 24 kHz waveform, 480 samples a frame (turbo-spec 5.6).
 
-Neural source filter + iSTFTNet: an F0 predictor drives a harmonic sine source, whose 16-point
-STFT is fused into a HiFi-GAN style upsampler (x8, x5, x3) that predicts a 16-point STFT
-(magnitude and phase); the iSTFT (hop 4) makes the waveform. 480 samples per mel frame.
+Neural source filter + iSTFTNet: an F0 predictor drives a harmonic sine source whose STFT is fused
+into a HiFi-GAN style upsampler (x8, x5, x3) predicting a 16-point STFT; the iSTFT (hop 4) makes
+the waveform. Source randomness (harmonic phases, noise) is an explicit input.
 
-Batching rows of different lengths: convolutions are symmetric and the STFTs reflect-pad, so a
-right-padded row would see its padding in its last frames. Given ``lengths``, every convolution's
-input is zeroed past each row's end (the zeros a solo row is padded with), the source STFT reflects
-each row at its own end and the iSTFT overlap-adds only each row's own frames, so every row equals
-its solo output. Without ``lengths`` all rows are taken as full (the solo path: no masks).
-The source randomness (harmonic phases, additive noise) is an explicit input.
-Weight-normed convs keep the checkpoint's parametrization layout until ``fold_weight_norm``.
+Batching: given ``lengths``, every convolution's input is zeroed past each row's end, the source
+STFT reflects each row at its own end and the iSTFT overlap-adds only the row's own frames, so
+every row equals its solo output; without ``lengths`` all rows are full. Weight-normed convs keep
+the checkpoint's parametrization layout until ``fold_weight_norm``.
 """
 
 from __future__ import annotations

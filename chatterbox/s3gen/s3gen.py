@@ -1,20 +1,17 @@
 """S3Gen: batched speech tokens -> 24 kHz waveforms, with each request's own voice prompt.
 
 Per request (turbo-spec 5.3, 5.7, 8, 9): append 3 silence tokens; encode [prompt tokens, speech
-tokens]; place the prompt mel at the start of ``cond``; sample the mel with the two-step mean flow;
+tokens]; put the prompt mel at the start of ``cond``; sample the mel with the two-step mean flow;
 keep the frames after the prompt mel; vocode with HiFT; fade in the first 40 ms.
 
-Batching: the flow runs all requests at once, right-padded with masks (exact per row). With
-``batch_vocoder`` (on by default on CUDA, off on CPU; set it to force either path) HiFT also runs one
-right-padded batch with each row's lengths (``vocode_batched``: every row equals its solo waveform,
-last frames included); otherwise each mel runs alone. ``vocode_padded`` is the same batch without
-lengths: its rows' last ``PADDED_VOCODER_TAIL_FRAMES`` frames see their padding (kept to measure
-what the masks buy).
+The flow runs all requests as one right-padded, masked batch (exact per row). HiFT runs one mel at
+a time, or with ``batch_vocoder`` (default on CUDA) as one batch with each row's lengths
+(``vocode_batched``, exact per row); ``vocode_padded`` omits the lengths, so a row's last
+``PADDED_VOCODER_TAIL_FRAMES`` frames see padding (kept to measure what the masks buy).
 
-Randomness: each request's draws come from its own generator seeded by ``S3GenRequest.seed``, in
-the reference's order (speech-frame noise, full-length noise, harmonic phases, source noise), so a
-seeded row equals an unbatched reference call after ``torch.manual_seed(seed)`` on the same device.
-``S3GenNoise`` holds one request's draws and may be passed in explicitly.
+Each request draws from its own generator seeded by ``S3GenRequest.seed``, in the reference's
+order, so a seeded row equals an unbatched reference call after ``torch.manual_seed(seed)``;
+``S3GenNoise`` holds one request's draws and may be passed in.
 """
 
 from __future__ import annotations

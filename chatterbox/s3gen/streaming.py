@@ -1,34 +1,18 @@
-"""Streaming S3Gen: 24 kHz audio from a growing speech-token sequence, hop by hop (issue 15).
+"""Streaming S3Gen: 24 kHz audio from a growing speech-token sequence, hop by hop.
 
-T3 emits 25 speech tokens per second of audio. A stream turns them into audio pieces as soon as a
-hop of tokens (plus a few tokens of lookahead) has arrived, instead of after the whole utterance.
+A hop's flow row is [voice prompt | up to ``left_context`` played tokens | the hop | ``lookahead``
+tokens]; with 3 lookahead tokens (the encoder's pre-lookahead conv) the hop's last frames see what
+the full decode sees there, and only attention sees a shorter row. Lookahead frames are decoded
+again by the next hop; once finished, the 3 silence tokens join and the final hop plays the rest.
 
-One hop (sizes from ``HopSchedule``): the flow decodes one row [voice prompt | up to
-``left_context`` tokens already played | the hop's tokens | ``lookahead`` tokens] and keeps the
-hop's mel frames. The encoder's pre-lookahead conv reads 3 tokens ahead, so with 3 lookahead tokens
-the hop's last frames see the tokens the full decode sees there; attention still sees a shorter row
-(the prompt, the left context, no future), which is where a stream differs from its full decode.
-The lookahead's mel frames serve only as the vocoder's right context and are decoded again by the
-next hop. Once the stream is finished, the 3 silence tokens of the full path join the sequence and
-the final hop plays everything left.
+Seams: a hop's last ``overlap_frames`` played frames are held back and vocoded again at the start
+of the next segment, with their excitation (HiFT's source cache) and running harmonic phase carried
+over, and cross-faded; concatenated pieces are exactly as long as the full decode.
 
-Seams: the previous hop's last ``overlap_frames`` played mel frames are vocoded again at the start
-of the next hop's segment, with the excitation they had before (HiFT's source cache) and the
-harmonics' running phase carried across, and their held-back audio cross-fades into the new audio.
-A non-final hop holds those samples back, so pieces never overlap: concatenated they are exactly as
-long as the full decode. The first hop gets the full path's fade-in.
-
-Noise: every random value is fixed by its absolute position (``PositionalNoise``), so a frame
-decoded again as left context starts from the same flow noise, and a stream's audio depends only on
-its tokens, voice, seed and schedule: not on how its tokens arrived or which streams shared a step.
-
-Batching: ``StreamingS3Gen.step`` decodes the next hop of several streams in one flow call, rows
-right-padded with masks as in ``S3Gen``; HiFT runs per segment, or, when the model batches its
-vocoder, on all segments at once, right-padded with their lengths (exact per row, as in ``S3Gen``).
-
-The full-utterance path (``S3Gen.generate``) is untouched. A stream whose tokens all arrive before
-its first hop is ready decodes in one final hop, which equals the full decode with the same draws
-(``PositionalNoise.utterance``).
+Every random value is fixed by its absolute position (``PositionalNoise``), so a stream's audio
+depends only on its tokens, voice, seed and schedule, and a stream whose tokens all arrive before
+its first hop equals the full decode with the same draws. ``StreamingS3Gen.step`` batches the next
+hop of several streams as ``S3Gen`` batches whole utterances.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Per-row logits processing and seeded sampling, as pure tensor functions (turbo-spec 3.4).
 
-Processors follow the reference order and HF semantics, each with its own per-row setting:
+Processors follow the reference order and HF semantics, each row with its own settings:
 temperature -> top-k -> top-p -> repetition penalty. Sampling is Gumbel-max over counter-based
-noise: each row's noise is a hash of (its seed, its step, the vocabulary index), computed on the
-device, so a seeded row draws the same tokens whether it runs alone or in any batch, and no
-device-to-host sync is needed.
-
-Nothing here reads a tensor's values on the host or makes a shape depend on them (tests run both
-functions on the meta device to prove it), so a decode step that samples can be captured as a CUDA
-graph. The per-vocabulary hash keys are built once per (device, vocabulary size) and reused.
+noise, a hash of (row seed, step, vocabulary index) computed on the device: a seeded row draws the
+same tokens alone or in any batch, with no host sync. No value is read on the host and no shape
+depends on one (tests run both on the meta device), so a sampling decode step can be a CUDA graph.
 """
 
 from __future__ import annotations

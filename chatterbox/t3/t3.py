@@ -78,10 +78,6 @@ class T3(nn.Module):
         self.speech_emb = nn.Embedding(config.speech_vocab, width)
         self.speech_head = nn.Linear(width, config.speech_vocab)
 
-    # ----------------------------------------------------------------------------------------
-    # Loading
-    # ----------------------------------------------------------------------------------------
-
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> T3:
         """Strictly load the tensors of ``t3_turbo_v1.safetensors`` (float32 on CPU).
@@ -118,10 +114,6 @@ class T3(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.speech_head.weight.device
-
-    # ----------------------------------------------------------------------------------------
-    # Validation and prefill
-    # ----------------------------------------------------------------------------------------
 
     def _check_request(self, index: int, request: T3Request, steps: int) -> None:
         """``steps``: how many tokens the request feeds after the prefill."""

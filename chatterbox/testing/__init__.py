@@ -43,6 +43,8 @@ from chatterbox.s3gen.hift import (
     SOURCE_RESBLOCK_KERNELS,
     UPSAMPLE_KERNELS,
 )
+from chatterbox.voice.features import FBANK_BINS, mel_filters
+from chatterbox.voice.speech_tokenizer import SpeechTokenizerConfig
 
 CHECKPOINT_FILES = (
     "t3_turbo_v1.safetensors",
@@ -141,9 +143,7 @@ NANO = replace(FULL, t3_width=768, t3_layers=12)
 SIZES = {"tiny": TINY, "nano": NANO, "full": FULL}
 
 
-# --------------------------------------------------------------------------------------------
 # Random tensors at the modules' own initial scales
-# --------------------------------------------------------------------------------------------
 
 
 class _StateDictBuilder:
@@ -277,18 +277,10 @@ def t3_state_dict(
 
 
 def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
-    # Imported here, not at the top (nor chatterbox.voice, which imports librosa): bench/gpu_suite.py
-    # builds T3, flow and HiFT fixtures on a GPU machine without librosa.
-    import librosa
-
-    from chatterbox.voice.speech_tokenizer import SpeechTokenizerConfig
-
     width = dims.tokenizer_width
     front = SpeechTokenizerConfig()  # the front end and quantizer are fixed; only width and depth vary
-    mel_filters = librosa.filters.mel(
-        sr=S3_SR, n_fft=front.n_fft, n_mels=front.n_mels, fmin=0.0, fmax=S3_SR / 2
-    )
-    sd.put("tokenizer._mel_filters", torch.from_numpy(mel_filters).float())
+    filters = mel_filters(S3_SR, front.n_fft, front.n_mels, S3_SR / 2)
+    sd.put("tokenizer._mel_filters", torch.from_numpy(filters))
     sd.put("tokenizer.window", torch.hann_window(front.n_fft, periodic=True))
     sd.conv("tokenizer.encoder.conv1", front.n_mels, width, 3)
     sd.conv("tokenizer.encoder.conv2", width, width, 3)
@@ -307,8 +299,6 @@ def _speech_tokenizer(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
 
 
 def _campplus(sd: _StateDictBuilder, dims: CheckpointDims) -> None:
-    from chatterbox.voice.features import FBANK_BINS  # here for the reason in _speech_tokenizer
-
     head = "speaker_encoder.head"
     c = dims.campplus_head_channels
     sd.conv(f"{head}.conv1", 1, c, (3, 3), bias=False)
@@ -473,15 +463,6 @@ def s3gen_state_dict(dims: CheckpointDims, seed: int, device: str = "cpu") -> di
     return sd.tensors
 
 
-def s3gen_synthesis_state_dict(dims: CheckpointDims, seed: int) -> dict[str, torch.Tensor]:
-    """Only the ``flow.*`` and ``mel2wav.*`` tensors (all ``S3Gen.from_state_dict`` loads), drawn from
-    their own seeded stream (values differ from ``s3gen_state_dict``'s); needs no librosa."""
-    sd = _StateDictBuilder(seed, "s3gen-synthesis")
-    _flow(sd, dims)
-    _hift(sd, dims)
-    return sd.tensors
-
-
 def ve_state_dict(dims: CheckpointDims, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Tensors of ``ve.safetensors``: a 3-layer LSTM, a projection and the (unused) similarity scalars."""
     sd = _StateDictBuilder(seed, "ve", device)
@@ -527,9 +508,7 @@ def builtin_conditionals(dims: CheckpointDims, seed: int) -> dict[str, dict[str,
     }
 
 
-# --------------------------------------------------------------------------------------------
 # A small byte-level BPE in the GPT-2 file format
-# --------------------------------------------------------------------------------------------
 
 _BPE_CORPUS = """\
 The quick brown fox jumps over the lazy dog. Hello world, this is a test of the speech service.

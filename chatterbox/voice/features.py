@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import librosa
 import numpy as np
 import torch
 from torch import Tensor
@@ -28,9 +27,7 @@ VE_N_FFT = 400
 VE_HOP = 160
 
 
-# ---------------------------------------------------------------------------------------------
 # Resampling 24 kHz -> 16 kHz: the reference uses two different resamplers (turbo-spec 1.1)
-# ---------------------------------------------------------------------------------------------
 
 
 def soxr_resample_24k_to_16k(wav_24k: np.ndarray) -> np.ndarray:
@@ -38,6 +35,8 @@ def soxr_resample_24k_to_16k(wav_24k: np.ndarray) -> np.ndarray:
 
     (N,) float32 -> (ceil(2N/3),) float32.
     """
+    import librosa  # here, not at the top: the GPU suite runs the model without librosa
+
     return librosa.resample(wav_24k, orig_sr=S3GEN_SR, target_sr=S3_SR)
 
 
@@ -79,11 +78,6 @@ def sinc_resample_24k_to_16k(wav_24k: Tensor) -> Tensor:
     return out[:, : math.ceil(_SINC_OUT * n / _SINC_IN)].reshape(*lead, -1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Spectrograms
-# ---------------------------------------------------------------------------------------------
-
-
 def tokenizer_log_mel(wav_16k: Tensor, mel_filters: Tensor, window: Tensor) -> Tensor:
     """Whisper-style log-mel of the speech tokenizer, normalised per utterance (turbo-spec 4.1).
 
@@ -97,11 +91,24 @@ def tokenizer_log_mel(wav_16k: Tensor, mel_filters: Tensor, window: Tensor) -> T
     return ((log_mel + 4.0) / 4.0)[0]
 
 
+def mel_filters(sr: int, n_fft: int, n_mels: int, fmax: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) float32: librosa's default mel filter bank (Slaney's mel scale and
+    area normalisation, from 0 Hz), bit for bit, without librosa."""
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    max_mel = min_log_mel + np.log(fmax / min_log_hz) / logstep if fmax >= min_log_hz else fmax / f_sp
+    mels = np.linspace(0.0, max_mel, n_mels + 2)
+    hz = np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+    ramps = hz[:, None] - np.fft.rfftfreq(n_fft, 1.0 / sr)  # (n_mels + 2, bins)
+    gaps = np.diff(hz)[:, None]
+    weights = np.maximum(0, np.minimum(-ramps[:-2] / gaps[:-1], ramps[2:] / gaps[1:])).astype(np.float32)
+    weights *= (2.0 / (hz[2:] - hz[:-2]))[:, None]
+    return weights
+
+
 @lru_cache(maxsize=8)
 def _s3gen_mel_basis_and_window(device: torch.device) -> tuple[Tensor, Tensor]:
-    basis = librosa.filters.mel(
-        sr=S3GEN_SR, n_fft=S3GEN_N_FFT, n_mels=S3GEN_MEL_BINS, fmin=0.0, fmax=S3GEN_FMAX
-    )
+    basis = mel_filters(S3GEN_SR, S3GEN_N_FFT, S3GEN_MEL_BINS, S3GEN_FMAX)
     return torch.from_numpy(basis).float().to(device), torch.hann_window(S3GEN_N_FFT, device=device)
 
 
@@ -178,7 +185,7 @@ def kaldi_fbank_cmn(wav_16k: Tensor) -> Tensor:
 
 @lru_cache(maxsize=4)
 def _voice_encoder_mel_basis(n_mels: int) -> np.ndarray:
-    return librosa.filters.mel(sr=S3_SR, n_fft=VE_N_FFT, n_mels=n_mels, fmin=0.0, fmax=8000.0)
+    return mel_filters(S3_SR, VE_N_FFT, n_mels, 8000.0)
 
 
 def voice_encoder_mel(wav_16k: np.ndarray, n_mels: int) -> np.ndarray:
@@ -186,6 +193,8 @@ def voice_encoder_mel(wav_16k: np.ndarray, n_mels: int) -> np.ndarray:
 
     (N,) float32 -> (1 + N // 160, n_mels) float32.
     """
+    import librosa  # here for the reason in soxr_resample_24k_to_16k
+
     stft = librosa.stft(wav_16k, n_fft=VE_N_FFT, hop_length=VE_HOP, win_length=VE_N_FFT, pad_mode="reflect")
     power = np.abs(stft) ** 2
     return np.dot(_voice_encoder_mel_basis(n_mels), power).T

@@ -11,11 +11,12 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import librosa
 import numpy as np
-import pyloudnorm
-import soundfile as sf
+
+if TYPE_CHECKING:
+    import soundfile as sf
 
 from chatterbox.constants import MAX_REFERENCE_SECONDS, MIN_REFERENCE_SECONDS, S3GEN_SR
 from chatterbox.errors import (
@@ -50,6 +51,8 @@ class ReferenceAudio:
 
 def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float = REFERENCE_LUFS) -> np.ndarray:
     """Scale to ``target_lufs`` integrated loudness (BS.1770); unchanged where that is undefined."""
+    import pyloudnorm  # here, not at the top: the GPU suite runs the model without the audio packages
+
     try:
         loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav)
     except ValueError:  # shorter than one 0.4 s gating block
@@ -79,6 +82,8 @@ def reference_from_array(
     if max_seconds is not None and wav.size / sample_rate > max_seconds:
         raise _too_long(wav.size / sample_rate, max_seconds, field)
     if sample_rate != S3GEN_SR:
+        import librosa  # here for the reason in normalize_loudness
+
         wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=S3GEN_SR, res_type="soxr_hq")
     seconds = wav.size / S3GEN_SR
     if seconds <= MIN_REFERENCE_SECONDS:
@@ -101,6 +106,8 @@ def decode_reference_audio(
     decoded, and the decoding itself stops once it passes ``max_seconds``: time and memory are
     bounded by the limit (a mono float32 buffer of ``max_seconds``), never by what the file claims.
     """
+    import soundfile as sf  # here for the reason in normalize_loudness
+
     if not data:
         raise InvalidAudioError("reference audio is empty", field)
     try:
@@ -135,6 +142,8 @@ def decode_reference_audio(
 def _decode_mono(audio: sf.SoundFile, max_frames: int, field: str) -> np.ndarray:
     """At most ``max_frames + 1`` frames, downmixed block by block (one more than the limit says
     the file is too long, without decoding the rest)."""
+    import soundfile as sf
+
     # np.empty reserves address space only: memory grows with the frames actually decoded.
     wav = np.empty(max_frames + 1, dtype=np.float32)
     block = np.empty((_DECODE_BLOCK_FRAMES, audio.channels), dtype=np.float32)
@@ -164,6 +173,8 @@ def _read_into(audio: sf.SoundFile, out: np.ndarray, field: str) -> int:
     libsndfile cannot seek to the end of a FLAC stream that does not state its length (as piped
     encoders write it), so the last read of such a file would fail.
     """
+    import soundfile as sf
+
     got = sf._snd.sf_readf_float(audio._file, sf._ffi.cast("float *", out.ctypes.data), len(out))
     if sf._snd.sf_error(audio._file):
         message = sf._ffi.string(sf._snd.sf_strerror(audio._file)).decode("utf-8", "replace")

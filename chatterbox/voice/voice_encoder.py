@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -92,6 +91,8 @@ class VoiceEncoder(nn.Module):
     @torch.inference_mode()
     def embed_utterances(self, wavs_16k: Sequence[np.ndarray]) -> Tensor:
         """(N_i,) float32 16 kHz waveforms -> (B, embed_dim) utterance embeddings."""
+        import librosa  # here, not at the top: the GPU suite runs the model without librosa
+
         partials, owners = [], []
         for i, wav in enumerate(wavs_16k):
             trimmed, _ = librosa.effects.trim(wav, top_db=TRIM_TOP_DB)
