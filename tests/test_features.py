@@ -87,3 +87,17 @@ def test_resampler_and_fbank_follow_the_input_dtype():
     fbank = features.kaldi_fbank(resampled)
     assert fbank.dtype == torch.float64
     torch.testing.assert_close(fbank.float(), features.kaldi_fbank(resampled.float()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("sr", "n_fft", "n_mels", "fmax"),
+    [
+        (features.S3GEN_SR, features.S3GEN_N_FFT, features.S3GEN_MEL_BINS, features.S3GEN_FMAX),  # S3Gen
+        (16_000, 400, 128, 8000.0),  # the speech tokenizer's
+    ],
+)
+def test_mel_filters_are_librosas_bank_bit_for_bit(sr, n_fft, n_mels, fmax):
+    ours = features.mel_filters(sr, n_fft, n_mels, fmax)
+    theirs = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=fmax)
+    assert ours.dtype == theirs.dtype == np.float32
+    assert np.array_equal(ours, theirs)
