@@ -150,6 +150,7 @@ def run_fault(cluster: Cluster, voice: dict, record: FaultRecord, inject: Callab
     finally:
         load.stop()
         for outcome in load.outcomes:
+            record.slowest_s = max(record.slowest_s, outcome.answered_at - outcome.sent_at)
             if outcome.kind == AUDIO:
                 record.audio += 1
             elif outcome.kind == REFUSED:
