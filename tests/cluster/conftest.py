@@ -169,6 +169,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": token,
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+            # Every node's memory monitor would watch this whole machine (shared with other work) and
+            # kill our replicas and controller when it passes 95 %: seen here during a deploy.
+            "RAY_memory_monitor_refresh_ms": "0",
         }
         head = RayNode(
             "head",

@@ -19,6 +19,7 @@ class FaultRecord:
     replacement_serves_s: float | None = None  # fault -> a new model replica's first answered chunk
     whole_s: float | None = None  # fault -> every model replica answering chunks again
     first_audio_s: float | None = None  # fault -> first audio answered to a request sent after it
+    median_before_s: float | None = None  # median wait for an answer sent before the fault
     slowest_s: float = 0.0  # the longest any request of the run waited for its answer
     voices_lost: int = 0
     job: str = ""  # the job in flight at the fault: its progress then, and its end
@@ -32,9 +33,10 @@ class FaultRecord:
         )
         first = "-" if self.first_audio_s is None else f"{self.first_audio_s:.1f} s"
         whole = "-" if self.whole_s is None else f"{self.whole_s:.1f} s"
+        before = "-" if self.median_before_s is None else f"{self.median_before_s:.1f} s"
         return (
             f"| {self.fault} | {self.audio} | {refused}{f' ({codes})' if codes else ''} | {len(self.other)} "
-            f"| {replacement} | {whole} | {first} | {self.slowest_s:.1f} s | {self.voices_lost} | {self.job} "
+            f"| {replacement} | {whole} | {first} | {before} / {self.slowest_s:.1f} s | {self.voices_lost} | {self.job} "
             f"| {self.note} |"
         )
 
@@ -42,7 +44,7 @@ class FaultRecord:
 HEADER = (
     "| fault | answered with audio | refused (our JSON 503 + Retry-After) | anything else "
     "| replacement replica serves | all replicas serve again | first audio after the fault "
-    "| slowest answer | voices lost | job in flight | note |\n"
+    "| answer time: median before the fault / slowest | voices lost | job in flight | note |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 RECORDS: list[FaultRecord] = []

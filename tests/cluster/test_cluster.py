@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,6 +159,8 @@ def run_fault(cluster: Cluster, voice: dict, record: FaultRecord, inject: Callab
             else:
                 record.other.append(outcome.detail)
         RECORDS.append(record)
+    waits = [o.answered_at - o.sent_at for o in load.outcomes if o.answered_at < fault_at]
+    record.median_before_s = statistics.median(waits) if waits else None
     first = load.first_audio_after(fault_at)
     record.first_audio_s = None if first is None else first - fault_at
     record.voices_lost = 0 if voice_intact(cluster, voice) else 1
