@@ -36,8 +36,8 @@ class FaultRecord:
         before = "-" if self.median_before_s is None else f"{self.median_before_s:.1f} s"
         return (
             f"| {self.fault} | {self.audio} | {refused}{f' ({codes})' if codes else ''} | {len(self.other)} "
-            f"| {replacement} | {whole} | {first} | {before} / {self.slowest_s:.1f} s | {self.voices_lost} | {self.job} "
-            f"| {self.note} |"
+            f"| {replacement} | {whole} | {first} | {before} / {self.slowest_s:.1f} s | {self.voices_lost} "
+            f"| {self.job} | {self.note} |"
         )
 
 
