@@ -23,6 +23,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from serve_app.jobs.config import CONSUMER_DEPLOYMENT
 from tests.cluster.conftest import APP_NAME, MODEL_DEPLOYMENT, Cluster
 from tests.cluster.faults import RECORDS, FaultRecord, first_served_chunk
 from tests.cluster.harness import RayNode, wait_until
@@ -31,7 +32,7 @@ from tests.serve.test_serve_app import paragraph
 
 pytestmark = pytest.mark.cluster
 
-FRONT_DEPLOYMENTS = ("Ingress", "Stitcher", "Jobs")
+FRONT_DEPLOYMENTS = ("Ingress", "Stitcher", CONSUMER_DEPLOYMENT)
 WARMUP_S = 5.0  # steady load before the fault
 TAIL_S = 5.0  # steady load after the service has recovered
 LINK_CUT_S = 20.0
@@ -78,7 +79,8 @@ def job_progress(cluster: Cluster, job_id: str) -> dict:
 
 
 def job_outcome(cluster: Cluster, job_id: str, at_fault: dict) -> str:
-    """The job's progress at the fault and how it ended; asserts it completed with its audio."""
+    """The job's progress at the fault and how it ended; asserts it completed with its audio, every
+    chunk checkpointed once on the shared directory."""
     final = wait_until(
         "the job finished",
         lambda: (
@@ -94,6 +96,8 @@ def job_outcome(cluster: Cluster, job_id: str, at_fault: dict) -> str:
     audio = httpx.get(f"{cluster.url}/v1/jobs/{job_id}/audio", timeout=60)
     samples, _ = sf.read(io.BytesIO(audio.content), dtype="int16")
     assert audio.status_code == 200 and len(samples) > 0
+    chunks = list((cluster.shared_dir / "jobs" / "jobs" / job_id / "chunks").iterdir())
+    assert len(chunks) == final["progress"]["chunks_total"] == final["progress"]["chunks_done"]
     return summary
 
 
