@@ -21,6 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from chatterbox.__main__ import main as chatterbox_cli
 from serve_app.config import AppArgs
+from serve_app.jobs.config import CONSUMER_DEPLOYMENT
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -153,11 +154,12 @@ def test_serve_config_imports_and_builds(path):
         application = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
         built = build_app(application, name=app.name)
         names = {deployment.name for deployment in built.deployments}
-        assert names == {"Ingress", "TurboModel", "Stitcher"}
+        args = AppArgs.model_validate(app.args or {})
+        consumer = {CONSUMER_DEPLOYMENT} if args.jobs.enabled else set()
+        assert names == {"Ingress", "TurboModel", "Stitcher", *consumer}
         assert built.ingress_deployment_name == "Ingress"
         # Serve refuses overrides for deployments the application does not have.
         assert {override.name for override in app.deployments} <= names
-        args = AppArgs.model_validate(app.args or {})
         if args.device == "cuda":  # a GPU share even where no GPU is visible at build time
             model = next(d for d in built.deployments if d.name == "TurboModel")
             assert model.ray_actor_options["num_gpus"] == args.num_gpus
