@@ -65,11 +65,13 @@ def test_a_voice_goes_to_its_preferred_replica_then_the_rest():
     assert route_ranks("voice-1", REPLICAS, ongoing, saturated_at=4) == [order[:1], order[1:]]
 
 
-def test_a_saturated_preferred_replica_spills_to_the_least_loaded():
-    order = affinity_order("voice-1", REPLICAS)
-    ongoing = {order[0]: 4, order[1]: 2, order[2]: 0}
-    # One rank of every replica, the voice's order breaking ties: Serve takes its least-loaded.
-    assert route_ranks("voice-1", REPLICAS, ongoing, saturated_at=4) == [order]
+def test_a_saturated_preferred_replica_spills_to_the_less_loaded_ones():
+    preferred, second, third = affinity_order("voice-1", REPLICAS)
+    ongoing = {preferred: 4, second: 2}  # the third replica's load is unknown: taken as free
+    # Serve takes the least-loaded of the first rank; the saturated replica only if both are full.
+    assert route_ranks("voice-1", REPLICAS, ongoing, saturated_at=4) == [[second, third], [preferred]]
+    ongoing = {preferred: 4, second: 4, third: 6}
+    assert route_ranks("voice-1", REPLICAS, ongoing, saturated_at=4) == [[preferred], [second, third]]
 
 
 def test_calls_without_a_voice_go_to_the_least_loaded_of_all():

@@ -9,8 +9,8 @@ per ingress or jobs replica) computes the same choice with no shared state, and 
 or goes only the voices it wins or held move.
 
 A preferred replica with `saturated_at` chunks ongoing or more is saturated: the chunk goes to the
-least-loaded replica instead (ties to the one the voice ranks higher). Chunks of the built-in voice,
-and other calls (stats, info), go to the least-loaded replica.
+least-loaded of the replicas with fewer chunks, if any. Chunks of the built-in voice, and other
+calls (stats, info), go to the least-loaded replica.
 """
 
 from __future__ import annotations
@@ -45,16 +45,24 @@ def affinity_order(key: str, replicas: Sequence[str]) -> list[str]:
 def route_ranks(
     key: str | None, replicas: Sequence[str], ongoing: Mapping[str, int], saturated_at: int
 ) -> list[list[str]]:
-    """The ranks Serve tries in turn for one call, each rank's least-loaded replica (by `ongoing`
-    chunks; a replica missing from it is unknown, so taken as free) taking it, or the next rank if
-    every replica of this one is full. A voice goes to its preferred replica unless that one has
-    `saturated_at` chunks or more; the least-loaded of all otherwise."""
+    """The ranks Serve tries in turn for one call: it sends the call to the least-loaded replica
+    of a rank that has room, else tries the next rank. `ongoing`: chunks each replica has (a
+    replica missing from it is unknown, taken as free).
+
+    A voice goes to its preferred replica while that one has fewer than `saturated_at` chunks;
+    past that, to the least-loaded of the replicas with fewer chunks than it, if any."""
     if key is None:
         return [list(replicas)]
-    order = affinity_order(key, replicas)
-    if ongoing.get(order[0], 0) >= saturated_at:
-        return [order]
-    return [order[:1], order[1:]] if len(order) > 1 else [order]
+    preferred, *others = affinity_order(key, replicas)
+    load = ongoing.get(preferred, 0)
+    if load < saturated_at:
+        ranks = [[preferred], others]
+    else:
+        # Serve picks among a rank by the loads it knows, so a replica of unknown load would lose
+        # to a known one: the saturated replica is a rank of its own, after the lighter ones.
+        lighter = [replica for replica in others if ongoing.get(replica, 0) < load]
+        ranks = [lighter, [preferred], [replica for replica in others if replica not in lighter]]
+    return [rank for rank in ranks if rank]
 
 
 class VoiceAffinityRouter(RequestRouter):
