@@ -65,6 +65,7 @@ class Run:
     audio_s: float
     prefix: Counter[str]  # prefix-cache lookups by result (hit, miss), over both replicas
     voices: Counter[str]  # voice-cache lookups by result
+    replicas: Counter[str]  # prefix-cache lookups (one per chunk) by replica
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -99,20 +100,24 @@ def poisson_arrivals(requests: int, rate: float, voices: int, seed: int) -> list
 
 
 def app_counters(metrics_url: str, app: str) -> dict[str, Counter[str]]:
-    """The prefix- and voice-cache lookups (by result) all replicas of `app` have exported."""
+    """The prefix- and voice-cache lookups (by result) all replicas of `app` have exported, and the
+    prefix-cache lookups by replica."""
     names = {f"ray_{PREFIX_CACHE_LOOKUPS}_total": "prefix", f"ray_{VOICE_CACHE_LOOKUPS}_total": "voices"}
-    found: dict[str, Counter[str]] = {"prefix": Counter(), "voices": Counter()}
+    found: dict[str, Counter[str]] = {"prefix": Counter(), "voices": Counter(), "replicas": Counter()}
     text = httpx.get(metrics_url, timeout=10).raise_for_status().text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in names and sample.labels.get("application") == app:
                 found[names[sample.name]][sample.labels["result"]] += int(sample.value)
+                if names[sample.name] == "prefix":
+                    found["replicas"][sample.labels["replica"]] += int(sample.value)
     return found
 
 
 def settled_counters(metrics_url: str, app: str, chunks: int) -> dict[str, Counter[str]]:
-    """`app_counters` once the prefix-cache lookups of all `chunks` chunks show, and one more export
-    (the voice-cache counter comes from the same replicas but need not be in the same export)."""
+    """`app_counters` once the prefix-cache lookups of `chunks` chunks (all sent so far) show, and one
+    more export (the voice-cache counter comes from the same replicas but need not be in the same
+    export)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while sum(app_counters(metrics_url, app)["prefix"].values()) < chunks:
         if time.monotonic() > deadline:
@@ -168,14 +173,25 @@ def run_variant(
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
     try:
         url = f"http://127.0.0.1:{port}/{name}"
-        # Warm both replicas up with the built-in voice (no cache lookups): first calls load lazily.
-        for _ in range(2 * cli.replicas):
+        # Warm the replicas up with the built-in voice (first calls load lazily). Its prefix is
+        # cached too, so what the warm-up counted is taken off.
+        warm_up = 2 * cli.replicas
+        for _ in range(warm_up):
             httpx.post(f"{url}/v1/tts", json={"text": TEXTS[0]}, timeout=600).raise_for_status()
+        before = settled_counters(metrics_url, name, warm_up)
         latencies, wall, chunks, audio = asyncio.run(send_arrivals(url, arrivals, clips))
-        counters = settled_counters(metrics_url, name, chunks)
+        after = settled_counters(metrics_url, name, warm_up + chunks)
     finally:
         serve.delete(name)
-    return Run(affinity, latencies, wall, audio, counters["prefix"], counters["voices"])
+    return Run(
+        affinity,
+        latencies,
+        wall,
+        audio,
+        after["prefix"] - before["prefix"],
+        after["voices"] - before["voices"],
+        after["replicas"] - before["replicas"],
+    )
 
 
 def main() -> None:
@@ -224,15 +240,17 @@ def main() -> None:
     )
     print(
         "| voice affinity | round | requests | throughput (requests/s) | throughput (audio s/s) "
-        "| prefix-cache hit rate | voice-cache hit rate | p50 latency (s) | p95 latency (s) |"
+        "| prefix-cache hit rate | voice-cache hit rate | chunks per replica | p50 latency (s) "
+        "| p95 latency (s) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, run in enumerate(runs):
         print(
             f"| {'on' if run.affinity else 'off'} | {i // 2} | {len(run.latencies)} "
             f"| {len(run.latencies) / run.wall_s:.3f} | {run.audio_s / run.wall_s:.2f} "
             f"| {run.prefix_hit_rate:.2f} ({run.prefix['hit']}/{sum(run.prefix.values())}) "
             f"| {run.voice_hit_rate:.2f} ({run.voices['hit']}/{sum(run.voices.values())}) "
+            f"| {' / '.join(str(n) for n in sorted(run.replicas.values(), reverse=True))} "
             f"| {percentile(run.latencies, 50):.2f} | {percentile(run.latencies, 95):.2f} |"
         )
     for affinity in (False, True):
