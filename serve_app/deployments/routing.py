@@ -88,8 +88,8 @@ class VoiceAffinityRouter(RequestRouter):
         }
         key = voice_key(pending_request.args) if pending_request is not None else None
         if pending_request is not None:
-            # Every rank covers all replicas between them: when all are full, back off before the
-            # next try instead of spinning.
+            # The ranks together hold every replica: when all are full, back off before trying
+            # again instead of spinning.
             pending_request.routing_context.should_backoff = True
         ranks = route_ranks(key, list(by_id), ongoing, self._saturated_at)
         return [[by_id[unique_id] for unique_id in rank] for rank in ranks]
