@@ -195,6 +195,10 @@ class AppArgs(StrictConfig):
     # Prepared voices kept per model replica, and voices whose prompt K/V its engine keeps (sets
     # `engine.prefix_cache_voices`).
     voice_cache_size: int = Field(64, ge=1)
+    # Route each voice's chunks to the model replica that holds it (serve_app.deployments.routing),
+    # falling back to the least-loaded replica when that one has a full batch ongoing; off: Serve's
+    # default router, which spreads chunks regardless of voice.
+    voice_affinity: bool = False
     # Speech tokens per chunk at most (25 per second); the model stops by itself before that.
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     watermark: bool = True

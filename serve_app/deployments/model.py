@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import ray
 import torch
+from ray.serve.config import RequestRouterConfig
 
 from chatterbox.engine import EngineCapacityError, EngineConfig, TurboEngine
 from chatterbox.hub import resolve_model
@@ -34,6 +35,7 @@ from chatterbox.tts import TTSRequest, TurboTTS
 from serve_app.config import AppArgs, BatchingConfig
 from serve_app.deployments.args import ModelArgs
 from serve_app.deployments.failures import CHUNK_OUT_OF_MEMORY, Item, Out, is_cuda_error, run_bisecting
+from serve_app.deployments.routing import VoiceAffinityRouter
 from serve_app.errors import ChunkOutOfMemoryError, ReplicaBrokenError
 from serve_app.metrics import record_chunk_synthesised, record_engine_stats
 from serve_app.schemas import ChunkJob, ModelInfo, ReplicaStats
@@ -54,6 +56,18 @@ def replica_device(
     return device
 
 
+def voice_routing_options(args: AppArgs) -> dict[str, Any]:
+    """The deployment's request router: by voice when `voice_affinity` is on (saturated, so
+    spilling to another replica, once a full batch is ongoing); else Serve's default."""
+    if not args.voice_affinity:
+        return {}
+    router = RequestRouterConfig(
+        request_router_class=VoiceAffinityRouter,
+        request_router_kwargs={"saturated_at": args.max_batch_size},
+    )
+    return {"request_router_config": router}
+
+
 class TurboModel:
     @classmethod
     def get_deployment_options(cls, args: AppArgs, num_gpus: float) -> dict[str, Any]:
@@ -72,6 +86,7 @@ class TurboModel:
             "ray_actor_options": {"num_cpus": args.model_num_cpus, "num_gpus": num_gpus},
             "user_config": args.batching.model_dump(),
             **args.shutdown.model_dump(),
+            **voice_routing_options(args),
         }
 
     async def __init__(self, config: ModelArgs) -> None:
