@@ -105,9 +105,13 @@ async def wait_idle(model: DeploymentHandle, timeout_s: float = 120.0) -> None:
 async def measure(
     url: str, model: DeploymentHandle, arrivals: list[Arrival], solo_runs: int, result: CapResult
 ) -> None:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=64)) as http:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=64)
+    ) as http:
         await post_tts(http, url, "\n\n".join(SENTENCES), seed=0)  # warm-up: a 4-chunk request
-        solo = statistics.median([(await post_tts(http, url, SHORT_TEXT, seed=1))[0] for _ in range(solo_runs)])
+        solo = statistics.median(
+            [(await post_tts(http, url, SHORT_TEXT, seed=1))[0] for _ in range(solo_runs)]
+        )
 
         long = asyncio.create_task(post_tts(http, url, LONG_TEXT, seed=2))
         await asyncio.sleep(LONG_HEAD_START_S)
@@ -179,8 +183,16 @@ def main() -> None:
             for cap in caps if round_ % 2 == 0 else caps[::-1]:
                 serve.run(build_app(app_args(cap, cli)), name="tts", route_prefix="/")
                 model = serve.get_deployment_handle("TurboModel", "tts")
-                asyncio.run(measure(url, model, arrivals, cli.solo_runs, results[cap]))
-                print(f"round {round_} cap {cap}: done", flush=True)
+                r = results[cap]
+                seen = len(r.latencies)
+                asyncio.run(measure(url, model, arrivals, cli.solo_runs, r))
+                latencies = r.latencies[seen:]
+                print(
+                    f"round {round_} cap {cap}: latency p50 {percentile(latencies, 50):.2f} s, p95 "
+                    f"{percentile(latencies, 95):.2f} s, solo {r.solo[-1]:.2f} s, behind long / solo "
+                    f"{r.fairness[-1]:.2f}x",
+                    flush=True,
+                )
     finally:
         serve.shutdown()
         ray.shutdown()

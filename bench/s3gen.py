@@ -9,6 +9,7 @@ Prints markdown tables.
     python -m bench.s3gen                       # CPU defaults (fit in ~3 min here)
     python -m bench.s3gen --device cuda --batches 1,8,32 --sequential 8 --upstream 4
     python -m bench.s3gen --compile             # eager vs torch.compile'd, side by side (only that)
+    python -m bench.s3gen --compile --profile --batches 1   # and where each one's time goes
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from bench.common import DTYPES, timed
 from chatterbox.constants import S3GEN_SR
@@ -55,6 +60,105 @@ def requests_from(tensors: dict[str, torch.Tensor], count: int) -> list[S3GenReq
 
 def audio_seconds(wavs: list[torch.Tensor]) -> float:
     return sum(w.numel() for w in wavs) / S3GEN_SR
+
+
+# Ops that run a library kernel (oneDNN, BLAS, FFT, the fused SDPA) in eager and compiled code alike:
+# inductor calls the same kernels for them (its "extern" kernels), so compiling cannot make them faster.
+LIBRARY_OPS = (
+    "aten::mkldnn_convolution",
+    "aten::_mkldnn_convolution",
+    "aten::_convolution_transpose",
+    "aten::slow_conv_transpose",
+    "aten::mkldnn_convolution_transpose",
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_fft_r2c",
+    "aten::_fft_c2r",
+    "aten::_fft_c2c",
+    "mkldnn::_convolution_pointwise",
+    "mkldnn::_linear_pointwise",
+    "mkl::_mkl_linear",
+)
+TOP_OPS = 15
+
+
+def stage_seconds(model: S3Gen, run: Callable[[], object]) -> dict[str, float]:
+    """Wall seconds of ``run()`` in the flow encoder, the flow sampler (the estimator's steps) and the
+    rest (HiFT, and the glue around the three): forward hooks on the two flow modules, which are
+    never compiled as a whole."""
+    spent = {"flow encoder": 0.0, "flow estimator steps": 0.0}
+    hooks = []
+    for name, module in (("flow encoder", model.flow.encoder), ("flow estimator steps", model.flow.decoder)):
+        began: list[float] = []
+
+        def before(_m: nn.Module, _a: object, began: list[float] = began) -> None:
+            began.append(time.perf_counter())
+
+        def after(
+            _m: nn.Module, _a: object, _o: object, name: str = name, began: list[float] = began
+        ) -> None:
+            spent[name] += time.perf_counter() - began.pop()
+
+        hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    start = time.perf_counter()
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = time.perf_counter() - start
+    return {**spent, "HiFT and the rest": total - sum(spent.values()), "total": total}
+
+
+def top_ops(run: Callable[[], object]) -> tuple[list[tuple[str, float]], float, float]:
+    """The ops of ``run()`` by self CPU time (ms, most first), the total, and the library kernels' share."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = [(e.key, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
+    events.sort(key=lambda e: -e[1])
+    total = sum(ms for _, ms in events)
+    library = sum(ms for name, ms in events if name in LIBRARY_OPS)
+    return events, total, library
+
+
+def profile_compiled(eager: S3Gen, compiled: S3Gen, requests: list[S3GenRequest]) -> None:
+    """Where one batch-1 call's time goes, eager beside compiled: stages, then ops by self CPU time."""
+    models = {"eager": eager, "compiled": compiled}
+    stages: dict[str, dict[str, float]] = {name: {} for name in models}
+    for _ in range(2):  # best of two, alternating
+        for name, m in models.items():
+            spent = stage_seconds(m, lambda m=m: m.generate(requests[:1]))
+            stages[name] = {k: min(v, stages[name].get(k, v)) for k, v in spent.items()}
+    print("\nStages of one batch-1 call (wall seconds, best of 2 each, alternating):\n")
+    print("| stage | eager (s) | compiled (s) | compiled / eager |")
+    print("|---|---:|---:|---:|")
+    for stage in stages["eager"]:
+        e, c = stages["eager"][stage], stages["compiled"][stage]
+        print(f"| {stage} | {e:.3f} | {c:.3f} | {c / e:.2f}x |")
+    ops = {name: top_ops(lambda m=m: m.generate(requests[:1])) for name, m in models.items()}
+    print(f"\nTop {TOP_OPS} ops by self CPU time, one batch-1 call under torch.profiler:\n")
+    print("| # | eager op | ms | share | compiled op | ms | share |")
+    print("|---:|---|---:|---:|---|---:|---:|")
+    (e_events, e_total, e_lib), (c_events, c_total, c_lib) = ops["eager"], ops["compiled"]
+    for i in range(TOP_OPS):
+        (en, ems), (cn, cms) = e_events[i], c_events[i]
+        eager_cells = f"`{en}` | {ems:.0f} | {ems / e_total:.1%}"
+        print(f"| {i + 1} | {eager_cells} | `{cn}` | {cms:.0f} | {cms / c_total:.1%} |")
+    print(
+        f"\nSelf CPU total: eager {e_total:.0f} ms, compiled {c_total:.0f} ms. Library kernels "
+        f"(oneDNN/BLAS convolutions and matmuls, SDPA, FFT: {', '.join(LIBRARY_OPS)}): eager {e_lib:.0f} ms "
+        f"({e_lib / e_total:.1%}), compiled {c_lib:.0f} ms ({c_lib / c_total:.1%}). Compiling can remove at "
+        f"most the rest: {1 - e_lib / e_total:.1%} of eager time, a ceiling of "
+        f"{e_total / e_lib:.2f}x."
+    )
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    print(
+        f"Dynamo: {sum(breaks.values())} graph break(s) {breaks or ''}; "
+        f"{dict(torch._dynamo.utils.counters['stats'])}."
+    )
 
 
 def compare_compiled(
@@ -95,6 +199,8 @@ def compare_compiled(
         )
     errors = "; ".join(report.errors) or "none"
     print(f"\nCompile: {report.seconds:.0f} s for {report.shapes} graphs (eager fallbacks: {errors}).")
+    if args.profile:
+        profile_compiled(eager, compiled, requests)
 
 
 def main() -> None:
@@ -116,6 +222,9 @@ def main() -> None:
         "--compile", action="store_true", help="only eager vs S3Gen.compile, same requests, per batch"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per model and batch (--compile)")
+    parser.add_argument(
+        "--profile", action="store_true", help="with --compile: stage times and top ops of one batch-1 call"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
