@@ -29,11 +29,6 @@ FLOW_BUCKETS = (256, 512, 768, 1024, 1536, 2048)
 # Mel frames of one vocoded mel (speech only; 50 per second of audio).
 HIFT_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536)
 
-# Inference only, so the weights are constants of each graph ("freezing"): inductor folds them and,
-# on CPU, repacks them once for oneDNN's convolutions and matmuls and fuses their pointwise
-# neighbours into those calls, instead of converting the weights at every call.
-COMPILE_OPTIONS = {"freezing": True}
-
 
 @dataclass(frozen=True)
 class CompileReport:
@@ -62,7 +57,7 @@ class Bucketed:
         self.module = module
         self.buckets = sorted(buckets)
         self._length, self._pad, self._trim = length, pad, trim
-        self._compiled = torch.compile(module, backend="inductor", dynamic=False, options=COMPILE_OPTIONS)
+        self._compiled = torch.compile(module, backend="inductor", dynamic=False)
         self.error: str | None = None  # set once a compile failed: eager from then on
 
     def bucket(self, length: int) -> int | None:
