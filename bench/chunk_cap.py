@@ -94,16 +94,25 @@ async def post_tts(http: httpx.AsyncClient, url: str, text: str, seed: int) -> t
     return time.perf_counter() - start, response.json()["duration_s"]
 
 
-async def wait_idle(model: DeploymentHandle, timeout_s: float = 120.0) -> None:
-    """Until the replica's engine holds no chunk (a cancelled request's chunks have left it)."""
+async def wait_idle(model: DeploymentHandle, quiet_s: float = 5.0, timeout_s: float = 300.0) -> None:
+    """Until the replica's engine holds no chunk and no chunk call came or went for `quiet_s` (a
+    cancelled request's chunks have left it, and no next chunk of it is on its way)."""
     deadline = time.perf_counter() + timeout_s
-    while True:
+    last, since = None, time.perf_counter()
+    while time.perf_counter() < deadline:
         stats = await model.stats.remote()
-        if stats.chunks_submitted == stats.chunks_finished + stats.chunks_cancelled:
+        counts = (
+            stats.chunks_received,
+            stats.chunks_submitted,
+            stats.chunks_finished,
+            stats.chunks_cancelled,
+        )
+        if counts != last or stats.chunks_submitted != stats.chunks_finished + stats.chunks_cancelled:
+            last, since = counts, time.perf_counter()
+        elif time.perf_counter() - since >= quiet_s:
             return
-        if time.perf_counter() > deadline:
-            raise TimeoutError("the replica's engine did not drain")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+    raise TimeoutError("the replica did not go quiet")
 
 
 async def solo_latency(http: httpx.AsyncClient, url: str) -> float:
