@@ -23,9 +23,9 @@ from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
 from serve_app.jobs.config import JobsConfig
 
 # Chunks of one request in flight on a CPU replica: the only cap that keeps a one-chunk request
-# behind a 40-chunk one within 2x of its solo latency (bench/chunk_cap.py, tiny CPU profile: 1.7x
-# with 1, 2.3x with 2, 4.0x with all 8 slots). Filling the slots with one request's chunks lowers
-# its latency under light load (p50 0.66x with 8), at that cost in fairness.
+# behind a 40-chunk one within 2x of its solo latency (bench/chunk_cap.py, tiny CPU profile: 1.7-1.8x
+# with 1, 2.3x with 2, 4.0-5.7x with all 8 slots). Filling the slots with one request's chunks
+# lowers latency under load (p50 0.66-0.84x with 8), at that cost in fairness.
 CPU_CHUNKS_IN_FLIGHT = 1
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
 ENGINE_DEFAULTS = EngineConfig()
