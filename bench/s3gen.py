@@ -9,6 +9,7 @@ Prints markdown tables.
     python -m bench.s3gen                       # CPU defaults (fit in ~3 min here)
     python -m bench.s3gen --device cuda --batches 1,8,32 --sequential 8 --upstream 4
     python -m bench.s3gen --compile             # eager vs torch.compile'd, side by side (only that)
+    python -m bench.s3gen --compile --profile --batches 1   # and where each one's time goes
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.common import DTYPES, timed
 from chatterbox.constants import S3GEN_SR
@@ -55,6 +60,130 @@ def requests_from(tensors: dict[str, torch.Tensor], count: int) -> list[S3GenReq
 
 def audio_seconds(wavs: list[torch.Tensor]) -> float:
     return sum(w.numel() for w in wavs) / S3GEN_SR
+
+
+# Ops that run a library kernel (oneDNN, BLAS, FFT, the fused SDPA) in eager and compiled code alike:
+# inductor calls the same kernels for them (its "extern" kernels), so compiling cannot make them faster.
+LIBRARY_OPS = (
+    "aten::mkldnn_convolution",
+    "aten::_mkldnn_convolution",
+    "aten::_convolution_transpose",
+    "aten::slow_conv_transpose",
+    "aten::mkldnn_convolution_transpose",
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_fft_r2c",
+    "aten::_fft_c2r",
+    "aten::_fft_c2c",
+    "mkldnn::_convolution_pointwise",
+    "mkldnn::_linear_pointwise",
+    "mkl::_mkl_linear",
+)
+TOP_OPS = 15
+
+
+STAGES = ("flow encoder", "flow estimator steps", "HiFT and the rest")
+
+
+@dataclass
+class OpProfile:
+    """Self CPU milliseconds of one call, per op (most first) and per stage; library-kernel time per stage."""
+
+    ops: list[tuple[str, float]]
+    stage_ms: dict[str, float]
+    stage_library_ms: dict[str, float]
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.stage_ms.values())
+
+
+def profile_call(model: S3Gen, run: Callable[[], object]) -> OpProfile:
+    """``run()`` under torch.profiler, each op's self time put to its stage: a range around the flow
+    encoder and one around the flow sampler (the estimator's steps), by forward hooks on the two
+    modules that are never compiled as a whole; everything else (HiFT, glue) is the third stage."""
+    open_ranges: list[record_function] = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            open_ranges.append(record_function(f"stage: {name}"))
+            open_ranges[-1].__enter__()
+
+        return hook
+
+    def leave(*_: object) -> None:
+        open_ranges.pop().__exit__(None, None, None)
+
+    hooks = []
+    for name, module in zip(STAGES, (model.flow.encoder, model.flow.decoder), strict=False):
+        hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ops: dict[str, float] = defaultdict(float)
+    stage_ms = dict.fromkeys(STAGES, 0.0)
+    library_ms = dict.fromkeys(STAGES, 0.0)
+    for event in prof.events():
+        if event.name.startswith("stage: "):
+            continue
+        parent, stage = event.cpu_parent, STAGES[-1]
+        while parent is not None and not parent.name.startswith("stage: "):
+            parent = parent.cpu_parent
+        if parent is not None:
+            stage = parent.name.removeprefix("stage: ")
+        ms = event.self_cpu_time_total / 1000
+        ops[event.name] += ms
+        stage_ms[stage] += ms
+        if event.name in LIBRARY_OPS:
+            library_ms[stage] += ms
+    return OpProfile(sorted(ops.items(), key=lambda op: -op[1]), stage_ms, library_ms)
+
+
+def profile_compiled(eager: S3Gen, compiled: S3Gen, requests: list[S3GenRequest]) -> None:
+    """Where one batch-1 call's time goes, eager beside compiled: per stage, then per op."""
+    # Best of two calls each, alternating (a shared machine's load inflates an op's self time).
+    runs = [
+        profile_call(m, lambda m=m: m.generate(requests[:1])) for _ in range(2) for m in (eager, compiled)
+    ]
+    e = min(runs[0::2], key=lambda run: run.total_ms)
+    c = min(runs[1::2], key=lambda run: run.total_ms)
+    print(
+        "\nOne batch-1 call under torch.profiler (best of 2), self CPU time per stage (library kernels: "
+        "oneDNN/BLAS convolutions and matmuls, SDPA, FFT):\n"
+    )
+    print("| stage | eager (ms) | share | of it library kernels | compiled (ms) | compiled / eager |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for stage in STAGES:
+        em, cm = e.stage_ms[stage], c.stage_ms[stage]
+        print(
+            f"| {stage} | {em:.0f} | {em / e.total_ms:.1%} | {e.stage_library_ms[stage] / em:.1%} | {cm:.0f} "
+            f"| {cm / em:.2f}x |"
+        )
+    print(f"| total | {e.total_ms:.0f} | 100% | | {c.total_ms:.0f} | {c.total_ms / e.total_ms:.2f}x |")
+    print(f"\nTop {TOP_OPS} ops by self CPU time, same calls:\n")
+    print("| # | eager op | ms | share | compiled op | ms | share |")
+    print("|---:|---|---:|---:|---|---:|---:|")
+    for i, ((en, ems), (cn, cms)) in enumerate(zip(e.ops[:TOP_OPS], c.ops[:TOP_OPS], strict=False)):
+        eager_cells = f"`{en}` | {ems:.0f} | {ems / e.total_ms:.1%}"
+        print(f"| {i + 1} | {eager_cells} | `{cn}` | {cms:.0f} | {cms / c.total_ms:.1%} |")
+    # Compiling can at most remove the time outside library kernels, and only in compiled stages.
+    compiled_stages = STAGES[1:]
+    removable = sum(e.stage_ms[s] - e.stage_library_ms[s] for s in compiled_stages)
+    library = sum(e.stage_library_ms.values())
+    print(
+        f"\nCeiling of compile's gain, were every non-library op of the compiled stages free: "
+        f"{e.total_ms / (e.total_ms - removable):.2f}x ({removable / e.total_ms:.1%} of eager time); "
+        f"with the flow encoder compiled too: {e.total_ms / library:.2f}x."
+    )
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    stats = dict(torch._dynamo.utils.counters["stats"])
+    print(f"Dynamo: {sum(breaks.values())} graph break(s) {breaks or ''}; {stats}.")
 
 
 def compare_compiled(
@@ -95,6 +224,8 @@ def compare_compiled(
         )
     errors = "; ".join(report.errors) or "none"
     print(f"\nCompile: {report.seconds:.0f} s for {report.shapes} graphs (eager fallbacks: {errors}).")
+    if args.profile:
+        profile_compiled(eager, compiled, requests)
 
 
 def main() -> None:
@@ -116,6 +247,11 @@ def main() -> None:
         "--compile", action="store_true", help="only eager vs S3Gen.compile, same requests, per batch"
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per model and batch (--compile)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --compile: self CPU time per stage and op, one batch-1 call",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]

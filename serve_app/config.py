@@ -22,10 +22,10 @@ from chatterbox.engine import EngineConfig
 from chatterbox.hub import DEFAULT_TINY_CACHE_DIR
 from serve_app.jobs.config import JobsConfig
 
-# On a CPU a batch costs close to the sum of its chunks, so batching one request's chunks gains
-# little there, while a batch full of them holds a short request back for all of it. Tiny CPU
-# profile, one-chunk request 0.3 s behind a 7-chunk one, over its latency alone (loaded 2-core
-# machine, median of 5): 5.3x with all 7 in flight, 1.2x with 1.
+# Chunks of one request in flight on a CPU replica: the only cap that keeps a one-chunk request
+# behind a 40-chunk one within 2x of its solo latency (bench/chunk_cap.py, tiny CPU profile: 1.7-1.8x
+# with 1, 2.3x with 2, 4.0-5.7x with all 8 slots). Filling the slots with one request's chunks
+# lowers latency under load (p50 0.66-0.84x with 8), at that cost in fairness.
 CPU_CHUNKS_IN_FLIGHT = 1
 MAX_TAG_CHARS = 64  # longest `[tag]` the chunker keeps whole, so a chunk limit must exceed it
 ENGINE_DEFAULTS = EngineConfig()

@@ -70,6 +70,11 @@ class Bucketed:
         bucket = self.bucket(length)
         if bucket is None or self.error is not None:
             return self.module(*args)
+        if torch.is_inference_mode_enabled():
+            # Dynamo guards on whether each input is an inference tensor. Serving passes inference
+            # tensors; a warm-up's inputs made outside inference mode would compile a graph that
+            # serving never reuses (and serving would compile its own on its first call).
+            args = tuple(a.clone() if a is not None and not a.is_inference() else a for a in args)
         # Any failure of the compiled call runs the eager one, which raises again if the inputs are at fault.
         try:
             out = self._compiled(*self._pad(bucket, *args))
