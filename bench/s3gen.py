@@ -224,8 +224,6 @@ def compare_compiled(
         )
     errors = "; ".join(report.errors) or "none"
     print(f"\nCompile: {report.seconds:.0f} s for {report.shapes} graphs (eager fallbacks: {errors}).")
-    if args.profile:
-        profile_compiled(eager, compiled, requests)
 
 
 def main() -> None:
@@ -270,6 +268,8 @@ def main() -> None:
                 checkpoint / "s3gen_meanflow.safetensors", args.device, DTYPES[args.dtype]
             )
             compare_compiled(args, model, compiled, requests, batches)
+            if args.profile:
+                profile_compiled(model, compiled, requests)
             return
         model.generate(requests[:1])  # warm-up at the measured size
 
