@@ -18,19 +18,18 @@ import argparse
 import asyncio
 import base64
 import io
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
-import ray
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from bench.serve_load import REPO_ROOT, free_port, percentile
+from bench.common import free_port, percentile
+from bench.local_serve import local_serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.metrics import PREFIX_CACHE_LOOKUPS, VOICE_CACHE_LOOKUPS
@@ -209,18 +208,9 @@ def main() -> None:
 
     voices = 3 * cli.voice_cache_size
     arrivals = poisson_arrivals(cli.requests, cli.rate, voices, cli.seed)
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    metrics_port, port = free_port(), free_port()
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-        _metrics_export_port=metrics_port,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
+    metrics_port = free_port()
     runs: list[Run] = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(_metrics_export_port=metrics_port) as port:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         for round_ in range(cli.rounds):
             order = (False, True) if round_ % 2 == 0 else (True, False)
@@ -228,9 +218,6 @@ def main() -> None:
                 name = f"affinity-{'on' if affinity else 'off'}-{round_}"
                 runs.append(run_variant(cli, affinity, name, port, metrics_url, arrivals))
                 print(f"{name}: prefix {dict(runs[-1].prefix)}, voices {dict(runs[-1].voices)}", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     print(
         f"\n{cli.replicas} model replicas (tiny, CPU, max_batch_size={cli.max_batch_size}, "

@@ -30,18 +30,17 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from bench.serve_load import REPO_ROOT, free_port, percentile
+from bench.common import percentile
+from bench.local_serve import local_serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 
@@ -212,18 +211,9 @@ def main() -> None:
     arrivals = draw_arrivals(cli.requests, cli.rate, cli.seed)
     results = {cap: CapResult(cap) for cap in caps}
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        num_cpus=2 * len(caps),  # a model replica and the front deployments per cap (accounting only)
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
     started = datetime.datetime.now(datetime.UTC)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # A model replica and the front deployments per cap (accounting only).
+    with local_serve(num_cpus=2 * len(caps)) as port:
         apps = {}
         for cap in caps:
             name = f"cap{cap}"
@@ -233,9 +223,6 @@ def main() -> None:
         for round_ in range(cli.rounds):
             print(f"round {round_}:", flush=True)
             asyncio.run(measure_round(apps, arrivals, cli.solo_runs, results))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     ended = datetime.datetime.now(datetime.UTC)
     chunks = [a.chunks for a in arrivals]

@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
-import ray
 import soundfile as sf
 from ray import serve
 
-from bench.common import free_port
+from bench.local_serve import local_serve
 from serve_app.app import build_app
 from serve_app.config import AppArgs
 from serve_app.synthesis.chunking import split_text
 from tests.text_samples import SENTENCES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIENT_PIECE_CHARS = 180  # what the seed client sends per request
 APP = "bench-jobs"
 
@@ -127,31 +123,21 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=2)
     args = parser.parse_args()
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    jobs_dir = tempfile.mkdtemp(prefix="bench-jobs-")
-    starts: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(args.starts):
-        for enabled in (False, True):
-            begin = time.perf_counter()
-            serve.run(build_app(app_args(args, jobs_dir, enabled)), name=APP, route_prefix="/")
-            starts[enabled].append(time.perf_counter() - begin)
-            if not (enabled and _ == args.starts - 1):
-                serve.delete(APP)
-    text = script(args.chars)
-    httpx.post(f"{url}/v1/tts", json={"text": "Warm up.", "seed": 0}, timeout=300).raise_for_status()
-    job = one_job(url, text, args.seed)
-    client = seed_client(url, text, args.seed)
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as port:
+        url = f"http://127.0.0.1:{port}"
+        jobs_dir = tempfile.mkdtemp(prefix="bench-jobs-")
+        starts: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.starts):
+            for enabled in (False, True):
+                begin = time.perf_counter()
+                serve.run(build_app(app_args(args, jobs_dir, enabled)), name=APP, route_prefix="/")
+                starts[enabled].append(time.perf_counter() - begin)
+                if not (enabled and _ == args.starts - 1):
+                    serve.delete(APP)
+        text = script(args.chars)
+        httpx.post(f"{url}/v1/tts", json={"text": "Warm up.", "seed": 0}, timeout=300).raise_for_status()
+        job = one_job(url, text, args.seed)
+        client = seed_client(url, text, args.seed)
 
     broker = "Redis" if args.redis_url else "embedded filesystem broker"
     print(

@@ -17,18 +17,16 @@ import argparse
 import asyncio
 import gc
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import ray
 import torch
 from ray import serve
 
-from bench.common import free_port, percentile
+from bench.common import percentile
+from bench.local_serve import local_serve
 from chatterbox.hub import resolve_model
 from chatterbox.sampling import SamplingParams
 from chatterbox.tts import TTSRequest, TurboTTS
@@ -65,10 +63,6 @@ class StreamLevel:
     concurrency: int
     first_audio: list[float]  # seconds from sending to the first audio bytes
     latencies: list[float]  # seconds from sending to the last byte
-
-
-# Ray workers import serve_app and chatterbox from this checkout, as the driver does.
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def replica_torch_threads(model_num_cpus: float) -> int:
@@ -203,15 +197,9 @@ def main() -> None:
     )
     direct_s, direct_audio_s = time_direct(args, cli.direct_runs)
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}
-    )
-    port = free_port()
     levels: list[Level] = []
     stream_levels: list[StreamLevel] = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as port:
         serve.run(build_app(args), name="tts", route_prefix="/")
         model = serve.get_deployment_handle("TurboModel", "tts")
         url = f"http://127.0.0.1:{port}"
@@ -223,9 +211,6 @@ def main() -> None:
         for concurrency in (int(c) for c in cli.stream_levels.split(",") if c):
             rounds = max(cli.rounds, cli.direct_runs) if concurrency == 1 else cli.rounds
             stream_levels.append(asyncio.run(run_stream_level(url, concurrency, rounds, cli.level_budget_s)))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     n_chunks = len(split_text(TEXT, args.chunking.max_chunk_chars))
     print(
